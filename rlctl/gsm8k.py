@@ -393,9 +393,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, str, str]]:
                 if not has_newline:
                     raise DataPrepError(
                         f"{where}: truncated last line (invalid JSON and no final newline: "
-                        f"{exc.msg} at column {exc.colno})"
+                        f"{exc.msg}, column {exc.colno})"
                     ) from None
-                raise DataPrepError(f"{where}: invalid JSON: {exc.msg} at column {exc.colno}") from None
+                raise DataPrepError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             rows.append(_check_record(record, where))
     if not rows:
         raise DataPrepError(f"{name}:1: file has no records")
