@@ -31,6 +31,7 @@ the repository root and are skipped when it is absent.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -257,7 +258,9 @@ def load_custom_reward(spec: str) -> Callable[..., float]:
 
     A spec whose left side ends in ``.py`` or contains a path separator is loaded as a file
     (``~`` expanded, relative to the current directory); otherwise it is imported as a module
-    (which must be importable, e.g. on ``PYTHONPATH``).
+    (which must be importable, e.g. on ``PYTHONPATH``). A file is registered in ``sys.modules``
+    under a name derived from its resolved path. In Ray workers, pass the spec string and call
+    this function there rather than pickling the returned function.
 
     Raises ValueError naming the spec on a bad format, a missing module or file, an error while
     importing it, a missing attribute, or an attribute that is not callable.
@@ -278,7 +281,8 @@ def load_custom_reward(spec: str) -> Callable[..., float]:
         path = Path(target).expanduser()
         if not path.is_file():
             raise ValueError(f"custom reward {spec!r}: file {str(path)!r} not found")
-        mod_name = f"rlctl_custom_reward_{abs(hash(str(path.resolve())))}"
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        mod_name = f"rlctl_custom_reward_{path.stem}_{digest}"
         try:
             mod_spec = importlib.util.spec_from_file_location(mod_name, path)
             if mod_spec is None or mod_spec.loader is None:
