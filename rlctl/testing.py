@@ -1,0 +1,140 @@
+"""Test fixtures that need no download: a tiny random Llama with a byte-level tokenizer.
+
+:func:`build_tiny_llama` writes a complete Hugging Face model folder (``config.json``,
+``model.safetensors``, ``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json``,
+``chat_template.jinja``) that every part of rlctl can load like a real checkpoint: the generator
+backends, the trainer, the chat-template prompt builder. It takes well under a second on 2 CPU cores.
+
+Tokenizer: byte-level BPE with no merges, so every UTF-8 byte is one token and any text encodes.
+Vocabulary (ids are stable, tests may rely on them)::
+
+    0 <|endoftext|>   (pad, unk)
+    1 <|im_start|>    (bos)
+    2 <|im_end|>      (eos; the chat end-of-turn token, like SmolLM2)
+    3 .. 258          the 256 bytes, in the GPT-2 byte-to-unicode order
+
+The chat template is ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``) with an optional
+``<|im_start|>assistant\\n`` generation prompt and no default system message.
+
+Test: ``pytest tests/unit/test_models.py -k tiny``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+TINY_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """The byte-level tokenizer described in the module docstring, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for the bytes
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # GPT-2 order: the stand-in for byte b is bytes_to_unicode()[b]; sort by that byte value.
+    order = sorted(alphabet, key=_byte_of)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(order)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _byte_of(ch: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode for one character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    if ord(ch) in bs:
+        return ord(ch)
+    extra = [b for b in range(256) if b not in bs]
+    return extra[ord(ch) - 256]
+
+
+def build_tiny_llama(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = True,
+    initializer_range: float = 0.02,
+) -> Path:
+    """Write a tiny random ``LlamaForCausalLM`` (float32) with the byte tokenizer to ``out_dir``.
+
+    Args:
+        out_dir: folder to create (replaced if it exists); parents are created.
+        seed: the weights are a deterministic function of ``seed`` (and the sizes); the global
+            torch RNG state is left untouched.
+        hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: model sizes
+            (``hidden_size`` must be divisible by ``num_heads``; head_dim = hidden_size / num_heads).
+        max_position_embeddings: longest sequence (prompt + response) in tokens.
+        tie_word_embeddings: ``lm_head.weight`` shares ``model.embed_tokens.weight`` (as in SmolLM2).
+        initializer_range: std of the normal weight init.
+
+    Returns:
+        ``Path(out_dir)``. The generation config has ``eos_token_id=2`` (``<|im_end|>``),
+        ``pad_token_id=0``, ``bos_token_id=1``. Vocabulary size :data:`TINY_VOCAB_SIZE` (259).
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir).expanduser()
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        rms_norm_eps=1e-6,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        build_tiny_tokenizer().save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
