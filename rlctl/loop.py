@@ -1,0 +1,352 @@
+"""The GRPO training loop: one function, :func:`run`, that reads top to bottom, phases numbered and timed.
+
+Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward, 3 advantages,
+4 old/ref log-probs, 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
+9 checkpoint. The loop talks to two groups (``rlctl.ray_job.TrainerGroup`` / ``GeneratorGroup``) through
+plain method calls; it never touches Ray, torch.distributed or an engine directly, so the ``hf`` and
+``sglang`` backends run the same code.
+
+Token ids flow end to end: the trained sequence is exactly prompt ids + output ids (the response text
+is decoded only to score it).
+
+Test: ``pytest tests/unit/test_loop.py`` (batch building, prompt filtering) and
+``pytest tests/unit/test_train_e2e.py`` (the whole loop through Ray on a tiny model).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlctl import grpo
+from rlctl.generator import Sampling
+
+PHASES = ("weight_sync", "generate", "reward", "advantages", "logprobs", "train", "eval", "log", "checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class PromptData:
+    """Tokenized prompts of one split: ``prompt_ids[i]`` (chat template applied) and its row."""
+
+    prompt_ids: list[list[int]]
+    rows: list[dict]
+    dropped_too_long: int = 0
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> PromptData:
+    """Apply the chat template to each row's ``prompt`` messages and drop prompts over the limit.
+
+    Args:
+        rows: dicts with ``prompt`` (list of chat messages) and ``answer``.
+        max_prompt_length: tokens; longer prompts are dropped and counted, never truncated.
+    """
+    ids, kept, dropped = [], [], 0
+    for row in rows:
+        messages = [dict(m) for m in row["prompt"]]
+        toks = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        toks = list(toks["input_ids"]) if isinstance(toks, dict) or hasattr(toks, "keys") else list(toks)
+        if len(toks) > max_prompt_length:
+            dropped += 1
+            continue
+        ids.append(toks)
+        kept.append(row)
+    return PromptData(ids, kept, dropped)
+
+
+def epoch_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic shuffled prompt order of one epoch (same seed and epoch give the same order)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_prompts, generator=g).tolist()
+
+
+def build_batch(prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack N (prompt, response) token-id pairs into the trainer's batch layout.
+
+    Returns ``input_ids`` / ``attention_mask`` [N, P+T] (prompt left-padded to P, response right-padded
+    to T, P and T the longest in the batch, T ≥ 1) and ``response_mask`` [N, T] (1.0 on response tokens).
+    """
+    n = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(o) for o in output_ids))
+    input_ids = torch.full((n, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, P + T), dtype=torch.long)
+    resp_mask = torch.zeros((n, T), dtype=torch.float32)
+    for i, (p, o) in enumerate(zip(prompt_ids, output_ids)):
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+        if o:
+            input_ids[i, P:P + len(o)] = torch.tensor(o, dtype=torch.long)
+            attn[i, P:P + len(o)] = 1
+            resp_mask[i, :len(o)] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attn, "response_mask": resp_mask}
+
+
+def pad_logprobs(logprobs: Sequence[Sequence[float]], T: int) -> torch.Tensor:
+    """[N, T] float32 tensor of per-token log-probs, zero-padded on the right."""
+    out = torch.zeros((len(logprobs), T), dtype=torch.float32)
+    for i, lp in enumerate(logprobs):
+        if lp:
+            out[i, :len(lp)] = torch.tensor(lp[:T], dtype=torch.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reward
+def make_reward_fn(env_cfg) -> Callable[[str, str, list[int]], dict[str, float]]:
+    """The reward of one response: the shared GSM8K scorer, or ``environment.reward.custom_reward_fn``.
+
+    Returns a function ``(response_text, ground_truth, response_ids) -> {"reward", "formatted",
+    "correct_strict", "correct_flexible"}`` (floats).
+    """
+    from rlctl.gsm8k import load_custom_reward, score_response
+
+    rcfg = env_cfg.reward
+    custom = load_custom_reward(rcfg.custom_reward_fn) if rcfg.custom_reward_fn else None
+
+    def reward(text: str, gold: str, ids: list[int]) -> dict[str, float]:
+        r = score_response(text, gold, method=rcfg.method, correct_score=rcfg.correct_score,
+                           format_score=rcfg.format_score)
+        score = float(custom(response=text, ground_truth=gold, response_ids=ids)) if custom else r.score
+        return {"reward": score, "formatted": float(r.formatted), "correct_strict": float(r.correct_strict),
+                "correct_flexible": float(r.correct_flexible)}
+
+    return reward
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class PhaseTimer:
+    """Wall seconds per phase of one step (``timing/<phase>``)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+def sampling_from(params, stop_token_ids: Sequence[int], seed: int | None) -> Sampling:
+    """Build :class:`Sampling` from a validated ``generator.sampling_params`` section."""
+    stops = tuple(params.stop_token_ids) if params.stop_token_ids else tuple(stop_token_ids)
+    return Sampling(max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                    top_k=params.top_k, min_p=params.min_p, stop_token_ids=stops, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def evaluate(generators, prompts: PromptData, tokenizer, sampling: Sampling, batch_size: int,
+             ensure_weights: Callable[[], None]) -> dict[str, float]:
+    """Greedy pass@1 on a validation split: strict and flexible accuracy, format rate, lengths.
+
+    Returns ``eval/accuracy_strict``, ``eval/accuracy_flexible``, ``eval/format_rate``,
+    ``eval/response_length_mean`` (tokens), ``eval/num_problems``.
+    """
+    from rlctl.gsm8k import score_response
+
+    strict = flexible = formatted = 0.0
+    lengths = 0
+    n = len(prompts.prompt_ids)
+    for start in range(0, n, batch_size):
+        ensure_weights()
+        chunk = prompts.prompt_ids[start:start + batch_size]
+        out = generators.generate(chunk, sampling)
+        texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
+        for text, row, ids in zip(texts, prompts.rows[start:start + batch_size], out.output_ids):
+            r = score_response(text, row["answer"])
+            strict += r.correct_strict
+            flexible += r.correct_flexible
+            formatted += r.formatted
+            lengths += len(ids)
+    d = max(n, 1)
+    return {"eval/accuracy_strict": strict / d, "eval/accuracy_flexible": flexible / d,
+            "eval/format_rate": formatted / d, "eval/response_length_mean": lengths / d,
+            "eval/num_problems": float(n)}
+
+
+# ---------------------------------------------------------------------------------------------- loop
+@dataclass
+class LoopState:
+    """Where the run is: the last finished step and the data position; saved in checkpoints."""
+
+    step: int = 0
+    start_time: float = field(default_factory=time.time)
+
+
+def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData | None, logger,
+        checkpointer, stop_token_ids: Sequence[int]) -> dict[str, Any]:
+    """Run GRPO until ``trainer.max_steps``, the end of ``trainer.epochs`` or ``trainer.max_wall_time_s``.
+
+    Args:
+        cfg: the validated :class:`rlctl.config.RunConfig`.
+        trainers / generators: the Ray groups of ``rlctl.ray_job`` (or any object with their methods).
+        train / val: tokenized prompts (:func:`tokenize_prompts`).
+        logger: ``rlctl.metrics.RunLogger``; checkpointer: ``rlctl.checkpoint.Checkpointer``.
+        stop_token_ids: the model's end-of-turn / EOS ids (``generation_config.json``).
+    Returns:
+        ``{"last_step", "stopped_because", "final_eval"}``.
+    """
+    t_cfg, g_cfg, algo = cfg.trainer, cfg.generator, cfg.trainer.algorithm
+    n = g_cfg.n_samples_per_prompt
+    steps_per_epoch = len(train.prompt_ids) // t_cfg.train_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.train_data has {len(train.prompt_ids)} usable prompts, fewer than "
+                         f"trainer.train_batch_size={t_cfg.train_batch_size}")
+    total_steps = steps_per_epoch * t_cfg.epochs
+    if t_cfg.max_steps is not None:
+        total_steps = min(total_steps, t_cfg.max_steps)
+    mini_per_rank = t_cfg.policy_mini_batch_size * n // trainers.world_size
+    reward_fn = make_reward_fn(cfg.environment)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
+    eval_sampling = sampling_from(g_cfg.eval_sampling_params, stop_token_ids, seed=t_cfg.seed)
+    eval_enabled = val is not None and (t_cfg.eval_interval > 0 or t_cfg.eval_before_train)
+
+    # 0 resume: the generators get the restored weights before the first rollout (weight_sync phase)
+    state = LoopState()
+    restored = checkpointer.restore(trainers)
+    if restored is not None:
+        state.step = restored["step"]
+        logger.truncate_after(state.step)
+    generators.mark_stale()
+    ensure_weights = lambda: generators.ensure_weights(trainers)  # noqa: E731
+    wall_start = time.time()
+    stopped_because = "max_steps" if t_cfg.max_steps is not None and total_steps == t_cfg.max_steps else "epochs"
+    last_eval: dict[str, float] = {}
+    if state.step == 0 and t_cfg.eval_before_train and val is not None:
+        timer = PhaseTimer()
+        with timer("eval"):
+            last_eval = evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
+        logger.log(0, {**last_eval, **timer.metrics()})
+
+    logger.start_progress(total_steps, state.step)
+    evaluated_at = checkpointed_at = state.step
+    while state.step < total_steps:
+        step = state.step + 1
+        timer = PhaseTimer()
+        epoch, pos = divmod((step - 1) * t_cfg.train_batch_size, steps_per_epoch * t_cfg.train_batch_size)
+        order = epoch_order(len(train.prompt_ids), t_cfg.seed, epoch)
+        idx = order[pos:pos + t_cfg.train_batch_size]
+        prompts = [train.prompt_ids[i] for i in idx for _ in range(n)]  # group-major: n samples per prompt
+        rows = [train.rows[i] for i in idx for _ in range(n)]
+        sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=t_cfg.seed * 1_000_003 + step)
+
+        # 1 generate (the weight push happened in phase 6 of the previous step, or here after a resume/eval)
+        with timer("weight_sync"):
+            ensure_weights()
+        with timer("generate"):
+            out = generators.generate(prompts, sampling)
+        gen_stats = generators.last_stats()
+
+        # 2 reward
+        with timer("reward"):
+            texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
+            scored = [reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
+            rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+
+        # 3 advantages (per sequence, broadcast over its tokens by the loss)
+        with timer("advantages"):
+            advantages = grpo.grpo_advantages(rewards, n, norm_by_std=algo.grpo_norm_by_std)
+            batch = build_batch(prompts, out.output_ids, pad_id)
+            T = batch["response_mask"].shape[1]
+            keep = torch.ones(len(prompts))
+            if algo.zero_variance_filter:
+                keep = keep * grpo.zero_variance_sample_mask(rewards, n)
+            if g_cfg.apply_overlong_filtering:
+                keep = keep * torch.tensor([0.0 if f == "length" else 1.0 for f in out.finish_reasons])
+            batch["response_mask"] = batch["response_mask"] * keep[:, None]
+            batch["advantages"] = advantages
+            rollout_lp = pad_logprobs(out.logprobs, T)
+
+        # 4 old / reference log-probs (trainer back on the GPU)
+        with timer("logprobs"):
+            trainers.onload()
+            batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
+            if algo.use_kl_loss:
+                batch["ref_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "ref")
+
+        # 5 train
+        with timer("train"):
+            train_metrics = trainers.train_step(batch, sampling.temperature, mini_per_rank)
+
+        # 6 weight sync to the generators (wake weights, push; trainer offloads afterwards)
+        generators.mark_stale()
+        with timer("weight_sync"):
+            ensure_weights()
+
+        # 7 eval
+        metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
+        metrics.update(train_metrics)
+        metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
+        metrics["data/epoch"] = float(epoch)
+        metrics["data/dropped_long_prompts"] = float(train.dropped_too_long)
+        if t_cfg.eval_interval > 0 and step % t_cfg.eval_interval == 0 and val is not None:
+            with timer("eval"):
+                last_eval = evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
+            metrics.update(last_eval)
+            evaluated_at = step
+        state.step = step
+        out_of_time = t_cfg.max_wall_time_s is not None and time.time() - wall_start >= t_cfg.max_wall_time_s
+        final = step == total_steps or out_of_time
+        if final and eval_enabled and evaluated_at != step:
+            with timer("eval"):
+                last_eval = evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
+            metrics.update(last_eval)
+            evaluated_at = step
+
+        # 8 log
+        with timer("log"):
+            if t_cfg.rollout_dump_interval > 0 and step % t_cfg.rollout_dump_interval == 0:
+                logger.dump_rollouts(step, rows, texts, scored, out.finish_reasons)
+        # 9 checkpoint
+        if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
+            with timer("checkpoint"):
+                checkpointer.save(trainers, {"step": step})
+            checkpointed_at = step
+        metrics.update(timer.metrics())
+        metrics["timing/step"] = sum(timer.seconds.values())
+        logger.log(step, metrics)
+        if out_of_time:
+            stopped_because = "max_wall_time_s"
+            break
+    logger.finish_progress()
+    return {"last_step": state.step, "stopped_because": stopped_because, "final_eval": last_eval,
+            "checkpointed_at": checkpointed_at}
+
+
+def rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer) -> dict[str, float]:
+    """Reward, length, truncation, advantage, group-variance and log-prob-agreement metrics of a step."""
+    lengths = torch.tensor([len(o) for o in out.output_ids], dtype=torch.float32)
+    mask = batch["response_mask"]
+    full_mask = (torch.arange(mask.shape[1])[None, :] < lengths[:, None]).float()
+    diff = ((batch["old_logprobs"] - rollout_lp).abs() * full_mask).sum() / full_mask.sum().clamp(min=1)
+    gen_s = timer.seconds.get("generate", 0.0)
+    zero_var = grpo.zero_variance_groups(rewards, n)
+    m = {
+        "reward/mean": rewards.mean().item(),
+        "reward/format_rate": sum(s["formatted"] for s in scored) / len(scored),
+        "reward/accuracy_strict": sum(s["correct_strict"] for s in scored) / len(scored),
+        "reward/accuracy_flexible": sum(s["correct_flexible"] for s in scored) / len(scored),
+        "response_length/mean": lengths.mean().item(),
+        "response_length/max": lengths.max().item(),
+        "response/truncation_rate": sum(f == "length" for f in out.finish_reasons) / len(out.finish_reasons),
+        "advantages/mean": advantages.mean().item(),
+        "advantages/std": advantages.std().item() if advantages.numel() > 1 else 0.0,
+        "advantages/max": advantages.max().item(),
+        "advantages/min": advantages.min().item(),
+        "groups/zero_variance_fraction": zero_var.float().mean().item(),
+        "policy/rollout_train_logprobs_abs_diff_mean": diff.item(),
+        "rollout/tokens": lengths.sum().item(),
+        "rollout/tokens_per_s": lengths.sum().item() / gen_s if gen_s > 0 else math.nan,
+        "train/loss_tokens": mask.sum().item(),
+    }
+    return m

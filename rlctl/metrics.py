@@ -1,0 +1,157 @@
+"""Run outputs: metrics.jsonl, TensorBoard, Weights & Biases, rollout samples, run metadata, progress bar.
+
+``RunLogger`` owns the run folder ``<trainer.log_path>/<project_name>/<run_name>``:
+
+- ``config.yaml``: the resolved config, secrets redacted; ``versions.json``: package versions + git commit
+- ``metrics.jsonl``: one JSON object per step (``{"step": N, "<metric>": value, ...}``)
+- ``rollouts/step_<N>.jsonl``: prompt, response, reward of every rollout of sampled steps
+- ``tensorboard/``: event files (``trainer.logger`` includes ``tensorboard``)
+- wandb: when ``trainer.logger`` includes ``wandb`` (the ``rlctl[wandb]`` extra; the API key comes from
+  the environment and is never printed or saved)
+
+Test: ``pytest tests/unit/test_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+KEY_METRICS = ("reward/mean", "reward/accuracy_flexible", "response_length/mean", "policy/grad_norm", "timing/step")
+PACKAGES = ("rlctl", "torch", "transformers", "ray", "sglang", "pydantic", "datasets", "pyarrow")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that matter for reproducing a run (None if absent)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """The git commit of the rlctl source tree, or None outside a checkout."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class RunLogger:
+    """Writes the run folder and the live display. ``loggers``: names from ``trainer.logger``."""
+
+    def __init__(self, run_dir: Path, config_yaml: str, loggers: list[str], *, project: str, run_name: str,
+                 redacted_config: dict, console: Console | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.console = console or Console(stderr=True)
+        write_text_atomic(self.run_dir / "config.yaml", config_yaml)
+        write_text_atomic(self.run_dir / "versions.json",
+                          json.dumps({"packages": package_versions(), "git_commit": git_commit()}, indent=2))
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self.wandb = None
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("trainer.logger=wandb needs the wandb package: pip install 'rlctl[wandb]' "
+                                   "(or set trainer.logger=tensorboard)") from None
+            self.wandb = wandb.init(project=project, name=run_name, config=redacted_config, dir=str(self.run_dir),
+                                    resume="allow")
+        self.progress: Progress | None = None
+        self.task = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metric lines of steps after ``step`` (a resumed run re-does them)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [ln for ln in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one metrics line and forward to TensorBoard / wandb / the progress bar."""
+        row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        shown = "  ".join(f"{k.split('/')[-1] if k != 'reward/accuracy_flexible' else 'acc_flex'}="
+                          f"{metrics[k]:.4g}" for k in KEY_METRICS if k in metrics)
+        evals = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/accuracy"))
+        self.console.log(f"step {step}: {shown}  {evals}".rstrip())
+        if self.progress is not None and step > 0:
+            self.progress.update(self.task, completed=step, description=f"step {step}")
+
+    def dump_rollouts(self, step: int, rows: list[dict], texts: list[str], scored: list[dict],
+                      finish_reasons: list[str]) -> None:
+        """Write ``rollouts/step_<N>.jsonl``: prompt, response, gold answer, reward, finish reason."""
+        lines = []
+        for row, text, s, fin in zip(rows, texts, scored, finish_reasons):
+            prompt = row["prompt"][-1]["content"] if row.get("prompt") else ""
+            lines.append(json.dumps({"step": step, "prompt": prompt, "response": text, "answer": row.get("answer"),
+                                     "reward": s["reward"], "finish_reason": fin}))
+        write_text_atomic(self.run_dir / "rollouts" / f"step_{step}.jsonl", "\n".join(lines) + "\n")
+
+    def start_progress(self, total: int, done: int) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+        self.task = self.progress.add_task("training", total=total, completed=done)
+        self.progress.start()
+
+    def finish_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def close(self) -> None:
+        self.finish_progress()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,480 @@
+"""The Ray job: cluster connection, placement group, colocated actors, and the ``train`` / ``evaluate`` entry points.
+
+This is the only module that applies ``ray.remote``. Layout: one placement-group bundle per policy rank;
+when ``trainer.placement.colocate_all`` the bundle holds that rank's trainer worker *and* one generator,
+each taking half of the bundle's GPU and CPU (the fractional resources express the sharing; sleep/wake
+makes it real). Trainer workers form one data-parallel FSDP2 group (gloo on CPU, NCCL on CUDA).
+
+``TrainerGroup`` and ``GeneratorGroup`` give the loop (``rlctl/loop.py``) plain method calls.
+
+Test: ``pytest tests/unit/test_train_e2e.py`` (a real 2-worker run on CPU through Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlctl.generator import GenerationOutput, Sampling
+
+# ---------------------------------------------------------------------------------------------- actors
+# Plain classes; ray.remote is applied in _build_actors.
+
+
+class TrainerWorker:
+    """Hosts one :class:`rlctl.trainer.PolicyTrainer` rank."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.trainer = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port (rank 0 hosts the process-group rendezvous)."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        from rlctl.trainer import PolicyTrainer
+
+        PolicyTrainer.init_process_group(self.rank, self.world_size, master_addr, master_port, self.device)
+        cfg = self.cfg
+        self.trainer = PolicyTrainer(
+            cfg.trainer.policy.model.path, cfg.trainer, rank=self.rank, world_size=self.world_size,
+            device=self.device, max_response_len=cfg.generator.sampling_params.max_new_tokens,
+            compute_dtype=cfg.generator.model_dtype, colocated=cfg.trainer.placement.colocate_all)
+
+    def compute_logprobs(self, batch, temperature: float, which: str):
+        return self.trainer.compute_logprobs(batch, temperature, which)
+
+    def train_step(self, batch, temperature: float, mini_batch_size: int) -> dict[str, float]:
+        return self.trainer.train_step(batch, temperature, mini_batch_size)
+
+    def offload(self) -> None:
+        self.trainer.offload()
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+    def push_weights(self, generator, backend: str) -> dict[str, float]:
+        """Send the full policy weights to ``generator`` (an actor handle) in buckets; returns stats."""
+        import ray
+        import torch
+
+        from rlctl.trainer import DTYPES
+
+        dtype = DTYPES[self.cfg.generator.model_dtype] if self.device == "cuda" else torch.float32
+        bucket_bytes = int(self.cfg.generator.weight_sync_bucket_mb * 2**20)
+        t0, nbytes, buckets = time.perf_counter(), 0, 0
+        for bucket in self.trainer.iter_weight_buckets(bucket_bytes, dtype):
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if backend == "sglang":
+                from rlctl.weight_sync import serialize_for_ipc
+
+                payload = serialize_for_ipc(bucket)
+            else:
+                payload = [(name, t.detach().to("cpu")) for name, t in bucket]
+            ray.get(generator.update_weights.remote(payload))
+            buckets += 1
+            del bucket, payload
+        dt = time.perf_counter() - t0
+        return {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets), "weight_sync_s": dt}
+
+    def save_checkpoint(self, policy_dir, state_path, model_path, extra) -> None:
+        self.trainer.save_checkpoint(Path(policy_dir), Path(state_path), model_path, extra)
+
+    def load_checkpoint(self, policy_dir, state_path) -> dict:
+        return self.trainer.load_checkpoint(Path(policy_dir), Path(state_path))
+
+
+class GeneratorWorker:
+    """Hosts one generator backend (``rlctl.generator.load_generator``)."""
+
+    def __init__(self, backend: str, kwargs: dict, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        from rlctl.generator import load_generator
+
+        self.gen = load_generator(backend, **kwargs)
+
+    def generate(self, prompt_ids, sampling: Sampling) -> GenerationOutput:
+        return self.gen.generate(prompt_ids, sampling)
+
+    def sleep(self) -> None:
+        self.gen.sleep()
+
+    def wake_up(self, tags=None) -> None:
+        self.gen.wake_up(tags)
+
+    def update_weights(self, payload) -> None:
+        self.gen.update_weights(payload)
+
+    def stats(self) -> dict[str, float]:
+        return dict(getattr(self.gen, "last_stats", {}) or {})
+
+    def shutdown(self) -> None:
+        self.gen.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- groups
+class TrainerGroup:
+    """The data-parallel trainer workers, called like one trainer (batches are split by rank)."""
+
+    def __init__(self, workers: list, colocated: bool) -> None:
+        self.workers = workers
+        self.world_size = len(workers)
+        self.colocated = colocated
+        self.on_gpu = True
+
+    def _get(self, refs):
+        import ray
+
+        return ray.get(refs)
+
+    def _shards(self, batch: dict) -> list[dict]:
+        n = batch["input_ids"].shape[0]
+        per = n // self.world_size
+        return [{k: v[r * per:(r + 1) * per] for k, v in batch.items()} for r in range(self.world_size)]
+
+    def compute_logprobs(self, batch: dict, temperature: float, which: str):
+        import torch
+
+        outs = self._get([w.compute_logprobs.remote(s, temperature, which)
+                          for w, s in zip(self.workers, self._shards(batch))])
+        return torch.cat(outs, 0)
+
+    def train_step(self, batch: dict, temperature: float, mini_batch_size: int) -> dict[str, float]:
+        results = self._get([w.train_step.remote(s, temperature, mini_batch_size)
+                             for w, s in zip(self.workers, self._shards(batch))])
+        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+    def onload(self) -> None:
+        if not self.on_gpu:
+            self._get([w.onload.remote() for w in self.workers])
+            self.on_gpu = True
+
+    def offload(self) -> None:
+        if self.on_gpu and self.colocated:
+            self._get([w.offload.remote() for w in self.workers])
+            self.on_gpu = False
+
+    def push_weights(self, generators: list, backend: str) -> dict[str, float]:
+        """Rank i pushes to generator i (tensor parallel 1: every engine needs the full weights)."""
+        stats = self._get([w.push_weights.remote(g, backend) for w, g in zip(self.workers, generators)])
+        return stats[0]
+
+    def save_checkpoint(self, policy_dir, state_path, model_path, extra) -> None:
+        self.onload()
+        self._get([w.save_checkpoint.remote(str(policy_dir), str(state_path), model_path, extra)
+                   for w in self.workers])
+
+    def load_checkpoint(self, policy_dir, state_path) -> dict:
+        self.onload()
+        return self._get([w.load_checkpoint.remote(str(policy_dir), str(state_path)) for w in self.workers])[0]
+
+
+class GeneratorGroup:
+    """The generator engines, called like one generator (prompts are split across engines).
+
+    Tracks whether the engines hold the current policy weights: ``generate`` releases all memory when
+    colocated (SGLang discards released weights), so the next ``ensure_weights`` pushes them again.
+    """
+
+    def __init__(self, workers: list, backend: str, colocated: bool) -> None:
+        self.workers, self.backend, self.colocated = workers, backend, colocated
+        self.has_weights = False
+        self.asleep = False
+        self._stats: dict[str, float] = {}
+
+    def _get(self, refs):
+        import ray
+
+        return ray.get(refs)
+
+    def mark_stale(self) -> None:
+        self.has_weights = False
+
+    def ensure_weights(self, trainers: TrainerGroup) -> None:
+        """If stale: wake the engines' weights, push the trainer's weights, offload the trainer."""
+        if self.has_weights:
+            return
+        trainers.onload()
+        if self.colocated:
+            self._get([w.wake_up.remote(["weights"]) for w in self.workers])
+        s = trainers.push_weights(self.workers, self.backend)
+        self._stats.update(s)
+        self.has_weights = True
+        trainers.offload()
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> GenerationOutput:
+        """Split prompts across engines (contiguous, balanced), generate, merge in order."""
+        k = len(self.workers)
+        n = len(prompt_ids)
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        if self.colocated:
+            self._get([w.wake_up.remote(["kv_cache", "cuda_graph"]) for w in self.workers])
+        refs = []
+        for i, w in enumerate(self.workers):
+            chunk = [list(p) for p in prompt_ids[bounds[i]:bounds[i + 1]]]
+            s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + 7919 * i})
+            refs.append(w.generate.remote(chunk, s) if chunk else None)
+        outs = self._get([r for r in refs if r is not None])
+        if self.colocated:
+            self._get([w.sleep.remote() for w in self.workers])
+            self.has_weights = False
+        merged = GenerationOutput([], [], [])
+        for o in outs:
+            merged.output_ids += o.output_ids
+            merged.logprobs += o.logprobs
+            merged.finish_reasons += o.finish_reasons
+        for st in self._get([w.stats.remote() for w in self.workers])[:1]:
+            self._stats.update(st)
+        return merged
+
+    def last_stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._stats.items() if isinstance(v, (int, float))}
+
+    def shutdown(self) -> None:
+        try:
+            self._get([w.shutdown.remote() for w in self.workers])
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- build
+def resolve_device(cfg) -> str:
+    """``trainer.device``: ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``."""
+    if cfg.trainer.device != "auto":
+        return cfg.trainer.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_ray(cfg, device: str) -> None:
+    """Join ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local cluster with explicit
+    CPU/GPU counts (so it works on 2 cores). The dashboard is off unless ``ray.include_dashboard``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    workers = cfg.num_policy_workers
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, workers * (1 if cfg.trainer.placement.colocate_all else 2))
+    if cfg.ray.num_gpus is not None:
+        num_gpus = cfg.ray.num_gpus
+    else:
+        import torch
+
+        num_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=cfg.ray.include_dashboard,
+             dashboard_host=cfg.ray.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")
+
+
+def generator_kwargs(cfg, device: str) -> dict[str, Any]:
+    """Constructor arguments of the configured generator backend."""
+    g = cfg.generator
+    path = cfg.trainer.policy.model.path
+    if g.backend == "hf":
+        dtype = g.hf.dtype or ("float32" if device == "cpu" else g.model_dtype)
+        return {"model_path": path, "dtype": dtype, "device": device, "seed": cfg.trainer.seed,
+                "max_batch_size": g.hf.max_batch_size}
+    s = g.sglang
+    return {"model_path": path, "dtype": g.model_dtype, "mem_fraction_static": g.gpu_memory_utilization,
+            "attention_backend": s.attention_backend, "sampling_backend": s.sampling_backend,
+            "disable_cuda_graph": s.disable_cuda_graph, "cuda_graph_max_bs_decode": s.cuda_graph_max_bs_decode,
+            "disable_radix_cache": s.disable_radix_cache, "max_running_requests": s.max_running_requests,
+            "enable_memory_saver": s.enable_memory_saver, "log_level": s.log_level, "seed": cfg.trainer.seed,
+            "tp_size": g.inference_engine_tensor_parallel_size, "colocated": cfg.trainer.placement.colocate_all}
+
+
+def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGroup | None, GeneratorGroup]:
+    """Create the placement group and the actors; wait for the placement group with a timeout.
+
+    Without a trainer (``rlctl eval``) the generators keep the weights they loaded (no sleep/wake).
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    colocated = cfg.trainer.placement.colocate_all and with_trainer
+    workers = cfg.num_policy_workers
+    engines = cfg.generator.num_inference_engines
+    gpu = 1 if device == "cuda" else 0
+    if colocated:
+        bundles = [{"CPU": 1, **({"GPU": 1} if gpu else {})} for _ in range(workers)]
+    else:
+        tp = cfg.generator.inference_engine_tensor_parallel_size
+        bundles = ([{"CPU": 1, **({"GPU": 1} if gpu else {})} for _ in range(workers)]
+                   + [{"CPU": 1, **({"GPU": tp} if gpu else {})} for _ in range(engines)])
+    pg = placement_group(bundles, strategy="PACK")
+    timeout = cfg.ray.placement_group_timeout_s
+    try:
+        ray.get(pg.ready(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(
+            f"Ray could not reserve {len(bundles)} bundles {bundles[0]} within {timeout} s "
+            f"(cluster has {ray.cluster_resources()}). Lower trainer.placement.policy_num_gpus_per_node / "
+            "trainer.placement.policy_num_nodes / generator.num_inference_engines, set ray.num_cpus / "
+            "ray.num_gpus, or raise ray.placement_group_timeout_s") from None
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    share = 0.5 if colocated else 1.0
+
+    def strategy(i):
+        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+
+    gen_cls = ray.remote(GeneratorWorker)
+    gens = []
+    for i in range(engines):
+        b = i if colocated else workers + i
+        gpus = (share if colocated else cfg.generator.inference_engine_tensor_parallel_size) if gpu else 0
+        gens.append(gen_cls.options(name=None, num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(b),
+                                    max_concurrency=1).remote(cfg.generator.backend, {
+                                        **generator_kwargs(cfg, device),
+                                        **({} if cfg.generator.backend == "hf" else {"colocated": colocated})},
+                                        threads))
+    trainers = None
+    if with_trainer:
+        tr_cls = ray.remote(TrainerWorker)
+        actors = [tr_cls.options(num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(r)).remote(
+            cfg, r, workers, device, threads) for r in range(workers)]
+        addr, port = ray.get(actors[0].address.remote())
+        ray.get([a.setup.remote(addr, port) for a in actors])
+        trainers = TrainerGroup(actors, colocated=colocated and device == "cuda")
+    gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
+    ray.get([g.stats.remote() for g in gens])  # surface engine start-up errors here
+    return trainers, gen_group
+
+
+def _load_tokenizer_and_stops(cfg):
+    from transformers import AutoTokenizer
+
+    from rlctl.models import stop_token_ids
+
+    path = cfg.trainer.policy.model.path
+    tok = AutoTokenizer.from_pretrained(path)
+    return tok, stop_token_ids(path)
+
+
+def _load_prompts(paths, tokenizer, max_prompt_length):
+    from rlctl.gsm8k import read_prompts
+    from rlctl.loop import tokenize_prompts
+
+    return tokenize_prompts(read_prompts([str(p) for p in paths]), tokenizer, max_prompt_length)
+
+
+def _describe_ray_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    head = next((ln for ln in text if ln.strip()), type(e).__name__)
+    tail = [ln for ln in text if ln.strip()][-3:]
+    return f"{type(e).__name__}: {head}\n  last error: " + " | ".join(tail)
+
+
+def train(loaded) -> dict[str, Any]:
+    """Run the training job of a validated config (``rlctl train``). Returns the loop's summary.
+
+    Raises:
+        SystemExit: with a message naming the actor and its last error if an actor dies (code 1), or
+            on Ctrl-C (code 130); Ray is shut down in both cases.
+    """
+    import ray
+    from rich.console import Console
+
+    from rlctl import loop
+    from rlctl.checkpoint import Checkpointer
+    from rlctl.config import redact, to_dict
+    from rlctl.metrics import RunLogger
+
+    cfg = loaded.cfg
+    console = Console(stderr=True)
+    device = resolve_device(cfg)
+    import yaml
+
+    redacted = redact(to_dict(cfg))
+    run_dir = Path(cfg.run_dir)
+    logger = RunLogger(run_dir, yaml.safe_dump(redacted, sort_keys=False), _loggers(cfg),
+                       project=cfg.trainer.project_name, run_name=cfg.trainer.run_name, redacted_config=redacted,
+                       console=console)
+    notes: list[str] = []
+    generators = None
+    try:
+        tokenizer, stops = _load_tokenizer_and_stops(cfg)
+        train_data = _load_prompts(cfg.data.train_data, tokenizer, cfg.trainer.max_prompt_length)
+        val_data = _load_prompts(cfg.data.val_data, tokenizer, cfg.trainer.max_prompt_length) if cfg.data.val_data else None
+        if train_data.dropped_too_long:
+            console.log(f"note: dropped {train_data.dropped_too_long} training prompts longer than "
+                        f"trainer.max_prompt_length={cfg.trainer.max_prompt_length} tokens")
+        t0 = time.perf_counter()
+        init_ray(cfg, device)
+        trainers, generators = build_groups(cfg, device)
+        console.log(f"Ray job up in {time.perf_counter() - t0:.1f} s: {trainers.world_size} trainer worker(s), "
+                    f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {run_dir}")
+        ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
+                            cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
+        summary = loop.run(cfg, trainers, generators, tokenizer, train_data, val_data, logger, ckpt, stops)
+        for n in notes:
+            console.log(f"note: {n}")
+        console.log(f"done: {summary['last_step']} steps ({summary['stopped_because']}); metrics in "
+                    f"{run_dir / 'metrics.jsonl'}")
+        return summary
+    except ray.exceptions.RayError as e:
+        console.print(f"[red]error:[/red] a Ray actor failed: {_describe_ray_error(e)}")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/yellow] stopping the Ray job; completed checkpoints are kept")
+        raise SystemExit(130) from None
+    finally:
+        logger.close()
+        if generators is not None:
+            generators.shutdown()
+        if ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            ray.shutdown()
+
+
+def evaluate(loaded) -> dict[str, float]:
+    """Greedy pass@1 (strict and flexible) of ``trainer.policy.model.path`` on ``data.val_data``
+    without training (``rlctl eval``). Returns the ``eval/*`` metrics."""
+    import ray
+
+    from rlctl import loop
+
+    cfg = loaded.cfg
+    device = resolve_device(cfg)
+    tokenizer, stops = _load_tokenizer_and_stops(cfg)
+    val = _load_prompts(cfg.data.val_data, tokenizer, cfg.trainer.max_prompt_length)
+    init_ray(cfg, device)
+    generators = None
+    try:
+        _, generators = build_groups(cfg, device, with_trainer=False)
+        sampling = loop.sampling_from(cfg.generator.eval_sampling_params, stops, seed=cfg.trainer.seed)
+        return loop.evaluate(generators, val, tokenizer, sampling, cfg.trainer.eval_batch_size, lambda: None)
+    finally:
+        if generators is not None:
+            generators.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _loggers(cfg) -> list[str]:
+    lg = cfg.trainer.logger
+    return [lg] if isinstance(lg, str) else list(lg)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `rlctl train`")

@@ -1,0 +1,401 @@
+"""The FSDP2 policy trainer: one data-parallel rank of the policy (and of the frozen reference model).
+
+``PolicyTrainer`` loads a Hugging Face causal LM, shards it with ``torch.distributed.fsdp.fully_shard``
+per decoder block (gloo on CPU, NCCL on CUDA), computes per-token log-probabilities of response
+tokens, and trains with the GRPO loss of :mod:`rlctl.grpo` over mini-batches split into micro-batches
+(gradient accumulation), AdamW and gradient clipping. When colocated with a generator on the same GPU
+it offloads parameters and optimizer state to CPU between phases (``offload`` / ``onload``).
+
+It knows nothing about Ray: ``rlctl/ray_job.py`` wraps it in an actor. Every rank must call the
+collective methods (``compute_logprobs`` is local, ``train_step``, ``iter_weight_buckets``,
+``save_checkpoint`` are collective).
+
+Batch layout (a dict of CPU tensors, N sequences of one rank), built by :func:`rlctl.loop.build_batch`::
+
+    input_ids       [N, P+T] int64   left-padded prompt (P columns) + right-padded response (T columns)
+    attention_mask  [N, P+T] int64   1 on real tokens
+    response_mask   [N, T]   float32 1 on response tokens that enter the loss
+    advantages      [N]      float32 sequence-level GRPO advantage
+    old_logprobs    [N, T]   float32 (added by the loop from compute_logprobs before training)
+    ref_logprobs    [N, T]   float32 (only when KL is used)
+
+Test: ``pytest tests/unit/test_trainer.py`` (a 1- and 2-rank gloo group on CPU with a tiny Llama).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from rlctl import grpo
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The list of decoder blocks of a Hugging Face causal LM (Llama, Qwen2, Mistral, ... layouts).
+
+    Raises:
+        ValueError: the model has no ``model.layers`` (the only layout rlctl shards per block).
+    """
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no .model.layers: rlctl shards decoder blocks of Llama-style models")
+    return list(layers)
+
+
+def load_and_shard(model_path: str, *, mesh, device: torch.device, param_dtype: torch.dtype | None,
+                   gradient_checkpointing: bool, trainable: bool, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Load a causal LM in fp32 (master weights) on ``device`` and apply FSDP2 per decoder block.
+
+    ``param_dtype`` (e.g. bf16 on CUDA) is the compute dtype through ``MixedPrecisionPolicy``; None
+    keeps fp32 compute (CPU). Gradients are reduced in fp32.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.config.use_cache = False
+    if gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            response_len: int) -> torch.Tensor:
+    """Logits predicting the response tokens.
+
+    Args:
+        input_ids, attention_mask: [N, P+T] (left-padded prompt, right-padded response).
+        response_len: T.
+    Returns:
+        [N, T, V] float32 logits; row t predicts ``input_ids[:, P + t]``.
+    Position ids are ``cumsum(attention_mask) - 1`` so left padding does not shift positions (the same
+    convention as transformers ``generate``), which keeps trainer and ``hf`` generator log-probs equal.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=response_len + 1)
+    return out.logits[:, :-1, :].float()
+
+
+class PolicyTrainer:
+    """One rank of the FSDP2 policy; see the module docstring for the batch layout.
+
+    Args:
+        model_path: Hugging Face hub name or local folder.
+        tcfg: the ``trainer`` section of the run config (``rlctl.config``).
+        algo: ``trainer.algorithm``.
+        rank, world_size: this rank in the data-parallel group (process group already initialized by
+            :meth:`init_process_group`).
+        device: ``"cpu"`` or ``"cuda"``.
+        max_response_len: ``generator.sampling_params.max_new_tokens`` (tokens), the Dr. GRPO constant.
+    """
+
+    def __init__(self, model_path: str, tcfg: Any, *, rank: int, world_size: int, device: str,
+                 max_response_len: int, compute_dtype: str = "bfloat16", colocated: bool = True) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.tcfg, self.algo = tcfg, tcfg.algorithm
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        self.max_response_len = max_response_len
+        self.colocated = colocated and self.device.type == "cuda"
+        self._seed_everything(tcfg.seed)
+        self.mesh = init_device_mesh(self.device.type, (world_size,))
+        param_dtype = DTYPES[compute_dtype] if self.device.type == "cuda" else None
+        fsdp = tcfg.policy.fsdp_config
+        self.model = load_and_shard(model_path, mesh=self.mesh, device=self.device, param_dtype=param_dtype,
+                                    gradient_checkpointing=tcfg.gradient_checkpointing, trainable=True,
+                                    reshard_after_forward=fsdp.reshard_after_forward)
+        self.model.train()
+        opt = tcfg.policy.optimizer_config
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=tuple(opt.adam_betas),
+                                           weight_decay=opt.weight_decay, foreach=False)
+        self.ref_model = None
+        if self.algo.use_kl_loss:
+            self.ref_model = load_and_shard(model_path, mesh=self.mesh, device=self.device, param_dtype=param_dtype,
+                                            gradient_checkpointing=False, trainable=False)
+        self.global_step = 0
+        self.bad_steps_in_a_row = 0
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int, device: str,
+                           timeout_s: float = 600.0) -> None:
+        """Join the trainer's data-parallel group (gloo on CPU, NCCL on CUDA). Idempotent."""
+        if dist.is_initialized():
+            return
+        from datetime import timedelta
+
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes exactly the bundle's GPU as device 0
+        dist.init_process_group(backend=backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # ------------------------------------------------------------------ forward
+    def _logprobs_entropy(self, model, mb: dict[str, torch.Tensor], temperature: float, with_entropy: bool):
+        T = mb["response_mask"].shape[1]
+        input_ids = mb["input_ids"].to(self.device)
+        attn = mb["attention_mask"].to(self.device)
+        logits = response_logits_forward(model, input_ids, attn, T)
+        labels = input_ids[:, -T:]
+        if temperature and temperature > 0:
+            logits = logits / temperature
+        logp = grpo.logprobs_from_logits(logits, labels)
+        ent = grpo.entropy_from_logits(logits) if with_entropy else None
+        return logp, ent
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict[str, torch.Tensor], temperature: float, which: str = "policy") -> torch.Tensor:
+        """Per-token log-probabilities of the response tokens under the policy or the reference.
+
+        Args:
+            batch: see module docstring (``input_ids``, ``attention_mask``, ``response_mask``).
+            temperature: the rollout temperature; logits are divided by it (SGLang returns
+                temperature-scaled log-probs); 0 means greedy and leaves logits unscaled.
+            which: ``"policy"`` or ``"ref"``.
+        Returns:
+            [N, T] float32 on CPU (0 where ``response_mask`` is 0 is not guaranteed; mask it).
+        """
+        model = self.model if which == "policy" else self.ref_model
+        if model is None:
+            raise RuntimeError("reference log-probs asked for, but trainer.algorithm.use_kl_loss=false")
+        mbs = self.tcfg.micro_forward_batch_size_per_gpu
+        n = batch["input_ids"].shape[0]
+        outs = []
+        for start in range(0, n, mbs):
+            mb = {k: v[start:start + mbs] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            logp, _ = self._logprobs_entropy(model, mb, temperature, with_entropy=False)
+            outs.append(logp.cpu())
+        return torch.cat(outs, 0) if outs else torch.zeros(0, batch["response_mask"].shape[1])
+
+    # ------------------------------------------------------------------ train
+    def train_step(self, batch: dict[str, torch.Tensor], temperature: float, mini_batch_size: int) -> dict[str, float]:
+        """GRPO update on this rank's share of one training batch.
+
+        Args:
+            batch: N sequences (module docstring), with ``old_logprobs`` and, if KL is on, ``ref_logprobs``.
+            temperature: rollout temperature (logits are divided by it).
+            mini_batch_size: sequences per optimizer step on this rank
+                (``policy_mini_batch_size * n_samples_per_prompt / world_size``).
+        Returns:
+            Metrics averaged over optimizer steps: ``policy/loss``, ``policy/pg_loss``, ``policy/kl``,
+            ``policy/entropy``, ``policy/clip_fraction``, ``policy/grad_norm``, ``policy/lr``,
+            ``policy/skipped_steps`` (non-finite loss or grad norm; the update is skipped).
+        Raises:
+            RuntimeError: ``trainer.max_bad_steps`` non-finite optimizer steps in a row.
+        """
+        algo, tcfg = self.algo, self.tcfg
+        n = batch["input_ids"].shape[0]
+        micro = tcfg.micro_train_batch_size_per_gpu
+        sums: dict[str, float] = {}
+        count = 0
+        skipped = 0
+        for _epoch in range(tcfg.update_epochs_per_batch):
+            for mstart in range(0, n, mini_batch_size):
+                mini = {k: v[mstart:mstart + mini_batch_size] for k, v in batch.items()}
+                m = self._optimizer_step(mini, temperature, micro)
+                if m.pop("skipped"):
+                    skipped += 1
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        metrics = {k: v / max(count, 1) for k, v in sums.items()}
+        metrics["policy/skipped_steps"] = float(skipped)
+        metrics["policy/lr"] = self.optimizer.param_groups[0]["lr"]
+        self.global_step += 1
+        return metrics
+
+    def _optimizer_step(self, mini: dict[str, torch.Tensor], temperature: float, micro: int) -> dict[str, float]:
+        algo = self.algo
+        mask_all = mini["response_mask"]
+        num_tokens = float(mask_all.sum().item())
+        num_seqs = mini["input_ids"].shape[0]
+        totals = {"policy/pg_loss": 0.0, "policy/kl": 0.0, "policy/entropy": 0.0, "policy/loss": 0.0}
+        clip_tokens = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for start in range(0, num_seqs, micro):
+            mb = {k: v[start:start + micro] for k, v in mini.items()}
+            mask = mb["response_mask"].to(self.device)
+            want_entropy = True
+            logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=want_entropy)
+            reduce_kw = dict(num_sequences=num_seqs, num_tokens=num_tokens, max_response_len=self.max_response_len)
+            pg_loss, pg_m = grpo.policy_loss(
+                logp, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device), mask,
+                eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type,
+                clip_ratio_c=algo.clip_ratio_c, loss_reduction=algo.loss_reduction, **reduce_kw)
+            loss = pg_loss
+            if self.ref_model is not None:
+                kl_tok = grpo.kl_penalty(logp, mb["ref_logprobs"].to(self.device), algo.kl_estimator_type)
+                kl = grpo.masked_reduce(kl_tok, mask, algo.loss_reduction, **reduce_kw)
+                loss = loss + algo.kl_loss_coef * kl
+                totals["policy/kl"] += float(kl.detach())
+            ent_red = grpo.masked_reduce(ent, mask, algo.loss_reduction, **reduce_kw)
+            if algo.use_entropy_loss:
+                loss = loss - algo.entropy_loss_coef * ent_red
+            totals["policy/entropy"] += float(ent_red.detach())
+            loss.backward()
+            totals["policy/pg_loss"] += float(pg_loss.detach())
+            totals["policy/loss"] += float(loss.detach())
+            clip_tokens += pg_m["clip_fraction"] * float(mask.sum().item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.policy.optimizer_config.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        # every rank must agree on skipping: reduce the loss too (the grad norm is already global)
+        flag = torch.tensor([0.0 if math.isfinite(totals["policy/loss"]) else 1.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag)
+        finite = math.isfinite(grad_norm) and flag.item() == 0
+        if finite:
+            self.optimizer.step()
+            self.bad_steps_in_a_row = 0
+        else:
+            self.bad_steps_in_a_row += 1
+            if self.bad_steps_in_a_row >= self.tcfg.max_bad_steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise RuntimeError(
+                    f"{self.bad_steps_in_a_row} optimizer steps in a row had a non-finite loss or grad norm "
+                    f"(loss={totals['policy/loss']}, grad_norm={grad_norm}); stopping (trainer.max_bad_steps="
+                    f"{self.tcfg.max_bad_steps}). The last checkpoint is intact; lower "
+                    "trainer.policy.optimizer_config.lr or check the rewards.")
+        self.optimizer.zero_grad(set_to_none=True)
+        totals["policy/grad_norm"] = grad_norm
+        totals["policy/clip_fraction"] = clip_tokens / max(num_tokens, 1.0)
+        totals["skipped"] = not finite
+        return totals
+
+    # ------------------------------------------------------------------ colocation
+    def offload(self) -> None:
+        """Move parameters, gradients and optimizer state to CPU (colocated CUDA runs only)."""
+        if not self.colocated:
+            return
+        for m in (self.model, self.ref_model):
+            if m is not None:
+                m.to("cpu")
+        self._move_optimizer_state("cpu")
+        torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """Move parameters and optimizer state back to the GPU (inverse of :meth:`offload`)."""
+        if not self.colocated:
+            return
+        for m in (self.model, self.ref_model):
+            if m is not None:
+                m.to(self.device)
+        self._move_optimizer_state(self.device)
+
+    def _move_optimizer_state(self, device) -> None:
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    state[k] = v.to(device, non_blocking=True)
+
+    # ------------------------------------------------------------------ weights out
+    def iter_weight_buckets(self, bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full (unsharded) policy weights in buckets of at most ``bucket_bytes`` bytes (collective).
+
+        Delegates to :func:`rlctl.weight_sync.iter_weight_buckets`; tensors stay on this rank's device.
+        """
+        from rlctl.weight_sync import iter_weight_buckets
+
+        return iter_weight_buckets(self.model, bucket_bytes, dtype=dtype)
+
+    # ------------------------------------------------------------------ checkpoint
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 policy state dict on CPU (collective; every rank gets it)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_checkpoint(self, policy_dir: Path, state_path: Path, tokenizer_src: str, extra: dict) -> None:
+        """Write the policy in Hugging Face format (safetensors) and the trainer state (collective).
+
+        Rank 0 writes; other ranks only take part in the gathers. ``extra`` (step, data position, ...)
+        is stored in the trainer state with the optimizer and RNG states.
+        """
+        sd = self.full_state_dict()
+        osd = get_optimizer_state_dict(self.model, self.optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            from safetensors.torch import save_file
+            from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+            config = AutoConfig.from_pretrained(tokenizer_src)
+            if getattr(config, "tie_word_embeddings", False):
+                sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+            policy_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(policy_dir / "model.safetensors"),
+                      metadata={"format": "pt"})
+            config.save_pretrained(policy_dir)
+            AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(policy_dir)
+            try:
+                GenerationConfig.from_pretrained(tokenizer_src).save_pretrained(policy_dir)
+            except OSError:
+                pass
+            torch.save({"optimizer": osd, "global_step": self.global_step, "extra": extra,
+                        "bad_steps_in_a_row": self.bad_steps_in_a_row, "rng": _rng_state()}, state_path)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def load_checkpoint(self, policy_dir: Path, state_path: Path) -> dict:
+        """Restore policy weights, optimizer and RNG states saved by :meth:`save_checkpoint`.
+
+        Returns the ``extra`` dict saved with it.
+        """
+        from safetensors.torch import load_file
+
+        sd: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(policy_dir).glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, sd, options=opts)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        self.global_step = state["global_step"]
+        self.bad_steps_in_a_row = state.get("bad_steps_in_a_row", 0)
+        _set_rng_state(state["rng"])
+        return state["extra"]
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
