@@ -1,0 +1,24 @@
+import json
+
+import pytest
+
+from rlctl.plot import plot_run, read_metrics
+
+
+def test_plot_writes_pngs(tmp_path):
+    rows = [{"step": 0, "eval/accuracy_strict": 0.1, "eval/accuracy_flexible": 0.2},
+            {"step": 1, "reward/mean": 0.5, "response_length/mean": 40, "timing/step": 3.0, "policy/kl": 0.01},
+            {"step": 2, "reward/mean": 0.7, "response_length/mean": 42, "timing/step": 2.5, "policy/kl": 0.02}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = plot_run(tmp_path)
+    assert sorted(f.name for f in files) == ["eval_accuracy.png", "kl.png", "response_length.png", "reward.png",
+                                             "step_time.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+
+def test_plot_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
+        read_metrics(tmp_path)
