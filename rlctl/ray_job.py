@@ -235,6 +235,7 @@ class GeneratorGroup:
             self.has_weights = False
         merged = GenerationOutput([], [], [])
         for o in outs:
+            self._stats.update({f"engine_{k}": v for k, v in (o.stats or {}).items()})
             merged.output_ids += o.output_ids
             merged.logprobs += o.logprobs
             merged.finish_reasons += o.finish_reasons
@@ -262,18 +263,21 @@ def resolve_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_ray(cfg, device: str) -> None:
+def init_ray(cfg, device: str) -> bool:
     """Join ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local cluster with explicit
-    CPU/GPU counts (so it works on 2 cores). The dashboard is off unless ``ray.include_dashboard``."""
+    CPU/GPU counts (so it works on 2 cores). The dashboard is off unless ``ray.include_dashboard``.
+
+    Returns True when this call started a local cluster (the caller shuts it down at the end).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        return
+        return False
     workers = cfg.num_policy_workers
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, workers * (1 if cfg.trainer.placement.colocate_all else 2))
     if cfg.ray.num_gpus is not None:
@@ -285,6 +289,7 @@ def init_ray(cfg, device: str) -> None:
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=cfg.ray.include_dashboard,
              dashboard_host=cfg.ray.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True,
              configure_logging=True, logging_level="WARNING")
+    return True
 
 
 def generator_kwargs(cfg, device: str) -> dict[str, Any]:
@@ -413,6 +418,7 @@ def train(loaded) -> dict[str, Any]:
                        console=console)
     notes: list[str] = []
     generators = None
+    started_ray = False
     try:
         tokenizer, stops = _load_tokenizer_and_stops(cfg)
         train_data = _load_prompts(cfg.data.train_data, tokenizer, cfg.trainer.max_prompt_length)
@@ -421,7 +427,7 @@ def train(loaded) -> dict[str, Any]:
             console.log(f"note: dropped {train_data.dropped_too_long} training prompts longer than "
                         f"trainer.max_prompt_length={cfg.trainer.max_prompt_length} tokens")
         t0 = time.perf_counter()
-        init_ray(cfg, device)
+        started_ray = init_ray(cfg, device)
         trainers, generators = build_groups(cfg, device)
         console.log(f"Ray job up in {time.perf_counter() - t0:.1f} s: {trainers.world_size} trainer worker(s), "
                     f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {run_dir}")
@@ -443,7 +449,7 @@ def train(loaded) -> dict[str, Any]:
         logger.close()
         if generators is not None:
             generators.shutdown()
-        if ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        if started_ray:
             ray.shutdown()
 
 
@@ -458,7 +464,7 @@ def evaluate(loaded) -> dict[str, float]:
     device = resolve_device(cfg)
     tokenizer, stops = _load_tokenizer_and_stops(cfg)
     val = _load_prompts(cfg.data.val_data, tokenizer, cfg.trainer.max_prompt_length)
-    init_ray(cfg, device)
+    started_ray = init_ray(cfg, device)
     generators = None
     try:
         _, generators = build_groups(cfg, device, with_trainer=False)
@@ -467,7 +473,7 @@ def evaluate(loaded) -> dict[str, float]:
     finally:
         if generators is not None:
             generators.shutdown()
-        if ray.is_initialized():
+        if started_ray:
             ray.shutdown()
 
 

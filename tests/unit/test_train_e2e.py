@@ -1,0 +1,141 @@
+"""The whole GRPO job on CPU through Ray: 2 FSDP2 trainer workers over gloo + 2 ``hf`` generators.
+
+A tiny random Llama and a reward that varies inside every group (fraction of even token ids) make
+learning measurable in two steps. One Ray cluster is shared by all tests here (``ray_cluster``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlctl.config import load_config
+from rlctl.gsm8k import SAMPLE_DIR
+from rlctl.testing import build_tiny_llama
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+REWARD = str(Path(__file__).resolve().parents[1] / "fixtures" / "test_rewards.py") + ":even_token_fraction"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, configure_logging=True, logging_level="WARNING",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(build_tiny_llama(tmp_path_factory.mktemp("model") / "tiny", seed=3))
+
+
+def _overrides(tiny: str, root: Path, run: str, max_steps: int, workers: int = 2, **extra) -> list[str]:
+    o = {
+        "trainer.policy.model.path": tiny,
+        "data.train_data": f"['{SAMPLE_DIR}/train.parquet']",
+        "data.val_data": f"['{SAMPLE_DIR}/validation.parquet']",
+        "trainer.placement.policy_num_gpus_per_node": workers,
+        "generator.num_inference_engines": workers,
+        "trainer.train_batch_size": 2,
+        "trainer.policy_mini_batch_size": 2,
+        "generator.n_samples_per_prompt": 4,
+        "trainer.micro_train_batch_size_per_gpu": 2,
+        "trainer.micro_forward_batch_size_per_gpu": 4,
+        "trainer.max_prompt_length": 1024,
+        "generator.sampling_params.max_new_tokens": 12,
+        "generator.eval_sampling_params.max_new_tokens": 4,
+        "trainer.eval_batch_size": 8,
+        "trainer.eval_before_train": "false",
+        "trainer.eval_interval": -1,
+        "trainer.max_steps": max_steps,
+        "trainer.ckpt_interval": 1,
+        "trainer.max_ckpts_to_keep": 5,
+        "trainer.use_kl_loss" if False else "trainer.algorithm.use_kl_loss": "false",
+        "trainer.policy.optimizer_config.weight_decay": 0.0,
+        "trainer.policy.optimizer_config.lr": 2e-3,
+        "trainer.gradient_checkpointing": "false",
+        "trainer.device": "cpu",
+        "trainer.log_path": str(root / "runs"),
+        "trainer.ckpt_path": str(root / "ckpts"),
+        "trainer.run_name": run,
+        "trainer.logger": "tensorboard",
+        "environment.reward.custom_reward_fn": REWARD,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _even_mass(model_path: str, prompts: list[list[int]]) -> float:
+    """Mean probability that the first response token has an even id."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    total = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            probs = torch.softmax(m(input_ids=torch.tensor([p])).logits[0, -1], -1)
+            total += probs[0::2].sum().item()
+    return total / len(prompts)
+
+
+def test_two_steps_learn_and_write_outputs(ray_cluster, tiny, tmp_path):
+    from rlctl.ray_job import train
+
+    loaded = load_config(preset=None, overrides=_overrides(tiny, tmp_path, "learn", 2), backend="hf", for_training=True)
+    summary = train(loaded)
+    assert summary["last_step"] == 2
+    run_dir = Path(loaded.cfg.run_dir)
+    rows = _metrics(run_dir)
+    steps = [r for r in rows if r["step"] >= 1]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["policy/grad_norm"] > 0
+        assert 0.0 < r["reward/mean"] < 1.0
+        # the hf generator and the FSDP2 trainer agree on the sampled tokens' log-probs (fp32)
+        assert r["policy/rollout_train_logprobs_abs_diff_mean"] < 1e-4
+        for phase in ("generate", "reward", "advantages", "logprobs", "train", "weight_sync", "checkpoint"):
+            assert r[f"timing/{phase}"] >= 0.0
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "versions.json").is_file()
+    assert len((run_dir / "rollouts" / "step_1.jsonl").read_text().splitlines()) == 8  # 2 prompts x 4 samples
+    assert list((run_dir / "tensorboard").iterdir())
+    ckpt = Path(loaded.cfg.ckpt_dir) / "global_step_2"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "policy" / "model.safetensors").is_file()
+    # learning, not just motion: the rewarded (even) tokens became more likely
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+               for q in ("What is 2+3?", "Natalia sold clips to 48 of her friends.", "A robe takes 2 bolts.")]
+    before, after = _even_mass(tiny, prompts), _even_mass(str(ckpt / "policy"), prompts)
+    assert after > before + 0.01, (before, after)
+
+
+def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path):
+    from rlctl.ray_job import train
+
+    full = load_config(overrides=_overrides(tiny, tmp_path, "full", 3, workers=1), backend="hf", for_training=True)
+    train(full)
+    part = load_config(overrides=_overrides(tiny, tmp_path, "part", 2, workers=1), backend="hf", for_training=True)
+    train(part)
+    resumed = load_config(overrides=_overrides(tiny, tmp_path, "part", 3, workers=1, **{"trainer.resume_mode": "latest"}),
+                          backend="hf", for_training=True)
+    summary = train(resumed)
+    assert summary["last_step"] == 3
+    a = {r["step"]: r for r in _metrics(Path(full.cfg.run_dir))}
+    b = {r["step"]: r for r in _metrics(Path(resumed.cfg.run_dir))}
+    assert sorted(b) == [1, 2, 3]
+    for step in (1, 2, 3):
+        ma = {k: v for k, v in a[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
+        mb = {k: v for k, v in b[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
+        assert ma == mb, step
