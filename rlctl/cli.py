@@ -1,0 +1,319 @@
+"""The ``rlctl`` command line (typer).
+
+Commands: ``check-config``, ``train``, ``eval``, ``prepare-data``, ``prepare-model``, ``plot``,
+``presets``. Heavy modules (torch, ray, sglang, transformers) are imported only inside the commands
+that need them; ``rlctl --help`` and ``rlctl check-config`` import none of them
+(``tests/unit/test_cli_imports.py`` checks this in a subprocess). Even ``rlctl.config`` (pydantic)
+is imported lazily so ``--help`` stays fast.
+
+Exit codes: 0 ok; 1 runtime failure; 2 invalid configuration or input (message on stderr, no
+traceback).
+
+Tests: ``pytest tests/unit/test_cli*.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rlctl.config import LoadedConfig
+
+app = typer.Typer(
+    name="rlctl",
+    help="GRPO fine-tuning of LLMs on GSM8K: FSDP2 policy + colocated SGLang rollouts in one Ray job.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+CONFIG_PANEL = "Configuration (precedence: defaults < --preset < --config < key=value / --backend)"
+
+
+class Backend(str, enum.Enum):
+    sglang = "sglang"
+    hf = "hf"
+
+
+class Format(str, enum.Enum):
+    tree = "tree"
+    yaml = "yaml"
+    json = "json"
+
+
+class Dataset(str, enum.Enum):
+    gsm8k = "gsm8k"
+
+
+class ModelName(str, enum.Enum):
+    smollm2 = "smollm2"
+
+
+PresetOpt = Annotated[
+    Optional[str],
+    typer.Option("--preset", "-p", help="Preset name from presets/ (see `rlctl presets`).", rich_help_panel=CONFIG_PANEL),
+]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config file (may list `defaults: [preset, ...]`).", rich_help_panel=CONFIG_PANEL),
+]
+BackendOpt = Annotated[
+    Optional[str],
+    typer.Option("--backend", "-b", help="Rollout backend: sglang (GPU) or hf (CPU). Same as generator.backend=B.",
+                 rich_help_panel=CONFIG_PANEL, show_default=False),
+]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="key=value overrides, e.g. trainer.seed=1 generator.n_samples_per_prompt=8", show_default=False),
+]
+RayAddressOpt = Annotated[
+    Optional[str],
+    typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Connect to this Ray cluster (sets ray.address).",
+                 rich_help_panel=CONFIG_PANEL),
+]
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _load(preset, config, overrides, backend, for_training: bool = False, extra: list[str] | None = None) -> "LoadedConfig":
+    """load_config, printing a ConfigError and exiting 2 (no traceback)."""
+    from rlctl.config import ConfigError, load_config
+
+    try:
+        return load_config(
+            preset=preset,
+            config_file=config,
+            overrides=[*(overrides or []), *(extra or [])],
+            backend=backend,
+            for_training=for_training,
+        )
+    except ConfigError as exc:
+        n = len(exc.errors)
+        _err(f"rlctl: invalid configuration ({n} error{'s' if n != 1 else ''}):")
+        for line in exc.errors:
+            _err(f"  - {line}")
+        raise typer.Exit(2) from None
+
+
+def _print_notes(loaded: "LoadedConfig") -> None:
+    for note in loaded.notes:
+        _err(f"note: {note}")
+    for warning in loaded.warnings:
+        _err(f"warning: {warning}")
+
+
+def _rendered(loaded: "LoadedConfig", fmt: str) -> str:
+    import yaml
+
+    from rlctl.config import redact, to_dict
+
+    data = redact(to_dict(loaded.cfg))
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def _print_tree(loaded: "LoadedConfig") -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    from rlctl.config import redact, to_dict
+
+    data = redact(to_dict(loaded.cfg))
+    explicit = loaded.explicit
+    chain = " < ".join(["defaults", *loaded.sources])
+    root = Tree(f"[bold]resolved config[/bold] ({escape(chain)})")
+
+    def add(node: Tree, d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            path = f"{prefix}{k}"
+            if isinstance(v, dict):
+                add(node.add(f"[bold]{escape(k)}[/bold]"), v, path + ".")
+            else:
+                mark = " [cyan](set)[/cyan]" if path in explicit else ""
+                node.add(f"{escape(k)}: [green]{escape(json.dumps(v))}[/green]{mark}")
+
+    add(root, data, "")
+    Console(soft_wrap=False).print(root)
+    Console().print(f"run dir: {loaded.cfg.run_dir}\ncheckpoints: {loaded.cfg.ckpt_dir}", highlight=False)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@app.command("check-config")
+def check_config(
+    overrides: OverridesArg = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output: rich tree, or yaml/json for machines.")] = Format.tree,
+) -> None:
+    """Validate a configuration and print it resolved, with notes and warnings (on stderr)."""
+    loaded = _load(preset, config, overrides, backend)
+    if fmt is Format.tree:
+        _print_tree(loaded)
+    else:
+        typer.echo(_rendered(loaded, fmt.value), nl=False)
+    _print_notes(loaded)
+
+
+@app.command()
+def train(
+    overrides: OverridesArg = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, write <run dir>/config.yaml, and stop.")] = False,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Train with GRPO. The run folder is <trainer.log_path>/<trainer.project_name>/<trainer.run_name>."""
+    extra = [f"ray.address={ray_address}"] if ray_address else []
+    loaded = _load(preset, config, overrides, backend, for_training=True, extra=extra)
+    _print_notes(loaded)
+    run_dir = loaded.cfg.run_dir
+    if dry_run:
+        try:
+            _write_atomic(run_dir / "config.yaml", _rendered(loaded, "yaml"))
+        except OSError as exc:
+            _err(f"rlctl: cannot write {run_dir / 'config.yaml'}: {exc}")
+            raise typer.Exit(2) from None
+        typer.echo(f"dry run: configuration is valid; wrote {run_dir / 'config.yaml'}")
+        return
+    ray_job = _import_runtime("rlctl.ray_job")
+    ray_job.train(loaded)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model folder or hub name to evaluate (sets trainer.policy.model.path).")],
+    overrides: OverridesArg = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Greedy pass@1 of a model on data.val_data (strict and flexible GSM8K scores)."""
+    extra = [f"trainer.policy.model.path={model}"] + ([f"ray.address={ray_address}"] if ray_address else [])
+    loaded = _load(preset, config, overrides, backend, extra=extra)
+    _print_notes(loaded)
+    missing = [p for p in loaded.cfg.data.val_data if not Path(p).is_file()]
+    if missing:
+        _err(f"rlctl: data.val_data: file(s) do not exist: {', '.join(missing)}; run `rlctl prepare-data gsm8k`")
+        raise typer.Exit(2)
+    ray_job = _import_runtime("rlctl.ray_job")
+    metrics = ray_job.evaluate(loaded)
+    for k, v in sorted((metrics or {}).items()):
+        typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def _import_runtime(name: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            _err(f"rlctl: {name} is missing from this installation; reinstall rlctl")
+        else:
+            _err(f"rlctl: cannot import {exc.name} (needed by {name}); install the runtime dependencies, e.g. "
+                 f"pip install -e . (and 'rlctl[sglang]' for the SGLang backend)")
+        raise typer.Exit(1) from None
+
+
+@app.command("prepare-data")
+def prepare_data(
+    dataset: Annotated[Dataset, typer.Argument(help="Dataset to prepare.")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where train.parquet and validation.parquet go.")] = Path("~/data/gsm8k"),
+    source_dir: Annotated[Optional[Path], typer.Option("--source-dir", "-s", help="Folder with train.jsonl and test.jsonl (GSM8K format); default: download openai/gsm8k.")] = None,
+) -> None:
+    """Write GSM8K as train.parquet and validation.parquet (chat prompts, gold answers)."""
+    gsm8k = _import_runtime("rlctl.gsm8k")
+    out = Path(os.path.expanduser(str(output_dir)))
+    try:
+        counts = gsm8k.prepare_gsm8k(out, os.path.expanduser(str(source_dir)) if source_dir else None)
+    except gsm8k.DataPrepError as exc:
+        _err(f"rlctl prepare-data: {exc}")
+        raise typer.Exit(2) from None
+    for split, rows in (counts or {}).items():
+        typer.echo(f"{split}: {rows} rows -> {out / (split + '.parquet')}")
+
+
+@app.command("prepare-model")
+def prepare_model(
+    name: Annotated[ModelName, typer.Argument(help="Model to prepare.")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Output folder (Hugging Face format).")] = Path("~/models/smollm2-135m-instruct"),
+) -> None:
+    """Write SmolLM2-135M-Instruct as a Hugging Face folder (for the gsm8k-cpu preset)."""
+    models = _import_runtime("rlctl.models")
+    try:
+        path = models.prepare_smollm2(Path(os.path.expanduser(str(output_dir))))
+    except getattr(models, "ModelPrepError", RuntimeError) as exc:
+        _err(f"rlctl prepare-model: {exc}")
+        raise typer.Exit(2) from None
+    typer.echo(f"model ready: {path}")
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="A run folder (with metrics.jsonl).")]) -> None:
+    """Plot a run's metrics to PNG files in the run folder."""
+    plot_mod = _import_runtime("rlctl.plot")
+    try:
+        paths = plot_mod.plot_run(Path(os.path.expanduser(str(run_dir))))
+    except (FileNotFoundError, ValueError) as exc:
+        _err(f"rlctl plot: {exc}")
+        raise typer.Exit(2) from None
+    for p in paths or []:
+        typer.echo(str(p))
+
+
+@app.command()
+def presets() -> None:
+    """List the presets (presets/*.yaml) with their descriptions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlctl.config import list_presets, presets_dir
+
+    found = list_presets()
+    if not found:
+        _err(f"rlctl: no presets found in {presets_dir()}")
+        raise typer.Exit(1)
+    table = Table("preset", "description", title=f"presets in {presets_dir()}", title_justify="left")
+    for name, desc in found:
+        table.add_row(name, desc)
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point alternative
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

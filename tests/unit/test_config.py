@@ -1,0 +1,538 @@
+"""Schema, rules, precedence, override coercion, safe YAML, preset names and redaction (rlctl/config.py)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rlctl import config as C
+from rlctl.config import ConfigError, RunConfig, load_config, redact, to_dict
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """HOME in tmp with the default GSM8K data files present; secrets env cleared."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RLCTL_PRESETS_DIR", "RLCTL_SAMPLE_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    d = tmp_path / "data" / "gsm8k"
+    d.mkdir(parents=True)
+    (d / "train.parquet").write_bytes(b"x")
+    (d / "validation.parquet").write_bytes(b"x")
+    return tmp_path
+
+
+def errors_of(**kw) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_config(**kw)
+    return exc.value.errors
+
+
+def one_error(*overrides: str, **kw) -> str:
+    errs = errors_of(overrides=list(overrides), **kw)
+    assert len(errs) == 1, errs
+    return errs[0]
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+# ------------------------------------------------------------------------------------------ defaults
+
+
+def test_defaults_mirror_skyrl(home):
+    cfg = load_config().cfg
+    t, a, g = cfg.trainer, cfg.trainer.algorithm, cfg.generator
+    assert cfg.data.train_data == [f"{home}/data/gsm8k/train.parquet"]
+    assert t.strategy == "fsdp2" and t.policy.model.path == "Qwen/Qwen2.5-1.5B-Instruct"
+    oc = t.policy.optimizer_config
+    assert (oc.lr, oc.adam_betas, oc.weight_decay, oc.max_grad_norm, oc.offload_after_step, oc.num_warmup_steps) == (
+        1e-6, [0.9, 0.999], 0.01, 1.0, True, 0)
+    assert t.policy.fsdp_config.cpu_offload is False and t.ref.fsdp_config.cpu_offload is True
+    p = t.placement
+    assert (p.colocate_all, p.colocate_policy_ref, p.policy_num_nodes, p.policy_num_gpus_per_node) == (True, True, 1, 4)
+    assert (a.advantage_estimator, a.grpo_norm_by_std, a.eps_clip_low, a.eps_clip_high) == ("grpo", True, 0.2, 0.2)
+    assert (a.policy_loss_type, a.clip_ratio_c, a.loss_reduction) == ("regular", 3.0, "token_mean")
+    assert (a.use_kl_loss, a.kl_loss_coef, a.kl_estimator_type) == (True, 0.001, "k3")
+    assert (a.use_entropy_loss, a.entropy_loss_coef, a.zero_variance_filter) == (False, 0.01, False)
+    assert (t.seed, t.epochs, t.train_batch_size, t.policy_mini_batch_size) == (42, 1, 1024, 256)
+    assert (t.micro_train_batch_size_per_gpu, t.micro_forward_batch_size_per_gpu, t.max_prompt_length) == (1, 1, 512)
+    assert (t.eval_before_train, t.eval_interval, t.eval_batch_size, t.ckpt_interval) == (True, 5, 1024, 10)
+    assert t.ckpt_path == f"{home}/ckpts/" and t.max_ckpts_to_keep == -1 and t.resume_mode == "latest"
+    assert t.log_path == f"{home}/rlctl_runs" and t.logger == "tensorboard" and t.project_name == "skyrl"
+    assert (t.max_steps, t.max_wall_time_s, t.max_bad_steps, t.rollout_dump_interval, t.device) == (None, None, 3, 1, "auto")
+    assert (g.backend, g.async_engine, g.batched, g.run_engines_locally) == ("sglang", False, True, True)
+    assert (g.num_inference_engines, g.inference_engine_tensor_parallel_size, g.model_dtype) == (4, 1, "bfloat16")
+    assert (g.weight_sync_backend, g.weight_sync_bucket_mb, g.n_samples_per_prompt, g.gpu_memory_utilization) == ("nccl", 512, 5, 0.8)
+    sp, ev = g.sampling_params, g.eval_sampling_params
+    assert (sp.max_new_tokens, sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.stop_token_ids) == (1024, 1.0, 1.0, -1, 0.0, None)
+    assert (ev.max_new_tokens, ev.temperature) == (1024, 0.0)
+    assert g.sglang.attention_backend == "triton" and g.sglang.enable_memory_saver is True and g.hf.max_batch_size == 64
+    r = cfg.environment.reward
+    assert (cfg.environment.env_class, r.method, r.correct_score, r.format_score, r.custom_reward_fn) == ("gsm8k", "strict", 1.0, 0.0, None)
+    assert (cfg.ray.address, cfg.ray.include_dashboard, cfg.ray.dashboard_host, cfg.ray.placement_group_timeout_s) == (
+        None, False, "127.0.0.1", 120.0)
+
+
+def test_properties(home):
+    cfg = load_config(overrides=["trainer.project_name=p", "trainer.run_name=r", "trainer.ckpt_path=~/ck"]).cfg
+    assert cfg.run_dir == home / "rlctl_runs" / "p" / "r"
+    assert cfg.ckpt_dir == home / "ck" / "p" / "r"
+    assert cfg.num_policy_workers == 4
+
+
+def test_run_name_default_is_deterministic(home):
+    assert load_config().cfg.trainer.run_name == "custom-seed42"
+    assert load_config(preset="gsm8k", overrides=["trainer.seed=7"]).cfg.trainer.run_name == "gsm8k-seed7"
+    assert load_config(preset="gsm8k").cfg.run_dir == load_config(preset="gsm8k").cfg.run_dir
+
+
+def test_config_is_frozen():
+    cfg = load_config().cfg
+    with pytest.raises(Exception):
+        cfg.trainer.seed = 3  # type: ignore[misc]
+
+
+def test_to_dict_roundtrips():
+    cfg = load_config(overrides=["trainer.seed=5"]).cfg
+    d = to_dict(cfg)
+    assert json.loads(json.dumps(d)) == d
+    assert RunConfig.model_validate(d) == cfg
+
+
+# ----------------------------------------------------------------------------------- paths and data
+
+
+def test_env_vars_and_tilde_expanded(home, monkeypatch):
+    monkeypatch.setenv("MYDATA", "/srv/d")
+    cfg = load_config(overrides=["data.train_data=['$MYDATA/a.parquet','${MYDATA}/b.parquet','~/c.parquet']"]).cfg
+    assert cfg.data.train_data == ["/srv/d/a.parquet", "/srv/d/b.parquet", f"{home}/c.parquet"]
+
+
+def test_rlctl_sample_data_defaults_to_bundled_sample(monkeypatch):
+    cfg = load_config(overrides=["data.val_data=${RLCTL_SAMPLE_DATA}/validation.parquet"]).cfg
+    import rlctl
+    assert cfg.data.val_data == [str(Path(rlctl.__file__).parent / "data" / "gsm8k_sample" / "validation.parquet")]
+    monkeypatch.setenv("RLCTL_SAMPLE_DATA", "/elsewhere")
+    assert load_config(overrides=["data.val_data=${RLCTL_SAMPLE_DATA}/v.parquet"]).cfg.data.val_data == ["/elsewhere/v.parquet"]
+
+
+def test_missing_data_is_warning_in_check_and_error_for_training(home):
+    over = ["data.train_data=['/nope/train.parquet']"]
+    loaded = load_config(overrides=over)
+    assert loaded.warnings == ["data.train_data[0]: file /nope/train.parquet does not exist; run `rlctl prepare-data gsm8k` or fix the path"]
+    err = one_error(*over, for_training=True)
+    assert err.startswith("data.train_data[0]=/nope/train.parquet: file does not exist")
+
+
+def test_local_model_path_missing(home):
+    over = ["trainer.policy.model.path=~/models/none"]
+    assert "local model folder" in load_config(overrides=over).warnings[0]
+    assert "rlctl prepare-model smollm2" in one_error(*over, for_training=True)
+    # hub names are fine even for training
+    load_config(overrides=["trainer.policy.model.path=Qwen/Qwen2.5-1.5B-Instruct"], for_training=True)
+    load_config(overrides=["trainer.policy.model.path=gpt2"], for_training=True)
+
+
+# ------------------------------------------------------------------------------------------- precedence
+
+
+def test_precedence_chain(home, tmp_path, monkeypatch):
+    pdir = tmp_path / "presets"
+    pdir.mkdir()
+    write(pdir, "base.yaml", """
+        trainer: {seed: 1, epochs: 2, project_name: base}
+        generator: {n_samples_per_prompt: 8}
+    """)
+    write(pdir, "child.yaml", """
+        # description: child
+        defaults: [base]
+        trainer: {seed: 2, eval_interval: 7}
+    """)
+    cfgfile = write(tmp_path, "run.yaml", """
+        trainer: {seed: 3, eval_batch_size: 99}
+        data: {train_data: [a.parquet, b.parquet]}
+    """)
+    monkeypatch.setenv("RLCTL_PRESETS_DIR", str(pdir))
+    t = load_config(preset="child").cfg.trainer
+    assert (t.seed, t.epochs, t.eval_interval, t.project_name) == (2, 2, 7, "base")
+    loaded = load_config(preset="child", config_file=cfgfile)
+    t = loaded.cfg.trainer
+    assert (t.seed, t.epochs, t.eval_interval, t.eval_batch_size) == (3, 2, 7, 99)
+    loaded = load_config(preset="child", config_file=cfgfile, overrides=["trainer.seed=4", "data.train_data=[c.parquet]"], backend="hf")
+    assert loaded.cfg.trainer.seed == 4
+    assert loaded.cfg.data.train_data == ["c.parquet"]  # lists replace, not merge
+    assert loaded.cfg.generator.n_samples_per_prompt == 8  # deep merge kept the preset's sibling keys
+    assert loaded.cfg.generator.backend == "hf"
+    assert loaded.cfg.trainer.run_name == "child-seed4"
+    assert [s.split(" ")[0] for s in loaded.sources] == ["preset", "preset", str(cfgfile), "override", "override", "--backend"]
+
+
+def test_backend_flag_beats_override(home):
+    assert load_config(overrides=["generator.backend=sglang"], backend="hf").cfg.generator.backend == "hf"
+
+
+def test_config_file_defaults_resolve_in_presets_folder(home, tmp_path):
+    f = write(tmp_path, "c.yaml", "defaults: [gsm8k]\ntrainer: {seed: 9}\n")
+    cfg = load_config(config_file=f).cfg
+    assert cfg.trainer.train_batch_size == 64 and cfg.trainer.seed == 9 and cfg.trainer.run_name == "custom-seed9"
+
+
+def test_defaults_cycle_is_error(tmp_path, monkeypatch):
+    write(tmp_path, "a.yaml", "defaults: [b]\n")
+    write(tmp_path, "b.yaml", "defaults: [a]\n")
+    monkeypatch.setenv("RLCTL_PRESETS_DIR", str(tmp_path))
+    assert "defaults cycle: a -> b -> a" in one_error(preset="a")
+
+
+# ------------------------------------------------------------------------------------ override parsing
+
+
+@pytest.mark.parametrize("override,path,value", [
+    ("trainer.run_name=0123", "trainer.run_name", "0123"),
+    ("trainer.project_name=2024", "trainer.project_name", "2024"),
+    ("trainer.policy.model.path=Qwen/Qwen2.5-1.5B-Instruct", "trainer.policy.model.path", "Qwen/Qwen2.5-1.5B-Instruct"),
+    ("trainer.logger=wandb", "trainer.logger", "wandb"),
+    ("trainer.logger='wandb'", "trainer.logger", "wandb"),
+    ("trainer.logger=[wandb,console]", "trainer.logger", ["wandb", "console"]),
+    ("data.train_data=['a.parquet','b.parquet']", "data.train_data", ["a.parquet", "b.parquet"]),
+    ("data.train_data=a.parquet", "data.train_data", ["a.parquet"]),
+    ("trainer.seed=7", "trainer.seed", 7),
+    ("trainer.policy.optimizer_config.lr=3e-6", "trainer.policy.optimizer_config.lr", 3e-6),
+    ("trainer.policy.optimizer_config.lr=1", "trainer.policy.optimizer_config.lr", 1.0),
+    ("trainer.max_steps=null", "trainer.max_steps", None),
+    ("trainer.resume_mode=null", "trainer.resume_mode", "none"),
+    ("trainer.resume_mode=none", "trainer.resume_mode", "none"),
+    ("trainer.run_name=null", "trainer.run_name", "custom-seed42"),
+    ("trainer.eval_before_train=false", "trainer.eval_before_train", False),
+    ("generator.sampling_params.stop_token_ids=[2, 7]", "generator.sampling_params.stop_token_ids", [2, 7]),
+    ("environment.reward.custom_reward_fn=my_mod:score", "environment.reward.custom_reward_fn", "my_mod:score"),
+    ("+trainer.seed=8", "trainer.seed", 8),
+    ("generator.sampling_params={temperature: 0.5}", "generator.sampling_params.temperature", 0.5),
+])
+def test_override_coercion(override, path, value):
+    cfg = load_config(overrides=[override]).cfg
+    assert C._value_at(cfg, path) == value
+
+
+def test_override_applies_in_order():
+    assert load_config(overrides=["trainer.seed=1", "trainer.seed=2"]).cfg.trainer.seed == 2
+
+
+def test_malformed_override():
+    assert one_error("trainer.seed") == "override 'trainer.seed': expected key=value, e.g. trainer.seed=1"
+    assert "is not a dotted key path" in one_error("trainer..seed=1")
+
+
+def test_unknown_override_key_with_suggestion():
+    err = one_error("trainer.seeed=1")
+    assert err == "trainer.seeed=1: unknown key; did you mean trainer.seed?; remove or rename it"
+    assert "did you mean trainer.policy.optimizer_config.lr?" in one_error("trainer.lr=1e-6")
+    assert "did you mean generator.n_samples_per_prompt?" in one_error("generator.n_sample_per_prompt=2")
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    f = write(tmp_path, "c.yaml", "trainer:\n  sed: 1\n")
+    err = one_error(config_file=f)
+    assert err.startswith("trainer.sed=1: unknown key (in ") and str(f) in err and "did you mean trainer.seed?" in err
+
+
+def test_empty_section_and_empty_file(tmp_path):
+    assert load_config(config_file=write(tmp_path, "e.yaml", "")).cfg.trainer.seed == 42
+    assert load_config(config_file=write(tmp_path, "s.yaml", "trainer:\n")).cfg.trainer.seed == 42
+
+
+# ------------------------------------------------------------------------------------------ safe YAML
+
+
+def test_python_object_tag_refused(tmp_path):
+    f = write(tmp_path, "evil.yaml", "trainer:\n  seed: !!python/object/apply:os.system ['echo hi']\n")
+    err = one_error(config_file=f)
+    assert err.startswith(f"{f}:2: ") and "!!python/object" in err and "safe_load" in err
+
+
+def test_python_object_tag_refused_in_override():
+    assert "refused" in one_error("trainer.seed=!!python/object/apply:os.system ['echo']")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    f = write(tmp_path, "bad.yaml", "trainer:\n  seed: 1\n  epochs: [1, 2\n")
+    err = one_error(config_file=f)
+    assert err.startswith(f"{f}:") and "invalid YAML" in err
+
+
+def test_yaml_top_level_must_be_mapping(tmp_path):
+    assert "top level must be a mapping" in one_error(config_file=write(tmp_path, "l.yaml", "- 1\n- 2\n"))
+
+
+def test_missing_config_file(tmp_path):
+    assert one_error(config_file=tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: file not found"
+
+
+# ------------------------------------------------------------------------------------------ preset names
+
+
+@pytest.mark.parametrize("name", ["../x", "../../etc/passwd", "..", "a/b", "/etc/passwd", "x y", ""])
+def test_preset_path_traversal_refused(name):
+    err = one_error(preset=name)
+    assert err.startswith("--preset: preset name") and "invalid" in err
+
+
+def test_preset_symlink_outside_refused(tmp_path, monkeypatch):
+    pdir = tmp_path / "p"
+    pdir.mkdir()
+    outside = write(tmp_path, "secret.yaml", "trainer: {seed: 1}\n")
+    (pdir / "link.yaml").symlink_to(outside)
+    monkeypatch.setenv("RLCTL_PRESETS_DIR", str(pdir))
+    assert "outside the presets folder" in one_error(preset="link")
+
+
+def test_unknown_preset_suggests():
+    err = one_error(preset="gsm8kcpu")
+    assert "not found" in err and "did you mean 'gsm8k-cpu'?" in err
+
+
+# ----------------------------------------------------------------------------------------------- rules
+
+
+def test_async_engine_error():
+    assert one_error("generator.async_engine=true").startswith(
+        "generator.async_engine=true: SGLang engines in rlctl run synchronously") 
+    assert "set generator.async_engine=false" in one_error("generator.async_engine=true")
+    assert "set generator.async_engine=false" in one_error("generator.async_engine=true", backend="hf")
+
+
+def test_vllm_backend_error():
+    err = one_error("generator.backend=vllm")
+    assert err.startswith("generator.backend=vllm: rlctl runs sglang or hf")
+
+
+def test_remote_engines_error():
+    assert "remote inference engines are not supported; set generator.run_engines_locally=true" in one_error(
+        "generator.run_engines_locally=false")
+
+
+def test_strategy_alias_note_and_bad_strategy():
+    loaded = load_config(overrides=["trainer.strategy=fsdp"])
+    assert loaded.cfg.trainer.strategy == "fsdp2" and "trainer.strategy: fsdp is an alias of fsdp2" in loaded.notes[0]
+    assert one_error("trainer.strategy=deepspeed").startswith("trainer.strategy=deepspeed: must be one of 'fsdp2'")
+
+
+def test_tensor_parallel_alias():
+    loaded = load_config(overrides=["generator.tensor_parallel_size=2", "generator.num_inference_engines=2"])
+    assert loaded.cfg.generator.inference_engine_tensor_parallel_size == 2
+    assert any("generator.tensor_parallel_size: alias of generator.inference_engine_tensor_parallel_size" in n for n in loaded.notes)
+    err = one_error("generator.tensor_parallel_size=2", "generator.inference_engine_tensor_parallel_size=1")
+    assert err.startswith("generator.tensor_parallel_size=2: conflicts with generator.inference_engine_tensor_parallel_size=1")
+
+
+def test_max_generate_length_translation_and_conflict():
+    loaded = load_config(overrides=["generator.sampling_params.max_generate_length=256"])
+    assert loaded.cfg.generator.sampling_params.max_new_tokens == 256
+    assert loaded.cfg.generator.eval_sampling_params.max_new_tokens == 256
+    assert ("generator.sampling_params.max_generate_length is the vLLM name; using "
+            "generator.sampling_params.max_new_tokens=256") in loaded.notes
+    err = one_error("generator.sampling_params.max_generate_length=256", "generator.sampling_params.max_new_tokens=128")
+    assert "conflicts with generator.sampling_params.max_new_tokens=128" in err
+
+
+def test_eval_max_new_tokens_follows_train_unless_set():
+    g = load_config(overrides=["generator.sampling_params.max_new_tokens=300"]).cfg.generator
+    assert g.eval_sampling_params.max_new_tokens == 300
+    g = load_config(overrides=["generator.sampling_params.max_new_tokens=300",
+                               "generator.eval_sampling_params.max_new_tokens=50"]).cfg.generator
+    assert g.eval_sampling_params.max_new_tokens == 50
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("generator.sampling_params.min_tokens=1", "generator.sampling_params.min_tokens=1: SGLang does not support min_tokens"),
+    ("generator.sampling_params.include_stop_str_in_output=true",
+     "generator.sampling_params.include_stop_str_in_output=true: SGLang does not support include_stop_str_in_output"),
+    ("generator.sampling_params.stop=['</s>']", "use generator.sampling_params.stop_token_ids=[...]"),
+    ("generator.sampling_params.top_p=0", "generator.sampling_params.top_p=0: must be > 0"),
+    ("generator.sampling_params.top_p=1.5", "generator.sampling_params.top_p=1.5: must be <= 1"),
+    ("generator.sampling_params.top_k=0", "generator.sampling_params.top_k=0: must be -1 (no top-k cut) or >= 1"),
+    ("generator.sampling_params.top_k=-2", "must be -1 (no top-k cut) or >= 1"),
+    ("generator.sampling_params.temperature=-0.1", "generator.sampling_params.temperature=-0.1: must be >= 0"),
+    ("generator.eval_sampling_params.top_p=2", "generator.eval_sampling_params.top_p=2: must be <= 1"),
+    ("generator.sampling_params.max_new_tokens=0", "generator.sampling_params.max_new_tokens=0: must be >= 1"),
+    ("generator.sampling_params.max_new_tokens=null", "generator.sampling_params.max_new_tokens=null: expected an integer"),
+    ("generator.gpu_memory_utilization=1.0", "generator.gpu_memory_utilization=1.0: must be < 1"),
+    ("generator.gpu_memory_utilization=0", "must be > 0"),
+    ("generator.weight_sync_bucket_mb=0", "generator.weight_sync_bucket_mb=0: must be > 0"),
+    ("generator.model_dtype=fp8", "generator.model_dtype=fp8: must be one of 'bfloat16', 'float16' or 'float32'"),
+    ("generator.n_samples_per_prompt=1", "GRPO compares samples of the same prompt, it needs at least 2"),
+    ("trainer.algorithm.advantage_estimator=gae", "trainer.algorithm.advantage_estimator=gae: must be one of 'grpo'"),
+    ("trainer.algorithm.policy_loss_type=gspo", "must be one of 'regular' or 'dual_clip'"),
+    ("trainer.algorithm.loss_reduction=sum", "must be one of 'token_mean', 'sequence_mean' or 'seq_mean_token_sum_norm'"),
+    ("trainer.algorithm.kl_estimator_type=k4", "must be one of 'k1', 'k2', 'k3' or 'abs'"),
+    ("trainer.algorithm.clip_ratio_c=1", "trainer.algorithm.clip_ratio_c=1: must be > 1"),
+    ("environment.env_class=math", "environment.env_class=math: must be one of 'gsm8k'"),
+    ("environment.reward.method=exact", "must be one of 'strict' or 'flexible'"),
+    ("environment.reward.custom_reward_fn=nocolon", 'must be "module:function" or "path/to/file.py:function"'),
+    ("environment.reward.custom_reward_fn=a-b:f", "module part must be a dotted Python name"),
+    ("trainer.resume_mode=from_path", "trainer.resume_mode=from_path: needs trainer.resume_path=<checkpoint folder>"),
+    ("trainer.resume_mode=sometimes", "must be one of 'none', 'latest' or 'from_path'"),
+    ("trainer.eval_interval=0", "trainer.eval_interval=0: must be a positive number of steps or -1 (disabled)"),
+    ("trainer.max_ckpts_to_keep=0", "must be -1 (keep all) or a positive count"),
+    ("trainer.logger=mlflow", "trainer.logger=mlflow: must be one of wandb, tensorboard, console"),
+    ("trainer.logger=[tensorboard,tensorboard]", "without repeats"),
+    ("trainer.run_name=a/b", "trainer.run_name=a/b: must be a folder name"),
+    ("trainer.project_name=..", "must be a folder name"),
+    ("trainer.device=tpu", "must be one of 'auto', 'cpu' or 'cuda'"),
+    ("trainer.device=cpu", "trainer.device=cpu: SGLang needs CUDA GPUs; use generator.backend=hf"),
+    ("trainer.policy.optimizer_config.lr=0", "trainer.policy.optimizer_config.lr=0: must be > 0"),
+    ("trainer.policy.optimizer_config.adam_betas=[0.9]", "must be two numbers [beta1, beta2]"),
+    ("trainer.policy.fsdp_config.fsdp_size=3", "trainer.policy.fsdp_config.fsdp_size=3: must be -1 (all 4 policy workers) or a divisor of 4"),
+    ("generator.sglang.enable_memory_saver=false", "colocated engines must release their GPU memory"),
+    ("generator.sglang.attention_backend=fa4", "must be one of"),
+    ("trainer.seed=1.5", "trainer.seed=1.5: expected an integer; the default is 42"),
+    ("trainer.eval_before_train=yes please", "trainer.eval_before_train=\"yes please\": expected true or false"),
+    ("trainer.train_batch_size=abc", "trainer.train_batch_size=abc: expected an integer"),
+    ("trainer.policy_mini_batch_size=.inf", "expected an integer"),
+    ("trainer.policy.optimizer_config.lr=.nan", "expected a finite number"),
+    ("trainer=5", "trainer=5: expected a mapping of keys"),
+])
+def test_rule_errors(override, fragment):
+    assert fragment in one_error(override)
+
+
+def test_stop_string_error_for_hf_too():
+    assert "use generator.sampling_params.stop_token_ids" in one_error("generator.sampling_params.stop=x", "trainer.device=cpu", backend="hf")
+
+
+def test_batch_size_rules_name_sequence_counts():
+    err = one_error("trainer.train_batch_size=100", "trainer.policy_mini_batch_size=40", "trainer.micro_train_batch_size_per_gpu=1")
+    assert err.startswith("trainer.policy_mini_batch_size=40: trainer.train_batch_size=100 prompts must be a multiple of "
+                          "trainer.policy_mini_batch_size=40 prompts; use a divisor of 100 (e.g. 20, 25, 50, 100)")
+    err = one_error("trainer.train_batch_size=64", "trainer.policy_mini_batch_size=16", "generator.n_samples_per_prompt=5",
+                    "trainer.micro_train_batch_size_per_gpu=3")
+    assert "= 80 sequences must split evenly into trainer.micro_train_batch_size_per_gpu=3 x 4 policy workers = 12 sequences" in err
+    # valid: 16 prompts x 5 = 80 sequences = 4 workers x micro 4 x 5 accumulation steps
+    load_config(overrides=["trainer.train_batch_size=64", "trainer.policy_mini_batch_size=16", "trainer.micro_train_batch_size_per_gpu=4"])
+
+
+def test_colocated_layout_error_names_all_three_keys():
+    err = one_error("generator.num_inference_engines=2")
+    for key in ("generator.num_inference_engines", "generator.inference_engine_tensor_parallel_size",
+                "trainer.placement.policy_num_nodes", "policy_num_gpus_per_node"):
+        assert key in err
+    assert "(2) x generator.inference_engine_tensor_parallel_size (1) = 2" in err and "(1 x 4 = 4)" in err
+    load_config(overrides=["generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"])
+    load_config(overrides=["generator.num_inference_engines=1", "trainer.placement.colocate_all=false"])
+
+
+def test_all_errors_in_one_message():
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["generator.async_engine=true", "trainer.seed=x", "trainer.nope=1",
+                               "generator.sampling_params.min_tokens=3", "generator.sampling_params.top_p=7"])
+    errs = exc.value.errors
+    assert len(errs) == 5
+    assert str(exc.value) == "\n".join(errs)
+    for key in ("generator.async_engine", "trainer.seed", "trainer.nope", "min_tokens", "top_p"):
+        assert sum(line.startswith(key) or key in line.split("=")[0] for line in errs) == 1, key
+
+
+# ---------------------------------------------------------------------------------------------- notes
+
+
+def note_list(*overrides: str, **kw) -> list[str]:
+    return load_config(overrides=list(overrides), **kw).notes
+
+
+def test_no_effect_notes_only_for_explicit_keys():
+    assert note_list("trainer.algorithm.use_kl_loss=false") == []
+    notes = note_list("trainer.algorithm.use_kl_loss=false", "trainer.algorithm.kl_loss_coef=0.1",
+                      "trainer.ref.fsdp_config.cpu_offload=false")
+    assert "trainer.algorithm.kl_loss_coef=0.1 has no effect: trainer.algorithm.use_kl_loss=false" in notes
+    assert any(n.startswith("trainer.ref.fsdp_config.cpu_offload=false has no effect") for n in notes)
+    assert note_list("trainer.algorithm.clip_ratio_c=2") == [
+        "trainer.algorithm.clip_ratio_c=2.0 has no effect: only used with trainer.algorithm.policy_loss_type=dual_clip"]
+    assert note_list("trainer.algorithm.clip_ratio_c=2", "trainer.algorithm.policy_loss_type=dual_clip") == []
+    assert note_list("trainer.resume_path=/x")[0].startswith("trainer.resume_path=/x has no effect")
+    assert note_list("generator.batched=false")[0].startswith("generator.batched=false has no effect")
+    assert note_list("trainer.placement.colocate_policy_ref=false")[0].startswith("trainer.placement.colocate_policy_ref=false has no effect")
+    assert note_list("trainer.placement.ref_num_gpus_per_node=2")[0].startswith("trainer.placement.ref_num_gpus_per_node=2 has no effect")
+    assert note_list("trainer.algorithm.entropy_loss_coef=0.1")[0].startswith("trainer.algorithm.entropy_loss_coef=0.1 has no effect")
+    assert note_list("generator.max_input_length=512") == []
+    assert note_list("generator.max_input_length=1000")[0].startswith("generator.max_input_length=1000 has no effect")
+
+
+def test_backend_specific_blocks_notes():
+    notes = note_list("generator.sglang.disable_cuda_graph=true", "trainer.device=cpu", backend="hf")
+    assert "generator.sglang.disable_cuda_graph=true has no effect: only used with generator.backend=sglang" in notes
+    notes = note_list("generator.hf.max_batch_size=8")
+    assert "generator.hf.max_batch_size=8 has no effect: only used with generator.backend=hf" in notes
+
+
+def test_weight_sync_note_when_colocated():
+    notes = note_list("generator.weight_sync_backend=nccl")
+    assert any("CUDA IPC" in n and n.startswith("generator.weight_sync_backend") for n in notes)
+    assert note_list("generator.weight_sync_backend=nccl", "trainer.placement.colocate_all=false") == []
+
+
+def test_presets_with_default_values_are_not_explicit():
+    # ppo_base_config writes every default out: no notes at all
+    loaded = load_config(preset="ppo_base_config")
+    assert loaded.notes == []
+    assert "trainer.seed" not in loaded.explicit
+
+
+def test_greedy_training_warning():
+    w = load_config(overrides=["generator.sampling_params.temperature=0"]).warnings
+    assert any(x.startswith("generator.sampling_params.temperature: 0 is greedy") for x in w)
+
+
+def test_wandb_missing_is_warning_then_error(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(C.importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
+    assert any("wandb is not installed" in w for w in load_config(overrides=["trainer.logger=wandb"]).warnings)
+    assert "wandb is not installed" in one_error("trainer.logger=wandb", for_training=True)
+
+
+def test_custom_reward_file_checked(tmp_path):
+    over = [f"environment.reward.custom_reward_fn={tmp_path}/r.py:score"]
+    assert "does not exist" in load_config(overrides=over).warnings[0]
+    assert "does not exist" in one_error(*over, for_training=True)
+    (tmp_path / "r.py").write_text("def score(**kw): return 1.0\n")
+    load_config(overrides=over, for_training=True)
+
+
+# ------------------------------------------------------------------------------------------- redaction
+
+
+def test_secret_key_detection():
+    for k in ("hf_token", "wandb_api_key", "password", "secret", "api_key", "client_secret", "accessToken", "HF_TOKEN", "db-password-file"):
+        assert C.is_secret_key(k), k
+    for k in ("max_new_tokens", "stop_token_ids", "tokenizer", "keyboard", "monkey", "num_keys", "key_path_len"):
+        assert not C.is_secret_key(k), k
+
+
+def test_redact_keys_env_values_and_urls(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wk-123456789")
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
+    d = {"wandb_api_key": "x", "nested": {"hf_token": "y", "password": None, "max_new_tokens": 5, "stop_token_ids": [2]},
+         "note": "key is wk-123456789 and hf_abcdefgh", "lst": ["hf_abcdefgh"],
+         "addr": "https://user:pa55@host:8265"}
+    r = redact(d)
+    assert r["wandb_api_key"] == C.REDACTED and r["nested"]["hf_token"] == C.REDACTED
+    assert r["nested"]["max_new_tokens"] == 5 and r["nested"]["stop_token_ids"] == [2]
+    assert r["note"] == f"key is {C.REDACTED} and {C.REDACTED}" and r["lst"] == [C.REDACTED]
+    assert r["addr"] == f"https://user:{C.REDACTED}@host:8265"
+    assert d["wandb_api_key"] == "x"  # copy, not in place
+
+
+def test_env_secret_never_in_config_output_or_errors(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "sekret-wandb-value")
+    loaded = load_config(overrides=["trainer.project_name=sekret-wandb-value"])
+    assert "sekret-wandb-value" not in json.dumps(redact(to_dict(loaded.cfg)))
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["trainer.bogus=sekret-wandb-value"])
+    assert "sekret-wandb-value" not in str(exc.value) and C.REDACTED in str(exc.value)
