@@ -481,14 +481,15 @@ LEAF_EFFECT: dict[str, str] = {
     "trainer.policy.optimizer_config.adam_betas": _R,
     "trainer.policy.optimizer_config.weight_decay": _R,
     "trainer.policy.optimizer_config.max_grad_norm": _R,
-    "trainer.policy.optimizer_config.offload_after_step": _R,
-    "trainer.policy.optimizer_config.num_warmup_steps": _R,
-    "trainer.policy.fsdp_config.cpu_offload": _R,
+    # Accepted SkyRL keys the runtime does not read (yet): check-config notes them when set.
+    "trainer.policy.optimizer_config.offload_after_step": "no-effect:colocated GPU trainers always offload parameters and optimizer state while the engine runs",
+    "trainer.policy.optimizer_config.num_warmup_steps": "no-effect:rlctl uses a constant learning rate (no warmup yet)",
+    "trainer.policy.fsdp_config.cpu_offload": "no-effect:FSDP CPU offload is not implemented; colocated trainers offload between phases instead",
     "trainer.policy.fsdp_config.reshard_after_forward": _R,
-    "trainer.policy.fsdp_config.fsdp_size": _R,
-    "trainer.ref.fsdp_config.cpu_offload": "runtime:ref",
-    "trainer.ref.fsdp_config.reshard_after_forward": "runtime:ref",
-    "trainer.ref.fsdp_config.fsdp_size": "runtime:ref",
+    "trainer.policy.fsdp_config.fsdp_size": "no-effect:the policy is always sharded over all policy workers (fsdp_size=-1)",
+    "trainer.ref.fsdp_config.cpu_offload": "no-effect:the reference model is sharded and offloaded like the policy",
+    "trainer.ref.fsdp_config.reshard_after_forward": "no-effect:the reference model is sharded and offloaded like the policy",
+    "trainer.ref.fsdp_config.fsdp_size": "no-effect:the reference model is sharded and offloaded like the policy",
     "trainer.placement.colocate_all": _R,
     "trainer.placement.colocate_policy_ref": "no-effect:the reference model always runs inside the policy workers",
     "trainer.placement.policy_num_nodes": "runtime:num_policy_workers",
@@ -526,7 +527,7 @@ LEAF_EFFECT: dict[str, str] = {
     "trainer.resume_mode": _R,
     "trainer.resume_path": _R,
     "trainer.log_path": "runtime:run_dir",
-    "trainer.logger": "runtime:loggers",
+    "trainer.logger": _R,
     "trainer.project_name": "runtime:run_dir",
     "trainer.run_name": "runtime:run_dir",
     "trainer.max_steps": _R,
@@ -541,7 +542,7 @@ LEAF_EFFECT: dict[str, str] = {
     "generator.num_inference_engines": _R,
     "generator.inference_engine_tensor_parallel_size": _R,
     "generator.model_dtype": _R,
-    "generator.weight_sync_backend": _R,
+    "generator.weight_sync_backend": "no-effect:weights go over CUDA IPC when colocated, NCCL otherwise, in-process with hf",
     "generator.weight_sync_bucket_mb": _R,
     "generator.n_samples_per_prompt": _R,
     "generator.gpu_memory_utilization": _R,
@@ -1224,8 +1225,15 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
         c.error("generator.sglang.enable_memory_saver", False, "colocated engines must release their GPU memory for the trainer; set generator.sglang.enable_memory_saver=true or trainer.placement.colocate_all=false")
     if g.sampling_params.temperature == 0:
         c.warn("generator.sampling_params.temperature", "0 is greedy: all samples of a prompt are identical, so every GRPO advantage is 0 and nothing is learned; use e.g. 1.0")
-    if "generator.weight_sync_backend" in ex and pl.colocate_all and sg:
-        c.note("generator.weight_sync_backend", f"{g.weight_sync_backend} is not used while colocated (trainer.placement.colocate_all=true): weights go to the engine over CUDA IPC on the same GPU")
+    if "generator.weight_sync_backend" in ex:
+        if not sg:
+            why = "the hf generator shares the policy's process"
+        elif pl.colocate_all:
+            why = "while colocated (trainer.placement.colocate_all=true) weights go to the engine over CUDA IPC on the same GPU"
+        else:
+            why = "" if g.weight_sync_backend == "nccl" else "split placement always broadcasts weights over NCCL"
+        if why:
+            c.no_effect("generator.weight_sync_backend", g.weight_sync_backend, why)
     if g.gpu_memory_utilization > 0.9 and pl.colocate_all and sg:
         c.warn("generator.gpu_memory_utilization", f"{g.gpu_memory_utilization} leaves little GPU memory for the trainer's activations when colocated; 0.8 or lower is safer")
 
@@ -1285,21 +1293,16 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
 
     ne("trainer.algorithm.kl_loss_coef", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
     ne("trainer.algorithm.kl_estimator_type", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
-    for k in ("cpu_offload", "reshard_after_forward", "fsdp_size"):
-        ne(f"trainer.ref.fsdp_config.{k}", not a.use_kl_loss, "no reference model without KL (trainer.algorithm.use_kl_loss=false)")
     ne("trainer.algorithm.entropy_loss_coef", not a.use_entropy_loss, "trainer.algorithm.use_entropy_loss=false")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
-    ne("trainer.policy.optimizer_config.offload_after_step", not pl.colocate_all or t.device == "cpu", "only used when colocated on GPUs")
     ne("generator.run_engines_locally", g.run_engines_locally, "engines always run inside the Ray job")
-    ne("trainer.policy.fsdp_config.cpu_offload", t.device == "cpu", "the policy already lives on the CPU (trainer.device=cpu)")
     for leaf, eff in LEAF_EFFECT.items():
-        if eff.startswith("no-effect:") and leaf != "generator.max_input_length":
+        if eff.startswith("no-effect:") and leaf not in ("generator.max_input_length", "generator.weight_sync_backend"):
             ne(leaf, True, eff.split(":", 1)[1])
     if "generator.max_input_length" in ex and g.max_input_length not in (None, t.max_prompt_length):
         c.no_effect("generator.max_input_length", g.max_input_length, f"single-turn prompts are limited by trainer.max_prompt_length={t.max_prompt_length}")
     ne("generator.gpu_memory_utilization", not sg, "only used by SGLang (mem_fraction_static)")
-    ne("generator.weight_sync_backend", not sg, "the hf generator shares the policy's process")
     ne("generator.weight_sync_bucket_mb", not sg, "the hf generator shares the policy's process")
     for leaf in LEAF_DEFAULTS:
         if leaf.startswith("generator.sglang."):

