@@ -1,0 +1,95 @@
+"""Fixtures for the GPU tests (H200 + devkit): model path, prompts, and a metrics file for the report.
+
+Every test here is marked ``gpu`` and skipped without CUDA (tests/conftest.py) or without SGLang.
+``RLCTL_TEST_MODEL`` picks the model folder (default: the devkit's SmolLM2-135M-Instruct);
+``RLCTL_METRICS_OUT`` names a JSON file that receives the numbers the tests measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
+
+QUESTIONS = [
+    "What is 12 + 7?", "Name three primary colors.", "Write a haiku about the sea.", "What is the capital of France?",
+    "Explain photosynthesis in one sentence.", "How many legs does a spider have?", "What is 9 times 8?",
+    "Give me a synonym for happy.", "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?",
+    "Tom has 3 apples and buys 5 more. How many apples does he have?", "Translate 'good morning' to Spanish.",
+    "What is the square root of 81?", "List two planets of the solar system.", "What does a thermometer measure?",
+    "A train travels 60 km in 1.5 hours. What is its speed?",
+]
+
+_METRICS: dict = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        for it in items:
+            if it.get_closest_marker("gpu") is not None:
+                it.add_marker(pytest.mark.skip(reason="needs CUDA (gpu test)"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = os.environ.get("RLCTL_METRICS_OUT")
+    if path and _METRICS:
+        with open(path, "w") as f:
+            json.dump(_METRICS, f, indent=1, default=str)
+
+
+@pytest.fixture(scope="session")
+def metrics() -> dict:
+    """A dict the tests fill with measured numbers (written to $RLCTL_METRICS_OUT at the end)."""
+    return _METRICS
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    path = os.environ.get("RLCTL_TEST_MODEL", DEFAULT_MODEL)
+    if not os.path.isdir(path):
+        pytest.skip(f"test model folder {path} missing (set RLCTL_TEST_MODEL; the devkit installs SmolLM2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def stop_token_ids(model_path, tokenizer) -> tuple[int, ...]:
+    """End-of-turn ids from the generation config (as the loop does), plus the tokenizer's eos."""
+    from transformers import GenerationConfig
+
+    ids: list[int] = []
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    except OSError:
+        pass
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end >= 0 and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tokenizer) -> list[list[int]]:
+    out = []
+    for q in QUESTIONS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        out.append(tokenizer(text, add_special_tokens=False).input_ids)
+    return out
