@@ -247,10 +247,19 @@ class GeneratorGroup:
         return {k: float(v) for k, v in self._stats.items() if isinstance(v, (int, float))}
 
     def shutdown(self) -> None:
+        """Shut the engines down, kill every actor of the job and free its placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
         try:
-            self._get([w.shutdown.remote() for w in self.workers])
-        except Exception:  # noqa: BLE001 - best effort at exit
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+        except Exception:  # noqa: BLE001 - best effort at exit; the actors are killed next
             pass
+        for a in list(self.workers) + list(getattr(self, "trainer_actors", [])):
+            ray.kill(a, no_restart=True)
+        pg = getattr(self, "placement_group", None)
+        if pg is not None:
+            remove_placement_group(pg)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -363,6 +372,8 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
         ray.get([a.setup.remote(addr, port) for a in actors])
         trainers = TrainerGroup(actors, colocated=colocated and device == "cuda")
     gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
+    gen_group.placement_group = pg
+    gen_group.trainer_actors = trainers.workers if trainers else []
     ray.get([g.stats.remote() for g in gens])  # surface engine start-up errors here
     return trainers, gen_group
 
