@@ -872,8 +872,8 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
     extra = _EXTRA_NAMES.get(prefix.rstrip("."), {})
     names = list(model.model_fields) + list(extra)
     for k, v in d.items():
-        if not isinstance(k, str):
-            errors.append(f"{layer.label}: key {k!r} under {prefix.rstrip('.') or 'the top level'} is not a string; keys are names like {names[0]}")
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            errors.append(f"{layer.label}: key {k!r} under {prefix.rstrip('.') or 'the top level'} is not a valid key name; keys are names like {names[0]}")
             continue
         path = f"{prefix}{k}"
         info = model.model_fields.get(k)
@@ -1208,6 +1208,13 @@ def _looks_like_local_path(p: str) -> bool:
     return p.startswith(("/", ".", "~", "$")) or p.count("/") >= 2 or (os.sep != "/" and os.sep in p)
 
 
+def _exists(p: str, kind: str = "file") -> bool:
+    try:
+        return Path(p).is_file() if kind == "file" else Path(p).exists()
+    except (OSError, ValueError):  # embedded NUL, name too long, ...
+        return False
+
+
 def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     t, g, a, pl = cfg.trainer, cfg.generator, cfg.trainer.algorithm, cfg.trainer.placement
     ex = c.explicit
@@ -1319,14 +1326,14 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     # --- files
     for key in ("data.train_data", "data.val_data"):
         for i, p in enumerate(getattr(cfg.data, key.split(".")[1])):
-            if not Path(p).is_file():
+            if not _exists(p):
                 fix = "run `rlctl prepare-data gsm8k` or fix the path"
                 if for_training:
                     c.error(f"{key}[{i}]", p, f"file does not exist; {fix}")
                 else:
                     c.warn(f"{key}[{i}]", f"file {p} does not exist; {fix}")
     mp = t.policy.model.path
-    if _looks_like_local_path(mp) and not Path(mp).exists():
+    if _looks_like_local_path(mp) and not _exists(mp, "any"):
         fix = "run `rlctl prepare-model smollm2` (for ~/models/smollm2-135m-instruct) or give a hub name like Qwen/Qwen2.5-1.5B-Instruct"
         if for_training:
             c.error("trainer.policy.model.path", mp, f"local model folder does not exist; {fix}")
@@ -1335,7 +1342,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     fn = cfg.environment.reward.custom_reward_fn
     if fn:
         left = fn.rpartition(":")[0]
-        if (left.endswith(".py") or "/" in left) and not Path(os.path.expanduser(left)).is_file():
+        if (left.endswith(".py") or "/" in left) and not _exists(os.path.expanduser(left)):
             if for_training:
                 c.error("environment.reward.custom_reward_fn", fn, f"file {left} does not exist")
             else:
