@@ -354,6 +354,9 @@ class RewardConfig(_Model):
     method: Literal["strict", "flexible"] = "strict"  # strict: last "#### N"; flexible: last number
     correct_score: float = 1.0
     format_score: float = 0.0  # a "#### N" answer that is wrong (strict) gets this
+    # rlctl addition, method=strict only: partial credit when the last number is right but the
+    # "#### N" format is missing (reward shaping for models that answer in another format)
+    flexible_score: Optional[float] = None
     custom_reward_fn: Optional[str] = None  # "module:function" or "path/to/file.py:function"
 
     @field_validator("custom_reward_fn")
@@ -564,6 +567,7 @@ LEAF_EFFECT: dict[str, str] = {
     "environment.reward.method": _R,
     "environment.reward.correct_score": _R,
     "environment.reward.format_score": _R,
+    "environment.reward.flexible_score": _R,
     "environment.reward.custom_reward_fn": _R,
     "ray.address": _R,
     "ray.num_cpus": _R,
@@ -1303,6 +1307,8 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     ne("trainer.algorithm.entropy_loss_coef", not a.use_entropy_loss, "trainer.algorithm.use_entropy_loss=false")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
+    ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",
+       "only used with environment.reward.method=strict")
     ne("generator.run_engines_locally", g.run_engines_locally, "engines always run inside the Ray job")
     for leaf, eff in LEAF_EFFECT.items():
         if eff.startswith("no-effect:") and leaf not in ("generator.max_input_length", "generator.weight_sync_backend"):

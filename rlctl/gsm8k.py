@@ -218,6 +218,7 @@ def score_response(
     method: Literal["strict", "flexible"] = "strict",
     correct_score: float = 1.0,
     format_score: float = 0.0,
+    flexible_score: float | None = None,
 ) -> RewardResult:
     """Score one model response against a GSM8K gold answer.
 
@@ -225,6 +226,11 @@ def score_response(
     is not a plain number it is compared as stripped text. The score is ``correct_score`` if the
     answer extracted with ``method`` equals the ground truth, else ``format_score`` if the
     response is formatted (strict extraction found a number), else ``0.0``.
+
+    ``flexible_score`` (only with ``method="strict"``): partial credit for a response whose last
+    number is right but that does not end with ``#### <right answer>``; it applies before
+    ``format_score``. Used to shape the reward for models that answer correctly in another format
+    (Qwen2.5-Coder writes ``\\boxed{}``): strict reward alone gives GRPO almost no group variance.
 
     Raises ValueError for an unknown ``method``.
     """
@@ -239,6 +245,8 @@ def score_response(
     correct = correct_strict if method == "strict" else correct_flexible
     if correct:
         score = float(correct_score)
+    elif flexible_score is not None and method == "strict" and correct_flexible:
+        score = float(flexible_score)
     elif formatted:
         score = float(format_score)
     else:

@@ -110,7 +110,7 @@ def make_reward_fn(env_cfg) -> Callable[[str, str, list[int]], dict[str, float]]
 
     def reward(text: str, gold: str, ids: list[int]) -> dict[str, float]:
         r = score_response(text, gold, method=rcfg.method, correct_score=rcfg.correct_score,
-                           format_score=rcfg.format_score)
+                           format_score=rcfg.format_score, flexible_score=rcfg.flexible_score)
         score = float(custom(response=text, ground_truth=gold, response_ids=ids)) if custom else r.score
         return {"reward": score, "formatted": float(r.formatted), "correct_strict": float(r.correct_strict),
                 "correct_flexible": float(r.correct_flexible)}

@@ -551,3 +551,15 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_flexible_score_shapes_strict_reward():
+    from rlctl.gsm8k import score_response
+
+    kw = dict(method="strict", correct_score=1.0, format_score=0.1, flexible_score=0.5)
+    assert score_response("so the answer is \\boxed{18}", "18", **kw).score == 0.5  # right number, no ####
+    assert score_response("18 eggs.\n#### 18", "18", **kw).score == 1.0
+    assert score_response("#### 17", "18", **kw).score == 0.1
+    assert score_response("no idea", "18", **kw).score == 0.0
+    # without flexible_score the right-but-unformatted answer earns nothing under strict
+    assert score_response("\\boxed{18}", "18", method="strict").score == 0.0
