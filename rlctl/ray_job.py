@@ -315,7 +315,8 @@ def generator_kwargs(cfg, device: str) -> dict[str, Any]:
             "disable_cuda_graph": s.disable_cuda_graph, "cuda_graph_max_bs_decode": s.cuda_graph_max_bs_decode,
             "disable_radix_cache": s.disable_radix_cache, "max_running_requests": s.max_running_requests,
             "enable_memory_saver": s.enable_memory_saver, "log_level": s.log_level, "seed": cfg.trainer.seed,
-            "tp_size": g.inference_engine_tensor_parallel_size, "colocated": cfg.trainer.placement.colocate_all}
+            "tp_size": g.inference_engine_tensor_parallel_size, "colocated": cfg.trainer.placement.colocate_all,
+            **({} if s.disable_cuda_graph or s.prefill_cuda_graph else {"cuda_graph_backend_prefill": "disabled"})}
 
 
 def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGroup | None, GeneratorGroup]:
