@@ -57,7 +57,8 @@ class HFGenerator:
         device: torch device string, ``"cpu"`` or ``"cuda[:N]"``.
         seed: base seed; call ``k`` (0, 1, ...) without ``Sampling.seed`` samples with a seed
             derived from ``(seed, k)``, so successive calls differ and a run is reproducible.
-        max_batch_size: at most this many prompts go through one ``model.generate``.
+        max_batch_size: at most this many prompts go through one ``model.generate`` (sampled
+            tokens depend on the chunking, greedy ones do not).
 
     Unknown keyword arguments raise ``TypeError`` naming them (Python's own check: there is no
     ``**kwargs``), so a misspelt option or another backend's option is never silently ignored.
