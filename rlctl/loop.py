@@ -217,6 +217,8 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
     if restored is not None:
         state.step = restored["step"]
         logger.truncate_after(state.step)
+    for note in checkpointer.notes:
+        logger.console.log(f"note: {note}")
     generators.mark_stale()
     ensure_weights = lambda: generators.ensure_weights(trainers)  # noqa: E731
     wall_start = time.time()

@@ -446,8 +446,6 @@ def train(loaded) -> dict[str, Any]:
         ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
                             cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
         summary = loop.run(cfg, trainers, generators, tokenizer, train_data, val_data, logger, ckpt, stops)
-        for n in notes:
-            console.log(f"note: {n}")
         console.log(f"done: {summary['last_step']} steps ({summary['stopped_because']}); metrics in "
                     f"{run_dir / 'metrics.jsonl'}")
         return summary
