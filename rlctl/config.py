@@ -1236,6 +1236,13 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
         c.error("generator.run_engines_locally", False, "remote inference engines are not supported; set generator.run_engines_locally=true")
     if sg and t.device == "cpu":
         c.error("trainer.device", "cpu", "SGLang needs CUDA GPUs; use generator.backend=hf (--backend hf) for CPU runs, or trainer.device=auto")
+    if sg and not pl.colocate_all:
+        c.error("trainer.placement.colocate_all", False, "split placement with SGLang (NCCL weight broadcast) is not "
+                "supported by this rlctl version yet; set trainer.placement.colocate_all=true")
+    if sg and g.inference_engine_tensor_parallel_size > 1:
+        c.error("generator.inference_engine_tensor_parallel_size", g.inference_engine_tensor_parallel_size,
+                "tensor-parallel SGLang engines are not supported by this rlctl version yet; use 1 and one engine per GPU "
+                "(generator.num_inference_engines = trainer.placement.policy_num_gpus_per_node)")
     if sg and pl.colocate_all and not g.sglang.enable_memory_saver:
         c.error("generator.sglang.enable_memory_saver", False, "colocated engines must release their GPU memory for the trainer; set generator.sglang.enable_memory_saver=true or trainer.placement.colocate_all=false")
     if g.sampling_params.temperature == 0:

@@ -35,6 +35,9 @@ class TrainerWorker:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.trainer = None
 
+    def __repr__(self) -> str:  # Ray uses it in log prefixes and error reports
+        return f"trainer-{self.rank}"
+
     def address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port (rank 0 hosts the process-group rendezvous)."""
         import ray
@@ -66,8 +69,12 @@ class TrainerWorker:
     def onload(self) -> None:
         self.trainer.onload()
 
-    def push_weights(self, generator, backend: str) -> dict[str, float]:
-        """Send the full policy weights to ``generator`` (an actor handle) in buckets; returns stats."""
+    def push_weights(self, generators: list, backend: str) -> dict[str, float]:
+        """Send the full policy weights to ``generators`` (actor handles, possibly none) in buckets.
+
+        Every rank walks all buckets even without a generator of its own: materializing FSDP2
+        ``DTensor`` parameters (``full_tensor``) is a collective. Returns bytes / buckets / seconds.
+        """
         import ray
         import torch
 
@@ -78,15 +85,18 @@ class TrainerWorker:
         t0, nbytes, buckets = time.perf_counter(), 0, 0
         for bucket in self.trainer.iter_weight_buckets(bucket_bytes, dtype):
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            if backend == "sglang":
-                from rlctl.weight_sync import serialize_for_ipc
+            if generators:
+                if backend == "sglang":
+                    from rlctl.weight_sync import serialize_for_ipc
 
-                payload = serialize_for_ipc(bucket)
-            else:
-                payload = [(name, t.detach().to("cpu")) for name, t in bucket]
-            ray.get(generator.update_weights.remote(payload))
+                    payload = serialize_for_ipc(bucket)
+                else:
+                    payload = [(name, t.detach().to("cpu")) for name, t in bucket]
+                # keep ``bucket`` alive until every engine has loaded it (CUDA IPC handles point into it)
+                ray.get([g.update_weights.remote(payload) for g in generators])
+                del payload
             buckets += 1
-            del bucket, payload
+            del bucket
         dt = time.perf_counter() - t0
         return {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets), "weight_sync_s": dt}
 
@@ -100,13 +110,17 @@ class TrainerWorker:
 class GeneratorWorker:
     """Hosts one generator backend (``rlctl.generator.load_generator``)."""
 
-    def __init__(self, backend: str, kwargs: dict, threads: int) -> None:
+    def __init__(self, backend: str, kwargs: dict, threads: int, label: str = "generator") -> None:
         import torch
 
+        self.label = label
         torch.set_num_threads(max(1, threads))
         from rlctl.generator import load_generator
 
         self.gen = load_generator(backend, **kwargs)
+
+    def __repr__(self) -> str:  # Ray uses it in log prefixes and error reports
+        return self.label
 
     def generate(self, prompt_ids, sampling: Sampling) -> GenerationOutput:
         return self.gen.generate(prompt_ids, sampling)
@@ -128,6 +142,27 @@ class GeneratorWorker:
 
 
 # ---------------------------------------------------------------------------------------------- groups
+# Actor id (hex) -> "trainer-<rank>" / "generator-<i>", filled by build_groups; error messages use it.
+ACTOR_LABELS: dict[str, str] = {}
+
+
+def get_all(refs: list) -> list:
+    """``ray.get(refs)`` that fails as soon as ANY of them fails.
+
+    A plain ``ray.get`` of a list waits on the refs in order, so when one trainer rank dies while the
+    others block in a collective (gloo/NCCL, default timeouts of many minutes), the error would only
+    surface after that timeout. Here the first failed ref raises at once; the caller's shutdown then
+    kills the blocked actors.
+    """
+    import ray
+
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # raises the actor's error
+    return ray.get(list(refs))
+
+
 class TrainerGroup:
     """The data-parallel trainer workers, called like one trainer (batches are split by rank)."""
 
@@ -138,9 +173,7 @@ class TrainerGroup:
         self.on_gpu = True
 
     def _get(self, refs):
-        import ray
-
-        return ray.get(refs)
+        return get_all(refs)
 
     def _shards(self, batch: dict) -> list[dict]:
         n = batch["input_ids"].shape[0]
@@ -170,8 +203,10 @@ class TrainerGroup:
             self.on_gpu = False
 
     def push_weights(self, generators: list, backend: str) -> dict[str, float]:
-        """Rank i pushes to generator i (tensor parallel 1: every engine needs the full weights)."""
-        stats = self._get([w.push_weights.remote(g, backend) for w, g in zip(self.workers, generators)])
+        """Generator j gets the weights from rank ``j % world_size`` (its bundle's rank when colocated);
+        every rank takes part in gathering the full tensors."""
+        targets = [[g for j, g in enumerate(generators) if j % self.world_size == r] for r in range(self.world_size)]
+        stats = self._get([w.push_weights.remote(t, backend) for w, t in zip(self.workers, targets)])
         return stats[0]
 
     def save_checkpoint(self, policy_dir, state_path, model_path, extra) -> None:
@@ -198,9 +233,7 @@ class GeneratorGroup:
         self._stats: dict[str, float] = {}
 
     def _get(self, refs):
-        import ray
-
-        return ray.get(refs)
+        return get_all(refs)
 
     def mark_stale(self) -> None:
         self.has_weights = False
@@ -246,13 +279,15 @@ class GeneratorGroup:
     def last_stats(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._stats.items() if isinstance(v, (int, float))}
 
-    def shutdown(self) -> None:
-        """Shut the engines down, kill every actor of the job and free its placement group."""
+    def shutdown(self, timeout: float = 60) -> None:
+        """Shut the engines down (waiting at most ``timeout`` s), kill every actor of the job and free
+        its placement group. After a failure or Ctrl-C ``train`` passes a short timeout: an engine
+        still busy with a request (its actors run one call at a time) is killed instead."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=timeout)
         except Exception:  # noqa: BLE001 - best effort at exit; the actors are killed next
             pass
         for a in list(self.workers) + list(getattr(self, "trainer_actors", [])):
@@ -354,28 +389,37 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     def strategy(i):
         return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
 
+    # Actors are named "<prefix>generator-<i>" / "<prefix>trainer-<rank>" (prefix unique per job, so runs
+    # sharing a cluster or a Ray namespace never collide); errors name them by their short label.
+    prefix = f"rlctl-{cfg.trainer.run_name}-{os.getpid()}-{time.time_ns() % 10**9}-"
+
+    def named(label: str, handle):
+        ACTOR_LABELS[handle._actor_id.hex()] = label
+        return handle
+
     gen_cls = ray.remote(GeneratorWorker)
     gens = []
     for i in range(engines):
         b = i if colocated else workers + i
         gpus = (share if colocated else cfg.generator.inference_engine_tensor_parallel_size) if gpu else 0
-        gens.append(gen_cls.options(name=None, num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(b),
-                                    max_concurrency=1).remote(cfg.generator.backend, {
-                                        **generator_kwargs(cfg, device),
-                                        **({} if cfg.generator.backend == "hf" else {"colocated": colocated})},
-                                        threads))
+        gens.append(named(f"generator-{i}", gen_cls.options(
+            name=f"{prefix}generator-{i}", num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(b),
+            max_concurrency=1).remote(cfg.generator.backend, {
+                **generator_kwargs(cfg, device),
+                **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}")))
     trainers = None
     if with_trainer:
         tr_cls = ray.remote(TrainerWorker)
-        actors = [tr_cls.options(num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(r)).remote(
-            cfg, r, workers, device, threads) for r in range(workers)]
+        actors = [named(f"trainer-{r}", tr_cls.options(
+            name=f"{prefix}trainer-{r}", num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(r),
+        ).remote(cfg, r, workers, device, threads)) for r in range(workers)]
         addr, port = ray.get(actors[0].address.remote())
-        ray.get([a.setup.remote(addr, port) for a in actors])
+        get_all([a.setup.remote(addr, port) for a in actors])
         trainers = TrainerGroup(actors, colocated=colocated and device == "cuda")
     gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
     gen_group.placement_group = pg
     gen_group.trainer_actors = trainers.workers if trainers else []
-    ray.get([g.stats.remote() for g in gens])  # surface engine start-up errors here
+    get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
     return trainers, gen_group
 
 
@@ -396,11 +440,47 @@ def _load_prompts(paths, tokenizer, max_prompt_length):
     return tokenize_prompts(read_prompts([str(p) for p in paths]), tokenizer, max_prompt_length)
 
 
+def _actor_label(e: BaseException) -> str | None:
+    aid = getattr(e, "actor_id", None) or getattr(e, "_actor_id", None)
+    aid = aid.hex() if hasattr(aid, "hex") and not isinstance(aid, str) else aid
+    if aid and aid in ACTOR_LABELS:
+        return ACTOR_LABELS[aid]
+    rep = getattr(e, "actor_repr", None)  # the worker's __repr__: "trainer-0" / "generator-1"
+    return rep if rep and rep.split("-")[0] in ("trainer", "generator") else None
+
+
 def _describe_ray_error(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    head = next((ln for ln in text if ln.strip()), type(e).__name__)
-    tail = [ln for ln in text if ln.strip()][-3:]
-    return f"{type(e).__name__}: {head}\n  last error: " + " | ".join(tail)
+    """One readable paragraph for a Ray failure: which actor (``trainer-<rank>`` / ``generator-<i>``),
+    what happened (died, or raised in which method) and its last error -- not Ray's traceback dump.
+
+    A ``RayTaskError`` is unwrapped down to its cause (an actor that called a dead actor -- the trainer
+    pushing weights to a dead generator -- names the dead one); a ``RayActorError`` (the process died:
+    killed, OOM, segfault) gives the last lines of Ray's death report.
+    """
+    import ray
+
+    chain, cur = [], e
+    while cur is not None and cur not in chain and len(chain) < 10:
+        chain.append(cur)
+        cur = getattr(cur, "cause", None) if isinstance(cur, ray.exceptions.RayTaskError) else None
+    dead = next((c for c in reversed(chain) if isinstance(c, ray.exceptions.RayActorError)), None)
+    if dead is not None:
+        label = _actor_label(dead) or "a Ray actor"
+        lines = [ln.strip() for ln in str(dead).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "detail" in ln.lower() or "exit" in ln.lower()), lines[-1] if lines else "")
+        return f"{label} died ({type(dead).__name__}); last error: {detail}"
+    task = next((c for c in chain if isinstance(c, ray.exceptions.RayTaskError)), None)
+    if task is not None:
+        cause = chain[-1] if not isinstance(chain[-1], ray.exceptions.RayTaskError) else None
+        label = _actor_label(task) or "a Ray task"
+        where = f" in {task.function_name}" if getattr(task, "function_name", None) else ""
+        if cause is not None:
+            msg = str(cause).strip() or type(cause).__name__
+            return f"{label} failed{where}; last error: {type(cause).__name__}: {msg}"
+        lines = [ln for ln in str(task).splitlines() if ln.strip()]
+        return f"{label} failed{where}; last error: " + (lines[-1].strip() if lines else type(task).__name__)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: " + (" | ".join(lines[-3:]) if lines else "(no message)")
 
 
 def train(loaded) -> dict[str, Any]:
@@ -430,7 +510,9 @@ def train(loaded) -> dict[str, Any]:
                        console=console)
     notes: list[str] = []
     generators = None
+    ckpt = None
     started_ray = False
+    clean = False
     try:
         tokenizer, stops = _load_tokenizer_and_stops(cfg)
         train_data = _load_prompts(cfg.data.train_data, tokenizer, cfg.trainer.max_prompt_length)
@@ -448,19 +530,33 @@ def train(loaded) -> dict[str, Any]:
         summary = loop.run(cfg, trainers, generators, tokenizer, train_data, val_data, logger, ckpt, stops)
         console.log(f"done: {summary['last_step']} steps ({summary['stopped_because']}); metrics in "
                     f"{run_dir / 'metrics.jsonl'}")
+        clean = True
         return summary
     except ray.exceptions.RayError as e:
-        console.print(f"[red]error:[/red] a Ray actor failed: {_describe_ray_error(e)}")
+        console.print("[red]error:[/red] " + _escape(_describe_ray_error(e)) + "\n  completed checkpoints in "
+                      + _escape(str(cfg.ckpt_dir)) + " are kept (resume with trainer.resume_mode=latest)")
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/yellow] stopping the Ray job; completed checkpoints are kept")
         raise SystemExit(130) from None
     finally:
-        logger.close()
-        if generators is not None:
-            generators.shutdown()
-        if started_ray:
-            ray.shutdown()
+        # Order matters: kill the actors first (one may still be writing a checkpoint), then delete this
+        # process's partial checkpoint folder, then stop the local cluster. A second Ctrl-C while
+        # cleaning up is ignored so that the cleanup finishes.
+        import signal
+
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean else None
+        try:
+            logger.close()
+            if generators is not None:
+                generators.shutdown(timeout=60 if clean else 10)
+            if ckpt is not None:
+                ckpt.discard_partial()
+            if started_ray:
+                ray.shutdown()
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
 
 
 def evaluate(loaded) -> dict[str, float]:
@@ -485,6 +581,12 @@ def evaluate(loaded) -> dict[str, float]:
             generators.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _loggers(cfg) -> list[str]:

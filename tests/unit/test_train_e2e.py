@@ -139,3 +139,15 @@ def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path):
         ma = {k: v for k, v in a[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
         mb = {k: v for k, v in b[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
         assert ma == mb, step
+
+
+def test_split_placement_two_engines_get_the_weights(ray_cluster, tiny, tmp_path):
+    """colocate_all=false, 1 trainer worker, 2 hf engines: rank 0 pushes to both engines, so after the
+    first update both still agree with the trainer's log-probs (a stale engine would not)."""
+    from rlctl.ray_job import train
+
+    loaded = load_config(overrides=_overrides(tiny, tmp_path, "split", 2, workers=1, **{
+        "trainer.placement.colocate_all": "false", "generator.num_inference_engines": 2}), backend="hf", for_training=True)
+    assert train(loaded)["last_step"] == 2
+    rows = {r["step"]: r for r in _metrics(Path(loaded.cfg.run_dir))}
+    assert rows[2]["policy/rollout_train_logprobs_abs_diff_mean"] < 1e-4
