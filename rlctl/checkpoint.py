@@ -112,15 +112,37 @@ class Checkpointer:
         self.notes.append(f"resumed from {path} (step {extra['step']})")
         return extra
 
+    def _tmp_dir(self, step: int | str) -> Path:
+        return self.ckpt_dir / f".tmp-global_step_{step}-{os.getpid()}"
+
+    def discard_partial(self) -> list[Path]:
+        """Delete this process's unfinished checkpoint folders (``.tmp-global_step_*-<pid>``).
+
+        Called by ``rlctl.ray_job.train`` on the way out, after the actors are gone (a failed or
+        interrupted run leaves no partial files). Other processes' temporary folders are left alone
+        (a concurrent run may own them); ``prune`` removes stale ones after the next save.
+        """
+        gone = []
+        for p in self.ckpt_dir.glob(f".tmp-global_step_*-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+        return gone
+
     def save(self, trainers, extra: dict[str, Any]) -> Path:
         """Write ``global_step_<step>`` atomically, then prune old ones. Returns the final folder."""
         step = extra["step"]
         final = self.ckpt_dir / f"global_step_{step}"
-        tmp = self.ckpt_dir / f".tmp-global_step_{step}-{os.getpid()}"
+        tmp = self._tmp_dir(step)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainers.save_checkpoint(tmp / "policy", tmp / "trainer_state.pt", self.model_path, extra)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        try:
+            trainers.save_checkpoint(tmp / "policy", tmp / "trainer_state.pt", self.model_path, extra)
+            (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+        except BaseException:
+            # an actor may still be writing into tmp: the caller kills the actors, then calls
+            # discard_partial(); removing it here too covers driver-side failures
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)

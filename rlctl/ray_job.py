@@ -466,9 +466,9 @@ def _describe_ray_error(e: BaseException) -> str:
     dead = next((c for c in reversed(chain) if isinstance(c, ray.exceptions.RayActorError)), None)
     if dead is not None:
         label = _actor_label(dead) or "a Ray actor"
-        lines = [ln.strip() for ln in str(dead).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "detail" in ln.lower() or "exit" in ln.lower()), lines[-1] if lines else "")
-        return f"{label} died ({type(dead).__name__}); last error: {detail}"
+        text = " ".join(str(dead).split())
+        text = text.split(" Some common causes")[0]  # Ray's generic advice follows; keep the facts
+        return f"{label} died ({type(dead).__name__}); last error: {text or '(no details from Ray)'}"
     task = next((c for c in chain if isinstance(c, ray.exceptions.RayTaskError)), None)
     if task is not None:
         cause = chain[-1] if not isinstance(chain[-1], ray.exceptions.RayTaskError) else None
@@ -545,7 +545,10 @@ def train(loaded) -> dict[str, Any]:
         # cleaning up is ignored so that the cleanup finishes.
         import signal
 
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean else None
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean and main else None
         try:
             logger.close()
             if generators is not None:
