@@ -159,7 +159,18 @@ def get_all(refs: list) -> list:
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)  # raises the actor's error
+        try:
+            ray.get(ready)  # raises the actor's error
+        except ray.exceptions.RayError as e:
+            # a task error that crossed the process boundary has lost its actor's repr: tag it with
+            # the label of the actor that ran the task (the ref's task id carries the actor id)
+            try:
+                label = ACTOR_LABELS.get(ready[0].task_id().actor_id().hex())
+                if label and not getattr(e, "rlctl_actor", None):
+                    e.rlctl_actor = label
+            except Exception:  # noqa: BLE001 - labelling is best effort
+                pass
+            raise
     return ray.get(list(refs))
 
 
@@ -441,6 +452,8 @@ def _load_prompts(paths, tokenizer, max_prompt_length):
 
 
 def _actor_label(e: BaseException) -> str | None:
+    if getattr(e, "rlctl_actor", None):
+        return e.rlctl_actor
     aid = getattr(e, "actor_id", None) or getattr(e, "_actor_id", None)
     aid = aid.hex() if hasattr(aid, "hex") and not isinstance(aid, str) else aid
     if aid and aid in ACTOR_LABELS:
@@ -473,7 +486,8 @@ def _describe_ray_error(e: BaseException) -> str:
     if task is not None:
         cause = chain[-1] if not isinstance(chain[-1], ray.exceptions.RayTaskError) else None
         label = _actor_label(task) or "a Ray task"
-        where = f" in {task.function_name}" if getattr(task, "function_name", None) else ""
+        fn = getattr(task, "function_name", None) or str(getattr(task, "proctitle", "") or "").removeprefix("ray::")
+        where = f" in {fn}" if fn and not fn.startswith("IDLE") else ""
         if cause is not None:
             msg = str(cause).strip() or type(cause).__name__
             return f"{label} failed{where}; last error: {type(cause).__name__}: {msg}"
