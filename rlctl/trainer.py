@@ -172,7 +172,11 @@ class PolicyTrainer:
         if temperature and temperature > 0:
             logits = logits / temperature
         logp = grpo.logprobs_from_logits(logits, labels)
-        ent = grpo.entropy_from_logits(logits) if with_entropy else None
+        ent = None
+        if with_entropy:
+            # entropy is a metric unless trainer.algorithm.use_entropy_loss: then no graph through it
+            with torch.enable_grad() if self.algo.use_entropy_loss else torch.no_grad():
+                ent = grpo.entropy_from_logits(logits)
         return logp, ent
 
     @torch.no_grad()
