@@ -341,10 +341,97 @@ def init_ray(cfg, device: str) -> bool:
         import torch
 
         num_gpus = torch.cuda.device_count() if device == "cuda" else 0
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=cfg.ray.include_dashboard,
-             dashboard_host=cfg.ray.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+    _start_reaper()  # the local cluster dies with this process, however it dies (see below)
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=cfg.ray.include_dashboard,
+                 dashboard_host=cfg.ray.dashboard_host, runtime_env={"env_vars": env}, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+    except BaseException:
+        _stop_reaper()
+        raise
     return True
+
+
+# ---------------------------------------------------------------------------------------------- reaper
+# Ray 2.60 ties the local cluster's GCS, raylet, dashboard and monitor to the driver with
+# PR_SET_PDEATHSIG, and workers exit when their raylet goes. But the raylet's agents (DashboardAgent,
+# RuntimeEnvAgent) do not: after a SIGKILL of the driver alone (not its process group) they were still
+# alive 30 s later (they try to report the raylet's death to the dead GCS). Workers also run in process
+# groups of their own, so even ``kill -9 -<pgid>`` relies on that chain. rlctl therefore starts a tiny
+# watchdog with a local cluster: it holds the read end of a pipe from the driver; when the pipe closes
+# (the driver exited, however it died) it SIGKILLs every process carrying this job's marker
+# environment variable, which every Ray process of the cluster inherits from the driver.
+# Test: tests/unit/test_faults.py (SIGKILL of the process group, SIGKILL of the driver alone).
+REAPER_ENV = "RLCTL_RAY_OWNER"
+_REAPER_CODE = r"""
+import os, signal, sys, time
+marker, driver = sys.argv[1].encode(), int(sys.argv[2])
+sys.stdin.buffer.read()  # returns at EOF: the driver closed the pipe or died
+me = os.getpid()
+for _ in range(5):
+    found = False
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in (me, driver):
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(d), signal.SIGKILL)
+            found = True
+        except OSError:
+            pass
+    if not found:
+        break
+    time.sleep(0.5)
+"""
+_reaper = None
+
+
+def _start_reaper() -> None:
+    """Start the watchdog (Linux only) and export the marker the cluster's processes inherit."""
+    global _reaper
+    import subprocess
+    import uuid
+
+    if _reaper is not None or not Path("/proc/self/environ").exists():
+        return
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k != REAPER_ENV}
+    try:
+        _reaper = subprocess.Popen([sys.executable, "-c", _REAPER_CODE, f"{REAPER_ENV}={marker}", str(os.getpid())],
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=env, start_new_session=True, close_fds=True)
+    except OSError:
+        return
+    os.environ[REAPER_ENV] = marker
+
+
+def _stop_reaper() -> None:
+    """After ``ray.shutdown()``: let the watchdog kill any straggler now and exit; drop the marker so
+    processes started later are not taken for the cluster's."""
+    global _reaper
+    os.environ.pop(REAPER_ENV, None)
+    if _reaper is None:
+        return
+    try:
+        _reaper.stdin.close()
+        _reaper.wait(timeout=10)
+    except Exception:  # noqa: BLE001 - best effort; it exits on its own once the pipe is closed
+        pass
+    _reaper = None
+
+
+def shutdown_ray(started: bool) -> None:
+    """``ray.shutdown()`` plus the watchdog's last sweep, if this process started the local cluster."""
+    if not started:
+        return
+    import ray
+
+    try:
+        ray.shutdown()
+    finally:
+        _stop_reaper()
 
 
 def generator_kwargs(cfg, device: str) -> dict[str, Any]:
@@ -389,6 +476,9 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     try:
         ray.get(pg.ready(), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(pg)  # a pending group would grab the resources once they free up
         raise RuntimeError(
             f"Ray could not reserve {len(bundles)} bundles {bundles[0]} within {timeout} s "
             f"(cluster has {ray.cluster_resources()}). Lower trainer.placement.policy_num_gpus_per_node / "
@@ -569,8 +659,7 @@ def train(loaded) -> dict[str, Any]:
                 generators.shutdown(timeout=60 if clean else 10)
             if ckpt is not None:
                 ckpt.discard_partial()
-            if started_ray:
-                ray.shutdown()
+            shutdown_ray(started_ray)
         finally:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
@@ -596,8 +685,7 @@ def evaluate(loaded) -> dict[str, float]:
     finally:
         if generators is not None:
             generators.shutdown()
-        if started_ray:
-            ray.shutdown()
+        shutdown_ray(started_ray)
 
 
 def _escape(text: str) -> str:

@@ -151,3 +151,27 @@ def test_split_placement_two_engines_get_the_weights(ray_cluster, tiny, tmp_path
     assert train(loaded)["last_step"] == 2
     rows = {r["step"]: r for r in _metrics(Path(loaded.cfg.run_dir))}
     assert rows[2]["policy/rollout_train_logprobs_abs_diff_mean"] < 1e-4
+
+
+def test_eval_command_scores_the_validation_split(ray_cluster, tiny, tmp_path):
+    from rlctl.ray_job import evaluate
+
+    loaded = load_config(overrides=_overrides(tiny, tmp_path, "eval", 1, workers=1), backend="hf")
+    m = evaluate(loaded)
+    assert m["eval/num_problems"] == 32.0  # the bundled validation sample
+    assert m["eval/accuracy_strict"] == 0.0 and m["eval/accuracy_flexible"] == 0.0  # a random tiny model
+    assert 0 < m["eval/response_length_mean"] <= 4  # eval max_new_tokens=4
+
+
+def test_placement_group_timeout_names_the_keys(ray_cluster, tiny, tmp_path):
+    from rlctl.ray_job import build_groups
+
+    loaded = load_config(overrides=_overrides(tiny, tmp_path, "pg", 1, workers=8, **{"ray.placement_group_timeout_s": 2, "trainer.micro_train_batch_size_per_gpu": 1}),
+                         backend="hf")
+    with pytest.raises(RuntimeError) as exc:
+        build_groups(loaded.cfg, "cpu")
+    msg = str(exc.value)
+    assert "Ray could not reserve 8 bundles" in msg and "within 2.0 s" in msg
+    for key in ("trainer.placement.policy_num_gpus_per_node", "generator.num_inference_engines", "ray.num_cpus",
+                "ray.placement_group_timeout_s"):
+        assert key in msg

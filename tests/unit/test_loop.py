@@ -1,0 +1,56 @@
+"""Pure pieces of the loop: prompt tokenization/filtering, batch layout, data order, metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from rlctl.generator import GenerationOutput
+from rlctl.loop import PhaseTimer, build_batch, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
+from rlctl.testing import build_tiny_tokenizer
+
+
+def test_long_prompts_are_dropped_and_counted_not_truncated():
+    tok = build_tiny_tokenizer()
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "answer": "1"},
+            {"prompt": [{"role": "user", "content": "x" * 500}], "answer": "2"},
+            {"prompt": [{"role": "user", "content": "ok?"}], "answer": "3"}]
+    data = tokenize_prompts(rows, tok, max_prompt_length=64)
+    assert data.dropped_too_long == 1
+    assert [r["answer"] for r in data.rows] == ["1", "3"]
+    # chat template applied, ids exactly the template's (no truncation): <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n
+    assert data.prompt_ids[0][0] == 1 and len(data.prompt_ids[0]) == 1 + 5 + 2 + 1 + 1 + 1 + 10
+    assert tok.decode(data.prompt_ids[0]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_build_batch_is_prompt_plus_response_ids_exactly():
+    b = build_batch([[5, 6, 7], [8]], [[9, 2], [10, 11, 12]], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 9, 2, 0], [0, 0, 8, 10, 11, 12]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert b["response_mask"].tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    assert pad_logprobs([[-0.5, -1.0], [-0.25, -2.0, -0.75]], 3).tolist() == [[-0.5, -1.0, 0.0], [-0.25, -2.0, -0.75]]
+
+
+def test_epoch_order_is_seeded():
+    assert epoch_order(10, seed=1, epoch=0) == epoch_order(10, seed=1, epoch=0)
+    assert epoch_order(10, seed=1, epoch=0) != epoch_order(10, seed=1, epoch=1)
+    assert sorted(epoch_order(10, seed=1, epoch=0)) == list(range(10))
+
+
+def test_rollout_metrics_hand_numbers():
+    out = GenerationOutput(output_ids=[[1, 2], [3], [4, 5, 6, 7], [8]], logprobs=[[-1.0, -1.0], [-2.0], [0.0] * 4, [-1.0]],
+                           finish_reasons=["stop", "stop", "length", "stop"])
+    scored = [{"reward": r, "formatted": f, "correct_strict": cs, "correct_flexible": cf}
+              for r, f, cs, cf in [(1.0, 1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 0.0), (0.5, 0.0, 0.0, 1.0), (0.5, 0.0, 0.0, 1.0)]]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    adv = torch.tensor([0.7071, -0.7071, 0.0, 0.0])
+    batch = build_batch([[9]] * 4, out.output_ids, 0)
+    rollout_lp = pad_logprobs(out.logprobs, 4)
+    batch["old_logprobs"] = rollout_lp + 0.25 * batch["response_mask"]  # trainer differs by 0.25 on every token
+    timer = PhaseTimer({"generate": 2.0})
+    m = rollout_metrics(out, scored, rewards, adv, 2, batch, rollout_lp, timer)
+    assert m["reward/mean"] == 0.5 and m["reward/format_rate"] == 0.25 and m["reward/accuracy_flexible"] == 0.75
+    assert m["response_length/mean"] == 2.0 and m["response_length/max"] == 4.0
+    assert m["response/truncation_rate"] == 0.25
+    assert m["groups/zero_variance_fraction"] == 0.5  # group 2 has rewards (0.5, 0.5)
+    assert abs(m["policy/rollout_train_logprobs_abs_diff_mean"] - 0.25) < 1e-7
+    assert m["rollout/tokens"] == 8.0 and m["rollout/tokens_per_s"] == 4.0
