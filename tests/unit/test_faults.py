@@ -308,3 +308,18 @@ def test_ctrl_c_stops_cleanly(tiny, tmp_path):
     assert_no_partial_files(ckpt_dir, tmp_path / "runs" / "faults" / "intr")
     for d in ckpt_dir.glob("global_step_*"):
         assert (d / "COMPLETE").is_file(), d
+
+
+# ------------------------------------------------------------------------------------------ 1b driver only
+@pytest.mark.timeout(600)
+def test_sigkill_of_the_driver_alone_leaves_no_ray_process(tiny, tmp_path):
+    """``kill -9 <driver>`` (not its group): Ray's workers run in process groups of their own and its
+    agents outlive the raylet, so rlctl's watchdog (``rlctl.ray_job._start_reaper``) must sweep them."""
+    run = Run(overrides(tiny, tmp_path, "drv", 8), tmp_path, "drv")
+    ckpt_dir = tmp_path / "ckpts" / "faults" / "drv"
+    run.wait_for(lambda: (ckpt_dir / "global_step_1" / "COMPLETE").is_file(), 420, "checkpoint 1")
+    assert len(run.processes()) > 3  # driver, GCS, raylet, agents, workers
+    os.kill(run.proc.pid, signal.SIGKILL)
+    assert run.proc.wait(timeout=10) == -signal.SIGKILL
+    took = run.assert_no_survivors(grace=20)
+    print(f"\n[faults] SIGKILL of the driver alone: all run processes gone {took:.1f} s after the kill")
