@@ -4,8 +4,11 @@ names a key path (or the file / the override), and nothing heavy is imported."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +17,8 @@ from hypothesis import strategies as st
 
 from rlctl.config import LEAF_DEFAULTS, VLLM_GENERATOR_KEYS, VLLM_SAMPLING_KEYS, ConfigError, load_config
 
-EXAMPLES = 200
+# RLCTL_FUZZ_EXAMPLES lowers the count (test_fuzz_in_fresh_interpreter_imports_nothing_heavy uses 40)
+EXAMPLES = int(os.environ.get("RLCTL_FUZZ_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 HEAVY = ("torch", "ray", "sglang", "transformers", "vllm")
@@ -105,6 +109,35 @@ def test_fuzz_wrong_types_for_known_keys(path, value):
         check(run)
     except ConfigError:
         pytest.fail("ConfigError escaped check()")
+
+
+FRESH = r"""
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import test_config_fuzz as m
+
+class Factory:  # stands in for pytest's tmp_path_factory
+    def mktemp(self, name):
+        return Path(tempfile.mkdtemp(prefix=name))
+
+m.test_fuzz_overrides()
+m.test_fuzz_yaml_documents(Factory())
+m.test_fuzz_wrong_types_for_known_keys()
+heavy = sorted({n.split(".")[0] for n in sys.modules} & set(m.HEAVY))
+print("examples", sum(m.COUNTS.values()), "heavy", heavy)
+sys.exit(1 if heavy else 0)
+"""
+
+
+def test_fuzz_in_fresh_interpreter_imports_nothing_heavy():
+    """In this pytest process torch may already be imported by another test module, which would make
+    check()'s per-call import test vacuous; a fresh interpreter proves nothing heavy gets imported."""
+    r = subprocess.run([sys.executable, "-c", FRESH, str(Path(__file__).parent)], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "RLCTL_FUZZ_EXAMPLES": "40"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "heavy []" in r.stdout, r.stdout
+    COUNTS["fresh interpreter"] = int(r.stdout.split("examples", 1)[1].split()[0])
 
 
 def test_zz_report_counts(capsys):
