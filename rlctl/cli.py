@@ -18,11 +18,12 @@ import enum
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+
+from rlctl.metrics import write_text_atomic  # stdlib + rich only: keeps the CLI light
 
 if TYPE_CHECKING:  # pragma: no cover
     from rlctl.config import LoadedConfig
@@ -150,23 +151,6 @@ def _print_tree(loaded: "LoadedConfig") -> None:
     Console().print(f"run dir: {loaded.cfg.run_dir}\ncheckpoints: {loaded.cfg.ckpt_dir}", highlight=False)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 @app.command("check-config")
 def check_config(
     overrides: OverridesArg = None,
@@ -200,7 +184,7 @@ def train(
     run_dir = loaded.cfg.run_dir
     if dry_run:
         try:
-            _write_atomic(run_dir / "config.yaml", _rendered(loaded, "yaml"))
+            write_text_atomic(run_dir / "config.yaml", _rendered(loaded, "yaml"))
         except OSError as exc:
             _err(f"rlctl: cannot write {run_dir / 'config.yaml'}: {exc}")
             raise typer.Exit(2) from None

@@ -25,9 +25,7 @@ Test: ``pytest tests/unit/test_trainer.py`` (a 1- and 2-rank gloo group on CPU w
 from __future__ import annotations
 
 import math
-import os
 import random
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -219,7 +217,7 @@ class PolicyTrainer:
         Raises:
             RuntimeError: ``trainer.max_bad_steps`` non-finite optimizer steps in a row.
         """
-        algo, tcfg = self.algo, self.tcfg
+        tcfg = self.tcfg
         n = batch["input_ids"].shape[0]
         micro = tcfg.micro_train_batch_size_per_gpu
         sums: dict[str, float] = {}
