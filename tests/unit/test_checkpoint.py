@@ -69,3 +69,29 @@ def test_resume_modes(tmp_path):
         Checkpointer(tmp_path, "m", -1, "from_path", "/nope").resolve_resume()
     p = _ckpt(tmp_path, 5)
     assert Checkpointer(tmp_path, "m", -1, "from_path", str(p)).resolve_resume() == p
+
+
+def test_killed_between_marker_and_rename_is_not_latest(tmp_path):
+    """The marker is written inside the temporary folder before the rename: a run killed between the
+    two leaves a marked .tmp folder, which must not count (nor a file or odd name posing as a step)."""
+    _ckpt(tmp_path, 3)
+    tmp = tmp_path / ".tmp-global_step_4-77"
+    (tmp / "policy").mkdir(parents=True)
+    (tmp / MARKER).write_text("{}")
+    (tmp_path / "global_step_5").write_text("not a folder")
+    (tmp_path / "global_step_x6" / "policy").mkdir(parents=True)
+    (tmp_path / "global_step_x6" / MARKER).write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "global_step_3"
+
+
+def test_interrupted_save_leaves_no_partial_folder_and_discard_is_per_process(tmp_path):
+    c = Checkpointer(tmp_path, "m", keep=-1, resume_mode="latest", resume_path=None)
+    with pytest.raises(KeyboardInterrupt):
+        c.save(_FakeTrainers(fail=True), {"step": 1})
+    assert os.listdir(tmp_path) == []
+    mine = tmp_path / f".tmp-global_step_2-{os.getpid()}"  # as an actor still writing would leave it
+    (mine / "policy").mkdir(parents=True)
+    other = tmp_path / ".tmp-global_step_2-999999"  # another process's: not ours to delete
+    other.mkdir()
+    assert c.discard_partial() == [mine]
+    assert sorted(os.listdir(tmp_path)) == [other.name]
