@@ -350,5 +350,9 @@ def rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, time
         "rollout/tokens": lengths.sum().item(),
         "rollout/tokens_per_s": lengths.sum().item() / gen_s if gen_s > 0 else math.nan,
         "train/loss_tokens": mask.sum().item(),
+        # prompt + response tokens the trainer runs forward/backward over per update epoch (no padding);
+        # benchmarks/step_breakdown.py turns them into training tokens/s and MFU
+        "train/tokens": float(batch["attention_mask"].sum().item()),
+        "train/padded_tokens": float(batch["attention_mask"].numel()),
     }
     return m
