@@ -462,7 +462,8 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     colocated = cfg.trainer.placement.colocate_all and with_trainer
-    workers = cfg.num_policy_workers
+    # without a trainer (rlctl eval) no trainer bundles are reserved: the engines get the GPUs
+    workers = cfg.num_policy_workers if with_trainer else 0
     engines = cfg.generator.num_inference_engines
     gpu = 1 if device == "cuda" else 0
     if colocated:
@@ -484,7 +485,7 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
             f"(cluster has {ray.cluster_resources()}). Lower trainer.placement.policy_num_gpus_per_node / "
             "trainer.placement.policy_num_nodes / generator.num_inference_engines, set ray.num_cpus / "
             "ray.num_gpus, or raise ray.placement_group_timeout_s") from None
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers or engines))
     share = 0.5 if colocated else 1.0
 
     def strategy(i):
