@@ -649,7 +649,6 @@ def train(loaded) -> dict[str, Any]:
         # process's partial checkpoint folder, then stop the local cluster. A second Ctrl-C while
         # cleaning up is ignored so that the cleanup finishes.
         import signal
-
         import threading
 
         main = threading.current_thread() is threading.main_thread()
