@@ -856,9 +856,25 @@ _EXTRA_NAMES: dict[str, dict[str, str]] = {
 _ALL_LEAVES = list(LEAF_DEFAULTS)
 
 
+# names users bring from other trainers (TRL, HF Trainer, verl) for rlctl's keys
+_SYNONYMS = {
+    "learning_rate": "trainer.policy.optimizer_config.lr",
+    "max_grad_norm": "trainer.policy.optimizer_config.max_grad_norm",
+    "num_generations": "generator.n_samples_per_prompt",
+    "max_completion_length": "generator.sampling_params.max_new_tokens",
+    "max_prompt_length": "trainer.max_prompt_length",
+    "beta": "trainer.algorithm.kl_loss_coef",
+    "epsilon": "trainer.algorithm.eps_clip_low",
+    "rollout_n": "generator.n_samples_per_prompt",
+    "model_name_or_path": "trainer.policy.model.path",
+}
+
+
 def _suggest(path: str, siblings: list[str]) -> str:
     prefix, _, last = path.rpartition(".")
     pre = f"{prefix}." if prefix else ""
+    if last in _SYNONYMS and _SYNONYMS[last] != path:
+        return f"; did you mean {_SYNONYMS[last]}?"
     # 1) a close sibling, 2) a leaf elsewhere with the same or a close last segment, 3) a looser sibling
     close = difflib.get_close_matches(last, siblings, n=1, cutoff=0.8)
     if close:

@@ -26,7 +26,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-KEY_METRICS = ("reward/mean", "reward/accuracy_flexible", "response_length/mean", "policy/grad_norm", "timing/step")
+# (metric, label, unit) shown on the console line of each step
+KEY_METRICS = (("reward/mean", "reward", ""), ("reward/accuracy_strict", "acc_strict", ""),
+               ("reward/accuracy_flexible", "acc_flex", ""), ("response_length/mean", "resp_len", " tok"),
+               ("policy/grad_norm", "grad_norm", ""), ("groups/zero_variance_fraction", "flat_groups", ""),
+               ("timing/step", "step_time", " s"))
 PACKAGES = ("rlctl", "torch", "transformers", "ray", "sglang", "pydantic", "datasets", "pyarrow")
 
 
@@ -80,7 +84,7 @@ class RunLogger:
                  redacted_config: dict, console: Console | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         write_text_atomic(self.run_dir / "config.yaml", config_yaml)
         write_text_atomic(self.run_dir / "versions.json",
                           json.dumps({"packages": package_versions(), "git_commit": git_commit()}, indent=2))
@@ -124,8 +128,7 @@ class RunLogger:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        shown = "  ".join(f"{k.split('/')[-1] if k != 'reward/accuracy_flexible' else 'acc_flex'}="
-                          f"{metrics[k]:.4g}" for k in KEY_METRICS if k in metrics)
+        shown = "  ".join(f"{label}={metrics[k]:.4g}{unit}" for k, label, unit in KEY_METRICS if k in metrics)
         evals = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/accuracy"))
         self.console.log(f"step {step}: {shown}  {evals}".rstrip())
         if self.progress is not None and step > 0:

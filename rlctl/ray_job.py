@@ -604,7 +604,7 @@ def train(loaded) -> dict[str, Any]:
     from rlctl.metrics import RunLogger
 
     cfg = loaded.cfg
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     device = resolve_device(cfg)
     import yaml
 

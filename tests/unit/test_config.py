@@ -553,3 +553,10 @@ def test_split_placement_with_sglang_is_refused():
     err = one_error("trainer.placement.colocate_all=false")
     assert err.startswith("trainer.placement.colocate_all=false: split placement with SGLang (NCCL weight broadcast) "
                           "is not supported by this rlctl version yet")
+
+
+def test_names_from_other_trainers_get_a_suggestion():
+    hint = "unknown key; did you mean trainer.policy.optimizer_config.lr?; remove or rename it"
+    assert one_error("trainer.learning_rate=1e-6").endswith(hint)
+    assert one_error("trainer.policy.optimizer_config.learning_rate=1e-6").endswith(hint)
+    assert "did you mean generator.n_samples_per_prompt?" in one_error("generator.num_generations=8")

@@ -247,7 +247,7 @@ def test_sigkill_process_group_then_resume_matches_uninterrupted(tiny, tmp_path)
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("cls, label", [("GeneratorWorker", "generator-0"), ("TrainerWorker", "trainer-0")])
 def test_actor_killed_mid_run_exits_nonzero_naming_it(tiny, tmp_path, cls, label):
-    run = Run(overrides(tiny, tmp_path, "die", 6), tmp_path, f"die-{label}")
+    run = Run(overrides(tiny, tmp_path, "die", 30), tmp_path, f"die-{label}")
     ckpt_dir = tmp_path / "ckpts" / "faults" / "die"
     run.wait_for(lambda: (ckpt_dir / "global_step_1" / "COMPLETE").is_file(), 420, "checkpoint 1")
     os.kill(actor_pid(run, cls), signal.SIGKILL)
@@ -291,7 +291,7 @@ def test_trainer_runtime_error_is_a_clear_message_and_keeps_checkpoint(tiny, tmp
 # ------------------------------------------------------------------------------------------ 4 Ctrl-C
 @pytest.mark.timeout(600)
 def test_ctrl_c_stops_cleanly(tiny, tmp_path):
-    run = Run(overrides(tiny, tmp_path, "intr", 8), tmp_path, "intr")
+    run = Run(overrides(tiny, tmp_path, "intr", 30), tmp_path, "intr")
     ckpt_dir = tmp_path / "ckpts" / "faults" / "intr"
     run.wait_for(lambda: (ckpt_dir / "global_step_1" / "COMPLETE").is_file(), 420, "checkpoint 1")
     time.sleep(0.5)  # land inside step 2
@@ -315,7 +315,7 @@ def test_ctrl_c_stops_cleanly(tiny, tmp_path):
 def test_sigkill_of_the_driver_alone_leaves_no_ray_process(tiny, tmp_path):
     """``kill -9 <driver>`` (not its group): Ray's workers run in process groups of their own and its
     agents outlive the raylet, so rlctl's watchdog (``rlctl.ray_job._start_reaper``) must sweep them."""
-    run = Run(overrides(tiny, tmp_path, "drv", 8), tmp_path, "drv")
+    run = Run(overrides(tiny, tmp_path, "drv", 30), tmp_path, "drv")
     ckpt_dir = tmp_path / "ckpts" / "faults" / "drv"
     run.wait_for(lambda: (ckpt_dir / "global_step_1" / "COMPLETE").is_file(), 420, "checkpoint 1")
     assert len(run.processes()) > 3  # driver, GCS, raylet, agents, workers
