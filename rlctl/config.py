@@ -1298,24 +1298,33 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     n = g.n_samples_per_prompt
     if n < 2:
         c.error("generator.n_samples_per_prompt", n, "GRPO compares samples of the same prompt, it needs at least 2; e.g. generator.n_samples_per_prompt=5")
+    mini_seqs = t.policy_mini_batch_size * n
+    step_seqs = t.micro_train_batch_size_per_gpu * workers
     if t.train_batch_size % t.policy_mini_batch_size:
-        divisors = [d for d in range(1, t.train_batch_size + 1) if t.train_batch_size % d == 0][-4:] if t.train_batch_size < 10**6 else []
+        # suggest mini-batches that also satisfy the micro-batch rule below, and train batches that fit
+        divisors = [d for d in range(1, min(t.train_batch_size, 10**5) + 1)
+                    if t.train_batch_size % d == 0 and (d * n) % step_seqs == 0][-4:]
+        lower = t.train_batch_size - t.train_batch_size % t.policy_mini_batch_size
+        multiples = [m for m in (lower, lower + t.policy_mini_batch_size) if m > 0]
         c.error(
             "trainer.policy_mini_batch_size",
             t.policy_mini_batch_size,
             f"trainer.train_batch_size={t.train_batch_size} prompts must be a multiple of trainer.policy_mini_batch_size="
-            f"{t.policy_mini_batch_size} prompts; use a divisor of {t.train_batch_size}"
-            + (f" (e.g. {', '.join(map(str, divisors))})" if divisors else ""),
+            f"{t.policy_mini_batch_size} prompts; set trainer.train_batch_size to a multiple of {t.policy_mini_batch_size}"
+            f" (e.g. {' or '.join(map(str, multiples))})"
+            + (f", or trainer.policy_mini_batch_size to a divisor of {t.train_batch_size} that also fits the micro-batches"
+               f" (e.g. {', '.join(map(str, divisors))})" if divisors else ""),
         )
-    mini_seqs = t.policy_mini_batch_size * n
-    step_seqs = t.micro_train_batch_size_per_gpu * workers
     if mini_seqs % step_seqs:
+        fits = [m for m in range(1, mini_seqs + 1) if mini_seqs % (m * workers) == 0]
+        micros = sorted(sorted(fits, key=lambda m: abs(m - t.micro_train_batch_size_per_gpu))[:3])
         c.error(
             "trainer.micro_train_batch_size_per_gpu",
             t.micro_train_batch_size_per_gpu,
             f"a mini-batch of trainer.policy_mini_batch_size={t.policy_mini_batch_size} prompts x generator.n_samples_per_prompt={n} "
             f"= {mini_seqs} sequences must split evenly into trainer.micro_train_batch_size_per_gpu={t.micro_train_batch_size_per_gpu} "
-            f"x {workers} policy workers = {step_seqs} sequences per micro-step; change one of these keys",
+            f"x {workers} policy workers = {step_seqs} sequences per micro-step; change one of these keys"
+            + (f" (e.g. trainer.micro_train_batch_size_per_gpu={' or '.join(map(str, micros))})" if micros else ""),
         )
 
     # --- resume / algorithm / eval

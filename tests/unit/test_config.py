@@ -414,11 +414,21 @@ def test_stop_string_error_for_hf_too():
 
 def test_batch_size_rules_name_sequence_counts():
     err = one_error("trainer.train_batch_size=100", "trainer.policy_mini_batch_size=40", "trainer.micro_train_batch_size_per_gpu=1")
+    # suggestions: multiples of 40 around 100, and divisors d of 100 whose d x 5 sequences split over
+    # micro 1 x 4 workers (d a multiple of 4): 4, 20, 100 -- each suggestion passes every batch rule
     assert err.startswith("trainer.policy_mini_batch_size=40: trainer.train_batch_size=100 prompts must be a multiple of "
-                          "trainer.policy_mini_batch_size=40 prompts; use a divisor of 100 (e.g. 20, 25, 50, 100)")
+                          "trainer.policy_mini_batch_size=40 prompts; set trainer.train_batch_size to a multiple of 40 "
+                          "(e.g. 80 or 120), or trainer.policy_mini_batch_size to a divisor of 100 that also fits the "
+                          "micro-batches (e.g. 4, 20, 100)")
+    for fix in (["trainer.train_batch_size=80"], ["trainer.train_batch_size=120"], ["trainer.policy_mini_batch_size=4"],
+                ["trainer.policy_mini_batch_size=20"]):
+        load_config(overrides=["trainer.train_batch_size=100", "trainer.policy_mini_batch_size=40",
+                               "trainer.micro_train_batch_size_per_gpu=1", *fix])
     err = one_error("trainer.train_batch_size=64", "trainer.policy_mini_batch_size=16", "generator.n_samples_per_prompt=5",
                     "trainer.micro_train_batch_size_per_gpu=3")
     assert "= 80 sequences must split evenly into trainer.micro_train_batch_size_per_gpu=3 x 4 policy workers = 12 sequences" in err
+    # 80 = 4 workers x m x k for m in {1, 2, 4, 5, 10, 20}; the three closest to 3 (ties: smaller first)
+    assert err.endswith("(e.g. trainer.micro_train_batch_size_per_gpu=1 or 2 or 4)")
     # valid: 16 prompts x 5 = 80 sequences = 4 workers x micro 4 x 5 accumulation steps
     load_config(overrides=["trainer.train_batch_size=64", "trainer.policy_mini_batch_size=16", "trainer.micro_train_batch_size_per_gpu=4"])
 
