@@ -588,6 +588,17 @@ def _describe_ray_error(e: BaseException) -> str:
     return f"{type(e).__name__}: " + (" | ".join(lines[-3:]) if lines else "(no message)")
 
 
+def _restore_ctrl_c() -> None:
+    """Make Ctrl-C (SIGINT) raise KeyboardInterrupt even when the shell started us with SIGINT ignored
+    (a background job of a non-interactive shell inherits SIG_IGN, and Python then keeps it): the run
+    must always be stoppable cleanly. Main thread only (signal handlers cannot be set elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def train(loaded) -> dict[str, Any]:
     """Run the training job of a validated config (``rlctl train``). Returns the loop's summary.
 
@@ -605,6 +616,7 @@ def train(loaded) -> dict[str, Any]:
 
     cfg = loaded.cfg
     console = Console(stderr=True, soft_wrap=True)
+    _restore_ctrl_c()
     device = resolve_device(cfg)
     import yaml
 
