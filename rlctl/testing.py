@@ -138,3 +138,49 @@ def build_tiny_llama(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def tiny_run_overrides(model_path: str, root: str | os.PathLike, run_name: str, max_steps: int, *, workers: int = 1,
+                       reward_fn: str | None = None, **extra: object) -> list[str]:
+    """``key=value`` overrides for a seconds-long CPU training run of a tiny model (tests only).
+
+    The run uses the bundled GSM8K sample, 2 prompts x 4 samples per step, 12 new tokens, the ``hf``
+    backend's shapes on ``workers`` trainer workers / engines, a checkpoint every step, no eval, KL
+    and weight decay off and a high learning rate (so two steps visibly change the policy). Outputs
+    go under ``root/runs`` and ``root/ckpts``. ``reward_fn`` (``"file.py:function"``) replaces the
+    GSM8K reward; ``extra`` keys (dotted paths) override any of the above.
+    """
+    from rlctl.gsm8k import SAMPLE_DIR
+
+    root = Path(root)
+    o: dict[str, object] = {
+        "trainer.policy.model.path": model_path,
+        "data.train_data": f"['{SAMPLE_DIR}/train.parquet']",
+        "data.val_data": f"['{SAMPLE_DIR}/validation.parquet']",
+        "trainer.placement.policy_num_gpus_per_node": workers,
+        "generator.num_inference_engines": workers,
+        "trainer.train_batch_size": 2,
+        "trainer.policy_mini_batch_size": 2,
+        "generator.n_samples_per_prompt": 4,
+        "trainer.micro_train_batch_size_per_gpu": 2,
+        "trainer.micro_forward_batch_size_per_gpu": 4,
+        "trainer.max_prompt_length": 1024,
+        "generator.sampling_params.max_new_tokens": 12,
+        "trainer.eval_before_train": "false",
+        "trainer.eval_interval": -1,
+        "trainer.max_steps": max_steps,
+        "trainer.ckpt_interval": 1,
+        "trainer.max_ckpts_to_keep": 5,
+        "trainer.algorithm.use_kl_loss": "false",
+        "trainer.policy.optimizer_config.weight_decay": 0.0,
+        "trainer.policy.optimizer_config.lr": 2e-3,
+        "trainer.gradient_checkpointing": "false",
+        "trainer.device": "cpu",
+        "trainer.log_path": str(root / "runs"),
+        "trainer.ckpt_path": str(root / "ckpts"),
+        "trainer.run_name": run_name,
+    }
+    if reward_fn:
+        o["environment.reward.custom_reward_fn"] = reward_fn
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]

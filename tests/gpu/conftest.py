@@ -13,6 +13,7 @@ import os
 import pytest
 
 DEFAULT_MODEL = "/tmp/models/smollm2-135m-instruct"
+MEM_FRACTION = 0.3  # engine share of the GPU in the engine tests
 
 QUESTIONS = [
     "What is 12 + 7?", "Name three primary colors.", "Write a haiku about the sea.", "What is the capital of France?",
@@ -93,3 +94,31 @@ def prompt_ids(tokenizer) -> list[list[int]]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         out.append(tokenizer(text, add_special_tokens=False).input_ids)
     return out
+
+
+@pytest.fixture(scope="module")
+def gen(model_path):
+    """A colocated ``SGLangGenerator`` (CUDA graphs off, 30% of the GPU), shut down after the module."""
+    pytest.importorskip("sglang")
+    from rlctl.generator.sglang import SGLangGenerator
+
+    g = SGLangGenerator(model_path, mem_fraction_static=MEM_FRACTION, disable_cuda_graph=True, colocated=True,
+                        log_level="error", seed=0)
+    yield g
+    g.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_path):
+    """The checkpoint as a bf16 transformers model on the GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda().eval()
+
+
+@pytest.fixture(scope="module")
+def hf_named(hf_model):
+    """The checkpoint's weights as SGLang expects them (HF names, tied lm_head left out)."""
+    tied = bool(getattr(hf_model.config, "tie_word_embeddings", False))
+    return [(n, p.data) for n, p in hf_model.named_parameters() if not (tied and n == "lm_head.weight")]

@@ -22,28 +22,10 @@ torch = pytest.importorskip("torch")
 GiB = 1 << 30
 CYCLES = 50
 MAX_DRIFT_BYTES = 1 * GiB
-MEM_FRACTION = 0.3
 
 
-@pytest.fixture(scope="module")
-def gen(model_path):
-    pytest.importorskip("sglang")
-    from rlctl.generator.sglang import SGLangGenerator
-
-    g = SGLangGenerator(model_path, mem_fraction_static=MEM_FRACTION, disable_cuda_graph=True, colocated=True,
-                        log_level="error", seed=0)
-    yield g
-    g.shutdown()
 
 
-@pytest.fixture(scope="module")
-def hf_named(model_path):
-    """The checkpoint's weights as named bf16 CUDA tensors (tied lm_head left out, as SGLang expects)."""
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda().eval()
-    tied = bool(getattr(m.config, "tie_word_embeddings", False))
-    return [(n, p.data) for n, p in m.named_parameters() if not (tied and n == "lm_head.weight")]
 
 
 def _free() -> int:

@@ -23,7 +23,6 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 GiB = 1 << 30
-MEM_FRACTION = 0.3
 STATE: dict = {}
 
 
@@ -33,30 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def gen(model_path):
-    pytest.importorskip("sglang")
-    from rlctl.generator.sglang import SGLangGenerator
-
-    g = SGLangGenerator(model_path, mem_fraction_static=MEM_FRACTION, disable_cuda_graph=True, colocated=True,
-                        log_level="error", seed=0)
-    yield g
-    g.shutdown()
 
 
-@pytest.fixture(scope="module")
-def hf_model(model_path):
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda().eval()
-    return m
 
 
-@pytest.fixture(scope="module")
-def hf_named(hf_model):
-    """The checkpoint's weights as SGLang expects them (HF names, tied lm_head left out)."""
-    tied = bool(getattr(hf_model.config, "tie_word_embeddings", False))
-    return [(n, p.data) for n, p in hf_model.named_parameters() if not (tied and n == "lm_head.weight")]
 
 
 def _greedy(sampling_cls, stop_ids, n=96):

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from rlctl.gsm8k import SAMPLE_DIR
-from rlctl.testing import build_tiny_llama
+from rlctl.testing import build_tiny_llama, tiny_run_overrides
 
 pytestmark = [pytest.mark.ray]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "test_rewards.py"
@@ -44,40 +43,8 @@ def tiny(tmp_path_factory):
 
 
 def overrides(tiny: str, root: Path, run: str, max_steps: int, **extra) -> list[str]:
-    o = {
-        "trainer.policy.model.path": tiny,
-        "data.train_data": f"['{SAMPLE_DIR}/train.parquet']",
-        "data.val_data": f"['{SAMPLE_DIR}/validation.parquet']",
-        "trainer.placement.policy_num_gpus_per_node": 1,
-        "generator.num_inference_engines": 1,
-        "trainer.train_batch_size": 2,
-        "trainer.policy_mini_batch_size": 2,
-        "generator.n_samples_per_prompt": 4,
-        "trainer.micro_train_batch_size_per_gpu": 2,
-        "trainer.micro_forward_batch_size_per_gpu": 4,
-        "trainer.max_prompt_length": 1024,
-        "generator.sampling_params.max_new_tokens": 12,
-        "trainer.eval_before_train": "false",
-        "trainer.eval_interval": -1,
-        "trainer.max_steps": max_steps,
-        "trainer.ckpt_interval": 1,
-        "trainer.max_ckpts_to_keep": 5,
-        "trainer.algorithm.use_kl_loss": "false",
-        "trainer.policy.optimizer_config.weight_decay": 0.0,
-        "trainer.policy.optimizer_config.lr": 2e-3,
-        "trainer.gradient_checkpointing": "false",
-        "trainer.device": "cpu",
-        "trainer.seed": 7,
-        "trainer.log_path": str(root / "runs"),
-        "trainer.ckpt_path": str(root / "ckpts"),
-        "trainer.run_name": run,
-        "trainer.project_name": "faults",
-        "trainer.logger": "console",
-        "ray.num_cpus": 2,
-        "environment.reward.custom_reward_fn": f"{FIXTURES}:even_token_fraction",
-    }
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
+    return tiny_run_overrides(tiny, root, run, max_steps, reward_fn=f"{FIXTURES}:even_token_fraction", **{
+        "trainer.seed": 7, "trainer.project_name": "faults", "trainer.logger": "console", "ray.num_cpus": 2, **extra})
 
 
 class Run:
