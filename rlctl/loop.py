@@ -208,7 +208,12 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
     mini_per_rank = t_cfg.policy_mini_batch_size * n // trainers.world_size
     reward_fn = make_reward_fn(cfg.environment)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
-    eval_sampling = sampling_from(g_cfg.eval_sampling_params, stop_token_ids, seed=t_cfg.seed)
+    # per-step sampling seeds derive from generator.sampling_params.seed (else trainer.seed): reproducible
+    # rollouts, so a resumed run repeats the uninterrupted one
+    seed_base = g_cfg.sampling_params.seed if g_cfg.sampling_params.seed is not None else t_cfg.seed
+    eval_seed = g_cfg.eval_sampling_params.seed
+    eval_sampling = sampling_from(g_cfg.eval_sampling_params, stop_token_ids,
+                                  seed=eval_seed if eval_seed is not None else t_cfg.seed)
     eval_enabled = val is not None and (t_cfg.eval_interval > 0 or t_cfg.eval_before_train)
 
     # 0 resume: the generators get the restored weights before the first rollout (weight_sync phase)
@@ -224,14 +229,17 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
     wall_start = time.time()
     stopped_because = "max_steps" if t_cfg.max_steps is not None and total_steps == t_cfg.max_steps else "epochs"
     last_eval: dict[str, float] = {}
+    def run_eval() -> dict[str, float]:
+        return evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
+
     if state.step == 0 and t_cfg.eval_before_train and val is not None:
         timer = PhaseTimer()
         with timer("eval"):
-            last_eval = evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
+            last_eval = run_eval()
         logger.log(0, {**last_eval, **timer.metrics()})
 
     logger.start_progress(total_steps, state.step)
-    evaluated_at = checkpointed_at = state.step
+    checkpointed_at = state.step
     while state.step < total_steps:
         step = state.step + 1
         timer = PhaseTimer()
@@ -240,7 +248,7 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         idx = order[pos:pos + t_cfg.train_batch_size]
         prompts = [train.prompt_ids[i] for i in idx for _ in range(n)]  # group-major: n samples per prompt
         rows = [train.rows[i] for i in idx for _ in range(n)]
-        sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=t_cfg.seed * 1_000_003 + step)
+        sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=seed_base * 1_000_003 + step)
 
         # 1 generate (the weight push happened in phase 6 of the previous step, or here after a resume/eval)
         with timer("weight_sync"):
@@ -285,25 +293,19 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         with timer("weight_sync"):
             ensure_weights()
 
-        # 7 eval
+        # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
         metrics.update(train_metrics)
         metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
         metrics["data/epoch"] = float(epoch)
         metrics["data/dropped_long_prompts"] = float(train.dropped_too_long)
-        if t_cfg.eval_interval > 0 and step % t_cfg.eval_interval == 0 and val is not None:
-            with timer("eval"):
-                last_eval = evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
-            metrics.update(last_eval)
-            evaluated_at = step
         state.step = step
         out_of_time = t_cfg.max_wall_time_s is not None and time.time() - wall_start >= t_cfg.max_wall_time_s
         final = step == total_steps or out_of_time
-        if final and eval_enabled and evaluated_at != step:
+        if (t_cfg.eval_interval > 0 and step % t_cfg.eval_interval == 0 and val is not None) or (final and eval_enabled):
             with timer("eval"):
-                last_eval = evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
+                last_eval = run_eval()
             metrics.update(last_eval)
-            evaluated_at = step
 
         # 8 log
         with timer("log"):

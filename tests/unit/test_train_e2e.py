@@ -116,10 +116,14 @@ def test_split_placement_two_engines_get_the_weights(ray_cluster, tiny, tmp_path
     from rlctl.ray_job import train
 
     loaded = load_config(overrides=_overrides(tiny, tmp_path, "split", 2, workers=1, **{
-        "trainer.placement.colocate_all": "false", "generator.num_inference_engines": 2}), backend="hf", for_training=True)
+        "trainer.placement.colocate_all": "false", "generator.num_inference_engines": 2,
+        "trainer.eval_before_train": "true"}), backend="hf", for_training=True)
     assert train(loaded)["last_step"] == 2
     rows = {r["step"]: r for r in _metrics(Path(loaded.cfg.run_dir))}
     assert rows[2]["policy/rollout_train_logprobs_abs_diff_mean"] < 1e-4
+    # eval before training and once after the last step (eval_interval=-1), on the 32-row sample
+    assert [s for s in sorted(rows) if "eval/num_problems" in rows[s]] == [0, 2]
+    assert rows[0]["eval/num_problems"] == 32.0 and rows[2]["eval/num_problems"] == 32.0
 
 
 def test_eval_command_scores_the_validation_split(ray_cluster, tiny, tmp_path):
