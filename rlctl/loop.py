@@ -145,6 +145,13 @@ def sampling_from(params, stop_token_ids: Sequence[int], seed: int | None) -> Sa
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def eval_sampling_from(cfg, stop_token_ids: Sequence[int]) -> Sampling:
+    """Eval sampling of a run config: ``generator.eval_sampling_params``, seeded by its ``seed`` if set,
+    else ``trainer.seed`` (used by the loop's evals and by ``rlctl eval``)."""
+    params = cfg.generator.eval_sampling_params
+    return sampling_from(params, stop_token_ids, seed=params.seed if params.seed is not None else cfg.trainer.seed)
+
+
 def evaluate(generators, prompts: PromptData, tokenizer, sampling: Sampling, batch_size: int,
              ensure_weights: Callable[[], None]) -> dict[str, float]:
     """Greedy pass@1 on a validation split: strict and flexible accuracy, format rate, lengths.
@@ -175,14 +182,6 @@ def evaluate(generators, prompts: PromptData, tokenizer, sampling: Sampling, bat
 
 
 # ---------------------------------------------------------------------------------------------- loop
-@dataclass
-class LoopState:
-    """Where the run is: the last finished step and the data position; saved in checkpoints."""
-
-    step: int = 0
-    start_time: float = field(default_factory=time.time)
-
-
 def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData | None, logger,
         checkpointer, stop_token_ids: Sequence[int]) -> dict[str, Any]:
     """Run GRPO until ``trainer.max_steps``, the end of ``trainer.epochs`` or ``trainer.max_wall_time_s``.
@@ -211,17 +210,15 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
     # per-step sampling seeds derive from generator.sampling_params.seed (else trainer.seed): reproducible
     # rollouts, so a resumed run repeats the uninterrupted one
     seed_base = g_cfg.sampling_params.seed if g_cfg.sampling_params.seed is not None else t_cfg.seed
-    eval_seed = g_cfg.eval_sampling_params.seed
-    eval_sampling = sampling_from(g_cfg.eval_sampling_params, stop_token_ids,
-                                  seed=eval_seed if eval_seed is not None else t_cfg.seed)
+    eval_sampling = eval_sampling_from(cfg, stop_token_ids)
     eval_enabled = val is not None and (t_cfg.eval_interval > 0 or t_cfg.eval_before_train)
 
     # 0 resume: the generators get the restored weights before the first rollout (weight_sync phase)
-    state = LoopState()
+    done = 0  # last finished step; the data position follows from it (saved in checkpoints as "step")
     restored = checkpointer.restore(trainers)
     if restored is not None:
-        state.step = restored["step"]
-        logger.truncate_after(state.step)
+        done = restored["step"]
+        logger.truncate_after(done)
     for note in checkpointer.notes:
         logger.console.log(f"note: {note}")
     generators.mark_stale()
@@ -232,16 +229,15 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
     def run_eval() -> dict[str, float]:
         return evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
 
-    if state.step == 0 and t_cfg.eval_before_train and val is not None:
+    if done == 0 and t_cfg.eval_before_train and val is not None:
         timer = PhaseTimer()
         with timer("eval"):
             last_eval = run_eval()
         logger.log(0, {**last_eval, **timer.metrics()})
 
-    logger.start_progress(total_steps, state.step)
-    checkpointed_at = state.step
-    while state.step < total_steps:
-        step = state.step + 1
+    logger.start_progress(total_steps, done)
+    while done < total_steps:
+        step = done + 1
         timer = PhaseTimer()
         epoch, pos = divmod((step - 1) * t_cfg.train_batch_size, steps_per_epoch * t_cfg.train_batch_size)
         order = epoch_order(len(train.prompt_ids), t_cfg.seed, epoch)
@@ -299,7 +295,7 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
         metrics["data/epoch"] = float(epoch)
         metrics["data/dropped_long_prompts"] = float(train.dropped_too_long)
-        state.step = step
+        done = step
         out_of_time = t_cfg.max_wall_time_s is not None and time.time() - wall_start >= t_cfg.max_wall_time_s
         final = step == total_steps or out_of_time
         if (t_cfg.eval_interval > 0 and step % t_cfg.eval_interval == 0 and val is not None) or (final and eval_enabled):
@@ -315,7 +311,6 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
             with timer("checkpoint"):
                 checkpointer.save(trainers, {"step": step})
-            checkpointed_at = step
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(timer.seconds.values())
         logger.log(step, metrics)
@@ -323,8 +318,7 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
             stopped_because = "max_wall_time_s"
             break
     logger.finish_progress()
-    return {"last_step": state.step, "stopped_because": stopped_because, "final_eval": last_eval,
-            "checkpointed_at": checkpointed_at}
+    return {"last_step": done, "stopped_because": stopped_because, "final_eval": last_eval}
 
 
 def rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer) -> dict[str, float]:

@@ -183,9 +183,6 @@ class TrainerGroup:
         self.colocated = colocated
         self.on_gpu = True
 
-    def _get(self, refs):
-        return get_all(refs)
-
     def _shards(self, batch: dict) -> list[dict]:
         n = batch["input_ids"].shape[0]
         per = n // self.world_size
@@ -194,40 +191,40 @@ class TrainerGroup:
     def compute_logprobs(self, batch: dict, temperature: float, which: str):
         import torch
 
-        outs = self._get([w.compute_logprobs.remote(s, temperature, which)
+        outs = get_all([w.compute_logprobs.remote(s, temperature, which)
                           for w, s in zip(self.workers, self._shards(batch))])
         return torch.cat(outs, 0)
 
     def train_step(self, batch: dict, temperature: float, mini_batch_size: int) -> dict[str, float]:
-        results = self._get([w.train_step.remote(s, temperature, mini_batch_size)
+        results = get_all([w.train_step.remote(s, temperature, mini_batch_size)
                              for w, s in zip(self.workers, self._shards(batch))])
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     def onload(self) -> None:
         if not self.on_gpu:
-            self._get([w.onload.remote() for w in self.workers])
+            get_all([w.onload.remote() for w in self.workers])
             self.on_gpu = True
 
     def offload(self) -> None:
         if self.on_gpu and self.colocated:
-            self._get([w.offload.remote() for w in self.workers])
+            get_all([w.offload.remote() for w in self.workers])
             self.on_gpu = False
 
     def push_weights(self, generators: list, backend: str) -> dict[str, float]:
         """Generator j gets the weights from rank ``j % world_size`` (its bundle's rank when colocated);
         every rank takes part in gathering the full tensors."""
         targets = [[g for j, g in enumerate(generators) if j % self.world_size == r] for r in range(self.world_size)]
-        stats = self._get([w.push_weights.remote(t, backend) for w, t in zip(self.workers, targets)])
+        stats = get_all([w.push_weights.remote(t, backend) for w, t in zip(self.workers, targets)])
         return stats[0]
 
     def save_checkpoint(self, policy_dir, state_path, model_path, extra) -> None:
         self.onload()
-        self._get([w.save_checkpoint.remote(str(policy_dir), str(state_path), model_path, extra)
+        get_all([w.save_checkpoint.remote(str(policy_dir), str(state_path), model_path, extra)
                    for w in self.workers])
 
     def load_checkpoint(self, policy_dir, state_path) -> dict:
         self.onload()
-        return self._get([w.load_checkpoint.remote(str(policy_dir), str(state_path)) for w in self.workers])[0]
+        return get_all([w.load_checkpoint.remote(str(policy_dir), str(state_path)) for w in self.workers])[0]
 
 
 class GeneratorGroup:
@@ -240,11 +237,7 @@ class GeneratorGroup:
     def __init__(self, workers: list, backend: str, colocated: bool) -> None:
         self.workers, self.backend, self.colocated = workers, backend, colocated
         self.has_weights = False
-        self.asleep = False
         self._stats: dict[str, float] = {}
-
-    def _get(self, refs):
-        return get_all(refs)
 
     def mark_stale(self) -> None:
         self.has_weights = False
@@ -255,7 +248,7 @@ class GeneratorGroup:
             return
         trainers.onload()
         if self.colocated:
-            self._get([w.wake_up.remote(["weights"]) for w in self.workers])
+            get_all([w.wake_up.remote(["weights"]) for w in self.workers])
         s = trainers.push_weights(self.workers, self.backend)
         self._stats.update(s)
         self.has_weights = True
@@ -267,15 +260,15 @@ class GeneratorGroup:
         n = len(prompt_ids)
         bounds = [round(i * n / k) for i in range(k + 1)]
         if self.colocated:
-            self._get([w.wake_up.remote(["kv_cache", "cuda_graph"]) for w in self.workers])
+            get_all([w.wake_up.remote(["kv_cache", "cuda_graph"]) for w in self.workers])
         refs = []
         for i, w in enumerate(self.workers):
             chunk = [list(p) for p in prompt_ids[bounds[i]:bounds[i + 1]]]
             s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + 7919 * i})
             refs.append(w.generate.remote(chunk, s) if chunk else None)
-        outs = self._get([r for r in refs if r is not None])
+        outs = get_all([r for r in refs if r is not None])
         if self.colocated:
-            self._get([w.sleep.remote() for w in self.workers])
+            get_all([w.sleep.remote() for w in self.workers])
             self.has_weights = False
         merged = GenerationOutput([], [], [])
         for o in outs:
@@ -283,8 +276,7 @@ class GeneratorGroup:
             merged.output_ids += o.output_ids
             merged.logprobs += o.logprobs
             merged.finish_reasons += o.finish_reasons
-        for st in self._get([w.stats.remote() for w in self.workers])[:1]:
-            self._stats.update(st)
+        self._stats.update(get_all([self.workers[0].stats.remote()])[0])  # engine 0 stands for all
         return merged
 
     def last_stats(self) -> dict[str, float]:
@@ -680,8 +672,6 @@ def train(loaded) -> dict[str, Any]:
 def evaluate(loaded) -> dict[str, float]:
     """Greedy pass@1 (strict and flexible) of ``trainer.policy.model.path`` on ``data.val_data``
     without training (``rlctl eval``). Returns the ``eval/*`` metrics."""
-    import ray
-
     from rlctl import loop
 
     cfg = loaded.cfg
@@ -692,7 +682,7 @@ def evaluate(loaded) -> dict[str, float]:
     generators = None
     try:
         _, generators = build_groups(cfg, device, with_trainer=False)
-        sampling = loop.sampling_from(cfg.generator.eval_sampling_params, stops, seed=cfg.trainer.seed)
+        sampling = loop.eval_sampling_from(cfg, stops)
         return loop.evaluate(generators, val, tokenizer, sampling, cfg.trainer.eval_batch_size, lambda: None)
     finally:
         if generators is not None:
