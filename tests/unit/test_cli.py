@@ -18,15 +18,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for name in ("WANDB_API_KEY", "HF_TOKEN", "RAY_ADDRESS", "RLCTL_PRESETS_DIR", "RLCTL_SAMPLE_DATA"):
-        monkeypatch.delenv(name, raising=False)
-    d = tmp_path / "data" / "gsm8k"
-    d.mkdir(parents=True)
-    (d / "train.parquet").write_bytes(b"x")
-    (d / "validation.parquet").write_bytes(b"x")
-    return tmp_path
+def home(gsm8k_home):
+    return gsm8k_home
 
 
 def fake_module(monkeypatch, name: str, **attrs) -> types.ModuleType:

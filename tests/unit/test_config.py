@@ -13,16 +13,8 @@ from rlctl.config import ConfigError, RunConfig, load_config, redact, to_dict
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    """HOME in tmp with the default GSM8K data files present; secrets env cleared."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for name in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RLCTL_PRESETS_DIR", "RLCTL_SAMPLE_DATA"):
-        monkeypatch.delenv(name, raising=False)
-    d = tmp_path / "data" / "gsm8k"
-    d.mkdir(parents=True)
-    (d / "train.parquet").write_bytes(b"x")
-    (d / "validation.parquet").write_bytes(b"x")
-    return tmp_path
+def home(gsm8k_home):
+    return gsm8k_home
 
 
 def errors_of(**kw) -> list[str]:
