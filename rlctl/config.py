@@ -341,8 +341,12 @@ class GeneratorConfig(_Model):
     num_inference_engines: PosInt = 4
     inference_engine_tensor_parallel_size: PosInt = 1  # alias: generator.tensor_parallel_size
     model_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    weight_sync_backend: Literal["nccl", "gloo"] = "nccl"  # colocated engines use CUDA IPC
+    # split placement: the broadcast's process-group backend (SGLang: nccl; hf on CPU: gloo).
+    # Colocated engines get the weights over CUDA IPC (sglang) or Ray's object store (hf).
+    weight_sync_backend: Literal["nccl", "gloo"] = "nccl"
     weight_sync_bucket_mb: Annotated[int, Field(gt=0)] = 512  # rlctl addition: weight push bucket size
+    # rlctl addition: forming the weight-update group and each bucket's broadcast must finish within this
+    weight_sync_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     n_samples_per_prompt: PosInt = 5
     gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = 0.8  # SGLang mem_fraction_static
     apply_overlong_filtering: bool = False  # mask out truncated responses from the loss
@@ -548,8 +552,9 @@ LEAF_EFFECT: dict[str, str] = {
     "generator.num_inference_engines": _R,
     "generator.inference_engine_tensor_parallel_size": _R,
     "generator.model_dtype": _R,
-    "generator.weight_sync_backend": "no-effect:weights go over CUDA IPC when colocated, NCCL otherwise, in-process with hf",
+    "generator.weight_sync_backend": _R,  # split placement only (colocated: CUDA IPC / Ray object store)
     "generator.weight_sync_bucket_mb": _R,
+    "generator.weight_sync_timeout_s": _R,
     "generator.n_samples_per_prompt": _R,
     "generator.gpu_memory_utilization": _R,
     "generator.apply_overlong_filtering": _R,
@@ -1252,9 +1257,12 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
         c.error("generator.run_engines_locally", False, "remote inference engines are not supported; set generator.run_engines_locally=true")
     if sg and t.device == "cpu":
         c.error("trainer.device", "cpu", "SGLang needs CUDA GPUs; use generator.backend=hf (--backend hf) for CPU runs, or trainer.device=auto")
-    if sg and not pl.colocate_all:
-        c.error("trainer.placement.colocate_all", False, "split placement with SGLang (NCCL weight broadcast) is not "
-                "supported by this rlctl version yet; set trainer.placement.colocate_all=true")
+    if not pl.colocate_all and g.weight_sync_backend == "gloo" and sg:
+        c.error("generator.weight_sync_backend", "gloo", "SGLang engines receive split-placement weights over NCCL "
+                "(GPU to GPU); set generator.weight_sync_backend=nccl")
+    if not pl.colocate_all and g.weight_sync_backend == "nccl" and not sg and t.device == "cpu":
+        c.error("generator.weight_sync_backend", "nccl", "NCCL needs CUDA GPUs; with trainer.device=cpu split "
+                "placement broadcasts weights over gloo: set generator.weight_sync_backend=gloo")
     if sg and g.inference_engine_tensor_parallel_size > 1:
         c.error("generator.inference_engine_tensor_parallel_size", g.inference_engine_tensor_parallel_size,
                 "tensor-parallel SGLang engines are not supported by this rlctl version yet; use 1 and one engine per GPU "
@@ -1263,15 +1271,12 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
         c.error("generator.sglang.enable_memory_saver", False, "colocated engines must release their GPU memory for the trainer; set generator.sglang.enable_memory_saver=true or trainer.placement.colocate_all=false")
     if g.sampling_params.temperature == 0:
         c.warn("generator.sampling_params.temperature", "0 is greedy: all samples of a prompt are identical, so every GRPO advantage is 0 and nothing is learned; use e.g. 1.0")
-    if "generator.weight_sync_backend" in ex:
-        if not sg:
-            why = "the hf generator shares the policy's process"
-        elif pl.colocate_all:
-            why = "while colocated (trainer.placement.colocate_all=true) weights go to the engine over CUDA IPC on the same GPU"
-        else:
-            why = "" if g.weight_sync_backend == "nccl" else "split placement always broadcasts weights over NCCL"
-        if why:
-            c.no_effect("generator.weight_sync_backend", g.weight_sync_backend, why)
+    if pl.colocate_all:
+        ne_why = ("while colocated (trainer.placement.colocate_all=true) weights go to the engine over CUDA IPC on the same GPU"
+                  if sg else "colocated hf generators get the weights through Ray's object store")
+        for leaf in ("generator.weight_sync_backend", "generator.weight_sync_timeout_s"):
+            if leaf in ex:
+                c.no_effect(leaf, getattr(g, leaf.split(".")[-1]), ne_why)
     if g.gpu_memory_utilization > 0.9 and pl.colocate_all and sg:
         c.warn("generator.gpu_memory_utilization", f"{g.gpu_memory_utilization} leaves little GPU memory for the trainer's activations when colocated; 0.8 or lower is safer")
 
@@ -1347,12 +1352,11 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
        "only used with environment.reward.method=strict")
     ne("generator.run_engines_locally", g.run_engines_locally, "engines always run inside the Ray job")
     for leaf, eff in LEAF_EFFECT.items():
-        if eff.startswith("no-effect:") and leaf not in ("generator.max_input_length", "generator.weight_sync_backend"):
+        if eff.startswith("no-effect:") and leaf != "generator.max_input_length":
             ne(leaf, True, eff.split(":", 1)[1])
     if "generator.max_input_length" in ex and g.max_input_length not in (None, t.max_prompt_length):
         c.no_effect("generator.max_input_length", g.max_input_length, f"single-turn prompts are limited by trainer.max_prompt_length={t.max_prompt_length}")
     ne("generator.gpu_memory_utilization", not sg, "only used by SGLang (mem_fraction_static)")
-    ne("generator.weight_sync_bucket_mb", not sg, "the hf generator shares the policy's process")
     for leaf in LEAF_DEFAULTS:
         if leaf.startswith("generator.sglang."):
             ne(leaf, not sg, "only used with generator.backend=sglang")

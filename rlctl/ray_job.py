@@ -69,13 +69,24 @@ class TrainerWorker:
     def onload(self) -> None:
         self.trainer.onload()
 
-    def push_weights(self, generators: list, backend: str) -> dict[str, float]:
+    def init_weight_group(self, master_address: str, master_port: int, world_size: int, group_name: str,
+                          backend: str, timeout_s: float) -> None:
+        """Rank 0 only: join the split-placement weight-update group as its rank 0 (the broadcaster)."""
+        from rlctl.weight_sync import init_trainer_weight_group
+
+        self.weight_group = init_trainer_weight_group(master_address, master_port, world_size, group_name,
+                                                      timeout_s=timeout_s, backend=backend)
+
+    def push_weights(self, generators: list, transport: str) -> dict[str, float]:
         """Send the full policy weights to ``generators`` (actor handles, possibly none) in buckets.
+
+        ``transport``: ``"ipc"`` (CUDA IPC handles, colocated SGLang), ``"object"`` (CPU tensors through
+        Ray's object store, colocated hf) or ``"broadcast"`` (split placement: this rank broadcasts each
+        bucket over the weight-update group while every generator receives it).
 
         Every rank walks all buckets even without a generator of its own: materializing FSDP2
         ``DTensor`` parameters (``full_tensor``) is a collective. Returns bytes / buckets / seconds.
         """
-        import ray
         import torch
 
         from rlctl.trainer import DTYPES
@@ -86,19 +97,41 @@ class TrainerWorker:
         for bucket in self.trainer.iter_weight_buckets(bucket_bytes, dtype):
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             if generators:
-                if backend == "sglang":
-                    from rlctl.weight_sync import serialize_for_ipc
-
-                    payload = serialize_for_ipc(bucket)
-                else:
-                    payload = [(name, t.detach().to("cpu")) for name, t in bucket]
-                # keep ``bucket`` alive until every engine has loaded it (CUDA IPC handles point into it)
-                ray.get([g.update_weights.remote(payload) for g in generators])
-                del payload
+                self._send_bucket(bucket, generators, transport)
             buckets += 1
             del bucket
         dt = time.perf_counter() - t0
         return {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets), "weight_sync_s": dt}
+
+    def _send_bucket(self, bucket: list, generators: list, transport: str) -> None:
+        import ray
+
+        if transport == "broadcast":
+            from rlctl.weight_sync import FLATTENED, WeightSyncError, broadcast_bucket, bucket_metadata
+
+            timeout = self.cfg.generator.weight_sync_timeout_s
+            refs = [g.update_weights_from_distributed.remote(*bucket_metadata(bucket), WEIGHT_GROUP, FLATTENED, timeout)
+                    for g in generators]
+            try:
+                broadcast_bucket(bucket, self.weight_group, load_format=FLATTENED, timeout_s=timeout)
+            except WeightSyncError:
+                # an engine that failed first explains the hang better: raise its error if it has one
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+                ray.get(done)
+                raise
+            ray.get(refs)
+            return
+        if transport == "ipc":
+            from rlctl.weight_sync import serialize_for_ipc
+
+            payload = serialize_for_ipc(bucket)
+        elif transport == "object":
+            payload = [(name, t.detach().to("cpu")) for name, t in bucket]
+        else:
+            raise ValueError(f"unknown weight transport {transport!r}")
+        # keep ``bucket`` alive until every engine has loaded it (CUDA IPC handles point into it)
+        ray.get([g.update_weights.remote(payload) for g in generators])
+        del payload
 
     def save_checkpoint(self, policy_dir, state_path, model_path, extra) -> None:
         self.trainer.save_checkpoint(Path(policy_dir), Path(state_path), model_path, extra)
@@ -134,6 +167,12 @@ class GeneratorWorker:
     def update_weights(self, payload) -> None:
         self.gen.update_weights(payload)
 
+    def init_weights_update_group(self, *args) -> None:
+        self.gen.init_weights_update_group(*args)
+
+    def update_weights_from_distributed(self, *args) -> None:
+        self.gen.update_weights_from_distributed(*args)
+
     def stats(self) -> dict[str, float]:
         return dict(getattr(self.gen, "last_stats", {}) or {})
 
@@ -142,6 +181,8 @@ class GeneratorWorker:
 
 
 # ---------------------------------------------------------------------------------------------- groups
+WEIGHT_GROUP = "rlctl_weights"  # the split-placement weight-update process group
+
 # Actor id (hex) -> "trainer-<rank>" / "generator-<i>", filled by build_groups; error messages use it.
 ACTOR_LABELS: dict[str, str] = {}
 
@@ -210,11 +251,15 @@ class TrainerGroup:
             get_all([w.offload.remote() for w in self.workers])
             self.on_gpu = False
 
-    def push_weights(self, generators: list, backend: str) -> dict[str, float]:
-        """Generator j gets the weights from rank ``j % world_size`` (its bundle's rank when colocated);
-        every rank takes part in gathering the full tensors."""
-        targets = [[g for j, g in enumerate(generators) if j % self.world_size == r] for r in range(self.world_size)]
-        stats = get_all([w.push_weights.remote(t, backend) for w, t in zip(self.workers, targets)])
+    def push_weights(self, generators: list, transport: str) -> dict[str, float]:
+        """Colocated (``ipc`` / ``object``): generator j gets the weights from rank ``j % world_size``
+        (its bundle's rank). ``broadcast``: rank 0 broadcasts to all generators at once. Every rank
+        takes part in gathering the full tensors."""
+        if transport == "broadcast":
+            targets = [list(generators)] + [[] for _ in range(self.world_size - 1)]
+        else:
+            targets = [[g for j, g in enumerate(generators) if j % self.world_size == r] for r in range(self.world_size)]
+        stats = get_all([w.push_weights.remote(t, transport) for w, t in zip(self.workers, targets)])
         return stats[0]
 
     def save_checkpoint(self, policy_dir, state_path, model_path, extra) -> None:
@@ -236,8 +281,26 @@ class GeneratorGroup:
 
     def __init__(self, workers: list, backend: str, colocated: bool) -> None:
         self.workers, self.backend, self.colocated = workers, backend, colocated
+        # how weights travel (TrainerWorker.push_weights); split placement switches to "broadcast" in
+        # init_weight_sync
+        self.transport = "ipc" if backend == "sglang" else "object"
         self.has_weights = False
         self._stats: dict[str, float] = {}
+
+    def init_weight_sync(self, trainers: TrainerGroup, backend: str, timeout_s: float, tp_size: int = 1) -> None:
+        """Split placement: form the weight-update process group -- trainer rank 0 as rank 0, engine i's
+        ranks from ``1 + i * tp_size`` -- all members joining at once, each with ``timeout_s``. Afterwards
+        every weight push is a broadcast over it (``backend``: nccl on GPUs, gloo on CPU).
+
+        Raises (through Ray): ``WeightSyncError`` naming the side (trainer or engine) that failed.
+        """
+        addr, port = get_all([trainers.workers[0].address.remote()])[0]
+        world = 1 + len(self.workers) * tp_size
+        refs = [w.init_weights_update_group.remote(addr, port, 1 + i * tp_size, world, WEIGHT_GROUP, backend, timeout_s)
+                for i, w in enumerate(self.workers)]
+        refs.append(trainers.workers[0].init_weight_group.remote(addr, port, world, WEIGHT_GROUP, backend, timeout_s))
+        get_all(refs)
+        self.transport = "broadcast"
 
     def mark_stale(self) -> None:
         self.has_weights = False
@@ -249,7 +312,7 @@ class GeneratorGroup:
         trainers.onload()
         if self.colocated:
             get_all([w.wake_up.remote(["weights"]) for w in self.workers])
-        s = trainers.push_weights(self.workers, self.backend)
+        s = trainers.push_weights(self.workers, self.transport)
         self._stats.update(s)
         self.has_weights = True
         trainers.offload()
@@ -514,6 +577,13 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     gen_group.placement_group = pg
     gen_group.trainer_actors = trainers.workers if trainers else []
     get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
+    if trainers is not None and not colocated:
+        if device == "cpu" and cfg.generator.weight_sync_backend == "nccl":
+            gen_group.shutdown(timeout=10)
+            raise RuntimeError("generator.weight_sync_backend=nccl needs CUDA GPUs, but this run is on the CPU "
+                               "(trainer.device=auto found no GPU); set generator.weight_sync_backend=gloo")
+        gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s,
+                                   cfg.generator.inference_engine_tensor_parallel_size)
     return trainers, gen_group
 
 

@@ -34,8 +34,10 @@ __all__ = [
     "iter_weight_buckets",
     "serialize_for_ipc",
     "bucket_metadata",
+    "join_weight_group",
     "init_trainer_weight_group",
     "broadcast_bucket",
+    "receive_bucket",
     "WeightSyncError",
 ]
 
@@ -263,6 +265,40 @@ def _new_group(backend: str, init_method: str, world_size: int, rank: int, group
     return pg
 
 
+def join_weight_group(
+    master_address: str,
+    master_port: int,
+    world_size: int,
+    rank: int,
+    group_name: str = "rlctl_weights",
+    *,
+    timeout_s: float = 120.0,
+    backend: str = "nccl",
+    side: str = "trainer",
+) -> Any:
+    """Join the weight-update process group as ``rank`` (the trainer is rank 0, engines 1..world_size-1).
+
+    Rendezvous over TCP at ``master_address:master_port`` the way SGLang's engine side does
+    (``init_custom_process_group``: tcp store prefixed by ``group_name``), so an SGLang engine and an
+    rlctl process meet in the same store keys. Works in a process without a default process group
+    (the hf generator). Every member must call it at the same time.
+
+    Raises:
+        WeightSyncError: naming ``side`` when the rendezvous does not complete within ``timeout_s``
+            seconds (the usual cause: a member never joined, or a wrong address / world size).
+    """
+    init_method = f"tcp://{master_address}:{master_port}"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        return _new_group(backend, init_method, world_size, rank, group_name, timeout)
+    except Exception as e:  # noqa: BLE001
+        raise WeightSyncError(
+            f"{side} side: could not form weight-update group {group_name!r} at {init_method} as rank {rank} "
+            f"(world_size={world_size}, backend={backend}) within {timeout_s:.0f}s: {type(e).__name__}: {e}. "
+            "Did every member join with the same address, port and world size?"
+        ) from e
+
+
 def init_trainer_weight_group(
     master_address: str,
     master_port: int,
@@ -276,20 +312,60 @@ def init_trainer_weight_group(
     (``SGLangGenerator.init_weights_update_group(..., rank_offset=1, world_size=world_size)``), at the
     same time (launch the engine's call first, without waiting on it). Only the trainer's rank 0 calls this.
 
-    Raises :class:`WeightSyncError` naming the trainer side when the rendezvous or the first collective
-    does not complete within ``timeout_s`` (the usual cause: the engine never joined, or a wrong address).
+    Raises :class:`WeightSyncError` naming the trainer side when the rendezvous does not complete
+    within ``timeout_s`` (the usual cause: the engine never joined, or a wrong address).
     """
-    init_method = f"tcp://{master_address}:{master_port}"
-    timeout = datetime.timedelta(seconds=timeout_s)
+    return join_weight_group(master_address, master_port, world_size, 0, group_name, timeout_s=timeout_s,
+                             backend=backend, side="trainer")
+
+
+def receive_bucket(
+    names: list[str],
+    dtypes: list[str],
+    shapes: list[list[int]],
+    group: Any,
+    *,
+    load_format: str | None = None,
+    device: torch.device | str = "cpu",
+    timeout_s: float = 120.0,
+    side: str = "engine",
+) -> list[tuple[str, torch.Tensor]]:
+    """Receive one bucket broadcast by :func:`broadcast_bucket` (the receiving end for rlctl's own
+    generators; SGLang engines run the same protocol internally in ``update_weights_from_distributed``).
+
+    Allocates ``shapes`` / ``dtypes`` (dtype names as from :func:`bucket_metadata`) on ``device``;
+    with ``load_format="flattened_bucket"`` one uint8 buffer of the summed byte size, split into views.
+    Returns ``[(name, tensor)]`` in the order of ``names``.
+
+    Raises:
+        WeightSyncError: naming ``side`` when the broadcast fails or takes longer than ``timeout_s``.
+    """
+    import torch.distributed as dist
+
+    metas = [(n, getattr(torch, d), tuple(s)) for n, d, s in zip(names, dtypes, shapes)]
+    if load_format == FLATTENED:
+        sizes = [torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in metas]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        tensors, out, pos = [flat], [], 0
+        for (name, dt, shape), size in zip(metas, sizes):
+            out.append((name, flat[pos:pos + size].view(dt).view(shape)))
+            pos += size
+    elif load_format is None:
+        out = [(name, torch.empty(shape, dtype=dt, device=device)) for name, dt, shape in metas]
+        tensors = [t for _, t in out]
+    else:
+        raise ValueError(f"unknown load_format {load_format!r}")
     try:
-        pg = _new_group(backend, init_method, world_size, 0, group_name, timeout)
+        works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+        for w in works:
+            if not w.wait(timeout=datetime.timedelta(seconds=timeout_s)):
+                raise TimeoutError(f"broadcast not complete after {timeout_s:.0f}s")
     except Exception as e:  # noqa: BLE001
         raise WeightSyncError(
-            f"trainer side: could not form weight-update group {group_name!r} at {init_method} "
-            f"(world_size={world_size}) within {timeout_s:.0f}s: {type(e).__name__}: {e}. "
-            "Did the engine side call init_weights_update_group with the same address, port and world size?"
+            f"{side} side: receiving {len(names)} tensors ({names[0] if names else '-'} ...) failed: "
+            f"{type(e).__name__}: {e}. Is the trainer side broadcasting the same bucket?"
         ) from e
-    return pg
+    return out
 
 
 def broadcast_bucket(

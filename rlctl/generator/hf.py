@@ -290,6 +290,47 @@ class HFGenerator:
                 targets[name].copy_(tensor)
         self._weights_valid = True
 
+    # --------------------------------------------------- weight broadcast (split placement)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "rlctl_weights", backend: str = "gloo",
+                                  timeout_s: float = 120.0) -> None:
+        """Join the trainer's weight-update group as rank ``rank_offset`` (same protocol and arguments
+        as ``SGLangGenerator.init_weights_update_group``; gloo on CPU, nccl on CUDA).
+
+        Raises:
+            rlctl.weight_sync.WeightSyncError: naming the engine side, after ``timeout_s`` seconds.
+        """
+        from rlctl.weight_sync import join_weight_group
+
+        self._check_alive()
+        groups = self.__dict__.setdefault("_weight_groups", {})
+        groups[group_name] = join_weight_group(master_address, master_port, world_size, rank_offset, group_name,
+                                               timeout_s=timeout_s, backend=backend, side="engine")
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str = "rlctl_weights", load_format: str | None = None,
+                                        timeout_s: float = 120.0) -> None:
+        """Receive one bucket broadcast by the trainer (``rlctl.weight_sync.broadcast_bucket``) and load
+        it like :meth:`update_weights`.
+
+        Raises:
+            RuntimeError: no group ``group_name`` (call :meth:`init_weights_update_group` first), or the
+                weights are asleep.
+            rlctl.weight_sync.WeightSyncError: the broadcast failed or timed out (engine side).
+        """
+        from rlctl.weight_sync import receive_bucket
+
+        self._check_alive()
+        group = self.__dict__.get("_weight_groups", {}).get(group_name)
+        if group is None:
+            raise RuntimeError(f"no weight-update group {group_name!r}: call init_weights_update_group first")
+        if not self._awake["weights"]:
+            raise RuntimeError("weights are asleep: call wake_up(['weights']) before update_weights_from_distributed")
+        device = self.device if group_is_nccl(group) else "cpu"
+        self.update_weights(receive_bucket(names, dtypes, shapes, group, load_format=load_format, device=device,
+                                           timeout_s=timeout_s))
+
     def shutdown(self) -> None:
         """Free the model; idempotent. Every other method raises afterwards."""
         if self._shut:
@@ -331,6 +372,14 @@ def _mix(seed: int, call: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def group_is_nccl(group: Any) -> bool:
+    """Whether a process group runs NCCL (its tensors must then live on the GPU)."""
+    try:
+        return "nccl" in str(torch.distributed.get_backend(group)).lower()
+    except Exception:  # noqa: BLE001 - not a registered group: assume CPU (gloo)
+        return False
 
 
 def _empty_cache(device: torch.device) -> None:

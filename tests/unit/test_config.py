@@ -484,10 +484,10 @@ def test_backend_specific_blocks_notes():
 def test_weight_sync_note_when_colocated():
     notes = note_list("generator.weight_sync_backend=nccl")
     assert any("CUDA IPC" in n and n.startswith("generator.weight_sync_backend") for n in notes)
-    # split placement with SGLang is refused for now (test_split_placement_with_sglang_is_refused)
-    hf_notes = load_config(overrides=["generator.weight_sync_backend=gloo", "trainer.device=cpu"],
-                                             backend="hf").notes
-    assert any(n.startswith("generator.weight_sync_backend") and "the hf generator" in n for n in hf_notes)
+    hf_notes = load_config(overrides=["generator.weight_sync_backend=gloo", "trainer.device=cpu",
+                                      "generator.weight_sync_timeout_s=10"], backend="hf").notes
+    assert ("generator.weight_sync_timeout_s=10.0 has no effect: colocated hf generators get the weights through "
+            "Ray's object store") in hf_notes
 
 
 def test_presets_with_default_values_are_not_explicit():
@@ -551,10 +551,21 @@ def test_env_secret_never_in_config_output_or_errors(monkeypatch):
     assert "sekret-wandb-value" not in str(exc.value) and C.REDACTED in str(exc.value)
 
 
-def test_split_placement_with_sglang_is_refused():
-    err = one_error("trainer.placement.colocate_all=false")
-    assert err.startswith("trainer.placement.colocate_all=false: split placement with SGLang (NCCL weight broadcast) "
-                          "is not supported by this rlctl version yet")
+def test_split_placement_with_sglang_validates_and_needs_nccl():
+    # 4 policy GPUs + 2 engines on their own GPUs: no equality rule between the two when split
+    cfg = load_config(overrides=["trainer.placement.colocate_all=false", "generator.num_inference_engines=2"]).cfg
+    assert (cfg.trainer.placement.colocate_all, cfg.generator.weight_sync_backend) == (False, "nccl")
+    assert cfg.generator.weight_sync_timeout_s == 300.0
+    err = one_error("trainer.placement.colocate_all=false", "generator.weight_sync_backend=gloo")
+    assert err == ("generator.weight_sync_backend=gloo: SGLang engines receive split-placement weights over NCCL "
+                   "(GPU to GPU); set generator.weight_sync_backend=nccl")
+    err = one_error("trainer.placement.colocate_all=false", "trainer.device=cpu", "generator.num_inference_engines=1",
+                    backend="hf")
+    assert err.startswith("generator.weight_sync_backend=nccl: NCCL needs CUDA GPUs; with trainer.device=cpu")
+    assert err.endswith("set generator.weight_sync_backend=gloo")
+    ok = load_config(overrides=["trainer.placement.colocate_all=false", "trainer.device=cpu",
+                                "generator.weight_sync_backend=gloo", "generator.weight_sync_timeout_s=30"], backend="hf")
+    assert ok.notes == [] and ok.cfg.generator.weight_sync_timeout_s == 30.0
 
 
 def test_names_from_other_trainers_get_a_suggestion():

@@ -111,16 +111,25 @@ def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path):
 
 
 def test_split_placement_two_engines_get_the_weights(ray_cluster, tiny, tmp_path):
-    """colocate_all=false, 1 trainer worker, 2 hf engines: rank 0 pushes to both engines, so after the
-    first update both still agree with the trainer's log-probs (a stale engine would not)."""
+    """colocate_all=false, 2 FSDP2 trainer workers, 2 hf engines in their own actors: trainer rank 0
+    broadcasts every bucket over a gloo weight-update group (the NCCL protocol of SGLang engines) while
+    rank 1 takes part in gathering the full tensors, so after the first update both engines agree with
+    the trainer's log-probs (a stale engine would not)."""
     from rlctl.ray_job import train
 
-    loaded = load_config(overrides=_overrides(tiny, tmp_path, "split", 2, workers=1, **{
+    loaded = load_config(overrides=_overrides(tiny, tmp_path, "split", 2, workers=2, **{
         "trainer.placement.colocate_all": "false", "generator.num_inference_engines": 2,
+        "generator.weight_sync_backend": "gloo",
         "trainer.eval_before_train": "true"}), backend="hf", for_training=True)
     assert train(loaded)["last_step"] == 2
     rows = {r["step"]: r for r in _metrics(Path(loaded.cfg.run_dir))}
     assert rows[2]["policy/rollout_train_logprobs_abs_diff_mean"] < 1e-4
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny)
+    tied = m.config.tie_word_embeddings
+    fp32_bytes = sum(p.numel() * 4 for n, p in m.named_parameters() if not (tied and n == "lm_head.weight"))
+    assert rows[2]["generator/weight_sync_bytes"] == fp32_bytes  # every weight broadcast once, in fp32
     # eval before training and once after the last step (eval_interval=-1), on the 32-row sample
     assert [s for s in sorted(rows) if "eval/num_problems" in rows[s]] == [0, 2]
     assert rows[0]["eval/num_problems"] == 32.0 and rows[2]["eval/num_problems"] == 32.0

@@ -129,3 +129,51 @@ def test_bucket_metadata_and_cpu_refused():
     assert names == ["a.weight", "b.bias"] and dtypes == ["bfloat16", "float32"] and shapes == [[2, 3], [4]]
     with pytest.raises(ValueError, match="CUDA"):
         serialize_for_ipc(bucket)
+
+
+# ------------------------------------------------------------- split placement: broadcast over a group
+
+def _receiver(port: int, name: str, metas, load_format, q) -> None:  # a spawned process (engine side)
+    from rlctl.weight_sync import join_weight_group, receive_bucket
+
+    group = join_weight_group("127.0.0.1", port, 2, 1, name, timeout_s=30, backend="gloo", side="engine")
+    got = receive_bucket(*metas, group, load_format=load_format, timeout_s=30)
+    q.put([(n, t.tolist(), str(t.dtype)) for n, t in got])
+
+
+@pytest.mark.parametrize("load_format", ["flattened_bucket", None])
+def test_broadcast_bucket_reaches_the_receiver_exactly(load_format):
+    """Trainer (this process, rank 0) broadcasts a mixed-dtype bucket; the engine side (rank 1, another
+    process, no default process group) receives byte-identical tensors under the same names."""
+    import multiprocessing as mp
+
+    from rlctl.weight_sync import broadcast_bucket, init_trainer_weight_group
+
+    bucket = [("model.norm.weight", torch.tensor([1.5, -2.25, 3.0])),
+              ("model.embed_tokens.weight", torch.arange(6, dtype=torch.bfloat16).reshape(2, 3) / 4),
+              ("lm_head.bias", torch.tensor([7], dtype=torch.int64))]
+    port, name = _free_port(), f"t-{load_format}"  # a group name is used once per process
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(port, name, bucket_metadata(bucket), load_format, q))
+    proc.start()
+    try:
+        group = init_trainer_weight_group("127.0.0.1", port, 2, name, timeout_s=30, backend="gloo")
+        broadcast_bucket(bucket, group, load_format=load_format, timeout_s=30)
+        got = q.get(timeout=60)
+    finally:
+        proc.join(30)
+    assert got == [("model.norm.weight", [1.5, -2.25, 3.0], "torch.float32"),
+                   ("model.embed_tokens.weight", [[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]], "torch.bfloat16"),
+                   ("lm_head.bias", [7], "torch.int64")]
+
+
+def test_weight_group_timeout_names_the_side():
+    """Nobody else joins: the rendezvous gives up after the timeout with an error naming the side."""
+    from rlctl.weight_sync import WeightSyncError, join_weight_group
+
+    with pytest.raises(WeightSyncError) as e:
+        join_weight_group("127.0.0.1", _free_port(), 2, 1, "lonely", timeout_s=2, backend="gloo", side="engine")
+    msg = str(e.value)
+    assert msg.startswith("engine side: could not form weight-update group 'lonely' at tcp://127.0.0.1:")
+    assert "as rank 1 (world_size=2, backend=gloo) within 2s" in msg
