@@ -102,6 +102,47 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     return out.logits[:, :-1, :].float()
 
 
+RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [N, T] tensors aligned with the response
+
+
+def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Drop the padding columns every sequence of a micro-batch shares, so the forward pass only
+    computes over the micro-batch's own longest prompt and response (exact: padded positions are
+    never attended and never enter the loss; position ids come from the attention mask).
+
+    Args:
+        mb: a micro-batch in the module's batch layout: ``input_ids`` / ``attention_mask`` [n, P+T],
+            ``response_mask`` / ``old_logprobs`` / ``ref_logprobs`` [n, T], others (``advantages`` [n]) kept.
+    Returns:
+        ``(trimmed, T)``: ``input_ids`` / ``attention_mask`` [n, P'+T'] with the leading all-padding
+        prompt columns and trailing all-padding response columns removed, response tensors [n, T'],
+        T' >= 1; and the original response width T (to pad per-token outputs back to [n, T]).
+    """
+    attn = mb["attention_mask"]
+    T = mb["response_mask"].shape[1]
+    P = attn.shape[1] - T
+    used = attn.bool().any(0).nonzero().flatten()
+    first = min(int(used[0]), P) if used.numel() else P
+    last = max(int(used[-1]) + 1, P + 1) if used.numel() else P + 1
+    t_keep = last - P
+    out = {}
+    for k, v in mb.items():
+        if k in ("input_ids", "attention_mask"):
+            out[k] = v[:, first:last]
+        elif k in RESPONSE_KEYS:
+            out[k] = v[:, :t_keep]
+        else:
+            out[k] = v
+    return out, T
+
+
+def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Indices sorting sequences by their real length (tokens; stable), so that micro-batches hold
+    sequences of similar length and :func:`trim_padding` removes most padding. ``attention_mask``
+    [N, L] -> [N] int64 permutation."""
+    return torch.sort(attention_mask.sum(1), stable=True).indices
+
+
 class PolicyTrainer:
     """One rank of the FSDP2 policy; see the module docstring for the batch layout.
 
@@ -194,12 +235,15 @@ class PolicyTrainer:
             raise RuntimeError("reference log-probs asked for, but trainer.algorithm.use_kl_loss=false")
         mbs = self.tcfg.micro_forward_batch_size_per_gpu
         n = batch["input_ids"].shape[0]
-        outs = []
+        T = batch["response_mask"].shape[1]
+        out = torch.zeros(n, T)
+        order = length_order(batch["attention_mask"])  # similar lengths per micro-batch, less padding
         for start in range(0, n, mbs):
-            mb = {k: v[start:start + mbs] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            idx = order[start:start + mbs]
+            mb, _ = trim_padding({k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor)})
             logp, _ = self._logprobs_entropy(model, mb, temperature, with_entropy=False)
-            outs.append(logp.cpu())
-        return torch.cat(outs, 0) if outs else torch.zeros(0, batch["response_mask"].shape[1])
+            out[idx, :logp.shape[1]] = logp.cpu()
+        return out
 
     # ------------------------------------------------------------------ train
     def train_step(self, batch: dict[str, torch.Tensor], temperature: float, mini_batch_size: int) -> dict[str, float]:
@@ -246,8 +290,12 @@ class PolicyTrainer:
         totals = {"policy/pg_loss": 0.0, "policy/kl": 0.0, "policy/entropy": 0.0, "policy/loss": 0.0}
         clip_tokens = 0.0
         self.optimizer.zero_grad(set_to_none=True)
+        # the loss is a sum over micro-batches normalized by mini-batch totals, so their order and
+        # composition do not matter: group sequences of similar length and trim the shared padding
+        order = length_order(mini["attention_mask"])
         for start in range(0, num_seqs, micro):
-            mb = {k: v[start:start + micro] for k, v in mini.items()}
+            idx = order[start:start + micro]
+            mb, _ = trim_padding({k: v[idx] for k, v in mini.items()})
             mask = mb["response_mask"].to(self.device)
             want_entropy = True
             logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=want_entropy)
