@@ -141,7 +141,7 @@ def run_rlctl(args, cfg, device, prompts, sampling) -> dict:
 
     import ray
 
-    from rlctl.ray_job import GeneratorGroup, GeneratorWorker, generator_kwargs, init_ray
+    from rlctl.ray_job import GeneratorGroup, GeneratorWorker, generator_kwargs, init_ray, shutdown_ray
 
     kw = generator_kwargs(cfg, device)
     if args.backend == "sglang":
@@ -180,8 +180,9 @@ def run_rlctl(args, cfg, device, prompts, sampling) -> dict:
                 pass
             for w in group.workers:
                 ray.kill(w, no_restart=True)
-        if started:
-            ray.shutdown()
+        # ray.shutdown() plus init_ray's watchdog: stop it now (a bare engine run later, or SGLang's atexit
+        # kill_process_tree, would otherwise find it still a child of this process)
+        shutdown_ray(started)
     return res
 
 

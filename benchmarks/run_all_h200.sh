@@ -37,7 +37,8 @@ pack() {  # everything so far -> $OUT (3 files: the archive, this call's log, th
   nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,temperature.gpu --format=csv >> "$RES/logs/nvidia_smi.txt" 2>&1
   cp "$RES/logs/call_$CALL.log" "$OUT/stage.log" 2>/dev/null
   [ -n "${LAST_JSON:-}" ] && [ -f "$LAST_JSON" ] && cp "$LAST_JSON" "$OUT/"
-  tar czf "$OUT/bench_results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")" 2>/dev/null
+  # (checkpoints and TensorBoard files under $RES/work are left out: a killed run can leave GBs there)
+  tar czf "$OUT/bench_results.tgz" --exclude=ckpts --exclude=tensorboard -C "$(dirname "$RES")" "$(basename "$RES")" 2>/dev/null
 }
 
 main() {
@@ -50,6 +51,7 @@ if [ ! -f "$DATA/train.parquet" ]; then
     python3 -m rlctl prepare-data gsm8k --source-dir gpu_data/gsm8k --output-dir "$DATA" || exit 3
   else
     echo "run_all_h200: WARNING gpu_data/gsm8k missing (carry it): the scripts use the 64-row sample"
+    DATA="$PWD/rlctl/data/gsm8k_sample"   # --data is passed explicitly, so point it at the sample
   fi
 fi
 
@@ -73,11 +75,11 @@ for stage in "$@"; do
     step-qwen)
       LAST_JSON=$RES/step_qwen05.json
       CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/step_breakdown.py --model "$QWEN" --data "$DATA" --steps 6 --timeout 480 \
-        --name step_qwen05 --out "$LAST_JSON"; r=$? ;;
+        --workdir "$RES/work" --name step_qwen05 --out "$LAST_JSON"; r=$? ;;
     step-smol)
       LAST_JSON=$RES/step_smollm2.json
       CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/step_breakdown.py --model "$SMOL" --data "$DATA" --steps 6 --timeout 480 \
-        --name step_smollm2 --out "$LAST_JSON"; r=$? ;;
+        --workdir "$RES/work" --name step_smollm2 --out "$LAST_JSON"; r=$? ;;
     trl)
       LAST_JSON=$RES/trl_qwen05.json
       [ -f "$RES/step_qwen05.json" ] || echo "run_all_h200: WARNING no step_qwen05.json yet: run step-qwen first (back to back)"
@@ -85,8 +87,10 @@ for stage in "$@"; do
           --rlctl-json "$RES/step_qwen05.json" --out "$LAST_JSON" ); r=$? ;;
     scaling)
       LAST_JSON=$RES/scaling_qwen05.json
-      if [ -f "$RES/step_qwen05.json" ]; then base=(--baseline-json "$RES/step_qwen05.json"); else base=(); fi
-      timeout 570 python3 benchmarks/scaling.py --model "$QWEN" --data "$DATA" --steps 5 --timeout 480 "${base[@]}" --out "$LAST_JSON"; r=$? ;;
+      # without the step-qwen JSON (e.g. a fresh 2-GPU machine) scaling.py makes the 1-GPU run too: two runs
+      # must fit in the 570 s, so each gets 270 s (trainer.max_wall_time_s = 120 s) instead of 480 s
+      if [ -f "$RES/step_qwen05.json" ]; then base=(--baseline-json "$RES/step_qwen05.json" --timeout 480); else base=(--timeout 270); fi
+      timeout 570 python3 benchmarks/scaling.py --model "$QWEN" --data "$DATA" --steps 5 --workdir "$RES/work" "${base[@]}" --out "$LAST_JSON"; r=$? ;;
     *) echo "run_all_h200: unknown stage $stage"; r=2 ;;
   esac
   echo "==== stage $stage: rc=$r in $(( $(date +%s) - t0 )) s"

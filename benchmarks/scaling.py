@@ -84,6 +84,10 @@ def main(argv=None) -> int:
         result["baseline_from"] = args.baseline_json
     elif not args.only_scaled:
         base = one_run(args, 1, f"scale1_{Path(args.model).name}_{stamp}")
+        # keep the 1-GPU result even if the scaled run is cut short by an outer timeout
+        result["runs"] = {"1": base}
+        result["status"] = "incomplete"
+        C.write_json(args.out, result)
     scaled = one_run(args, args.gpus, f"scale{args.gpus}_{Path(args.model).name}_{stamp}")
     result["runs"] = {"1": base, str(args.gpus): scaled}
 
