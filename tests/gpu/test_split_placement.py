@@ -93,12 +93,13 @@ def test_nccl_broadcast_to_engine_on_other_gpu(model_path, prompt_ids, stop_toke
 
         res = {}
         for bucket_bytes, fmt in ((1 << 20, FLATTENED), (1 << 30, FLATTENED), (16 << 20, None)):
+            # x2 then /2 is exact in bf16 (x1.5 then /1.5 is not: the first H200 run restored only 7 of 16)
             with torch.no_grad():
-                model.get_input_embeddings().weight.mul_(1.5)
+                model.get_input_embeddings().weight.mul_(2.0)
             push(1 << 30, FLATTENED)
             changed = sum(o != b for o, b in zip(gen.generate(prompt_ids, greedy).output_ids, base))
             with torch.no_grad():
-                model.get_input_embeddings().weight.div_(1.5)
+                model.get_input_embeddings().weight.div_(2.0)
             nbytes, nb, dt = push(bucket_bytes, fmt)
             same = sum(o == b for o, b in zip(gen.generate(prompt_ids, greedy).output_ids, base))
             res[f"{bucket_bytes >> 20}MiB_{fmt or 'plain'}"] = {
