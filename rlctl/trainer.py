@@ -93,13 +93,30 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
         response_len: T.
     Returns:
         [N, T, V] float32 logits; row t predicts ``input_ids[:, P + t]``.
-    Position ids are ``cumsum(attention_mask) - 1`` so left padding does not shift positions (the same
-    convention as transformers ``generate``), which keeps trainer and ``hf`` generator log-probs equal.
+
+    The rows are right-packed before the forward pass (each row rotated left by its number of left
+    pads: ``[prompt, response, pads]``), so no query position is fully masked: with left padding the
+    pad positions attend to nothing, which some attention kernels turn into NaN activations, and
+    ``0 * NaN`` in the weight gradients then poisons the whole update even though the pads never
+    enter the loss. Position ids are ``cumsum(attention_mask) - 1`` (real tokens at 0..len-1, as with
+    transformers ``generate`` on left-padded prompts), so the trainer's and the ``hf`` generator's
+    log-probs stay equal. Only the last ``T + max_left_pad + 1`` positions' logits are computed.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=response_len + 1)
-    return out.logits[:, :-1, :].float()
+    n, length = input_ids.shape
+    t = response_len
+    left = (attention_mask[:, :length - t] == 0).sum(1)  # [N] left pads (contiguous, from build_batch)
+    cols = (torch.arange(length, device=input_ids.device)[None, :] + left[:, None]) % length
+    ids = input_ids.gather(1, cols)
+    mask = attention_mask.gather(1, cols)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    left_max = int(left.max()) if n else 0
+    keep = t + left_max + 1
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, logits_to_keep=keep)
+    # response token j of row i sits at packed column length - t + j - left_i, predicted by the logit one
+    # column earlier, i.e. index (left_max - left_i) + j of the kept logits
+    idx = (left_max - left)[:, None] + torch.arange(t, device=input_ids.device)[None, :]
+    logits = out.logits.gather(1, idx[..., None].expand(-1, -1, out.logits.shape[-1]))
+    return logits.float()
 
 
 RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [N, T] tensors aligned with the response

@@ -95,6 +95,24 @@ def test_micro_batch_size_does_not_change_the_update(pg, tiny):
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-4, rtol=1e-5)
 
 
+def test_right_packing_leaves_no_fully_masked_query_row():
+    """The forward sees [prompt, response, pads] rows: every position has a real token at or before it."""
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep):
+            seen.update(ids=input_ids, mask=attention_mask, pos=position_ids, keep=logits_to_keep)
+            return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], logits_to_keep, 7))
+
+    b = _batch()  # P = 4, T = 4; rows 1 and 3 have one left pad
+    out = response_logits_forward(Spy(), b["input_ids"], b["attention_mask"], 4)
+    assert out.shape == (4, 4, 7) and seen["keep"] == 6  # T + max left pads + 1
+    assert seen["ids"].tolist() == [[1, 10, 11, 12, 30, 31, 2, 0], [1, 20, 21, 40, 0, 0, 0, 0],
+                                    [1, 10, 11, 12, 32, 33, 34, 2], [1, 20, 21, 41, 42, 0, 0, 0]]
+    assert (seen["mask"][:, 0] == 1).all()  # column 0 is real in every row: no fully masked query
+    assert seen["pos"].tolist()[1] == [0, 1, 2, 3, 3, 3, 3, 3]
+
+
 def test_trim_padding_keeps_only_the_micro_batch_span():
     # rows 1 and 3 of _batch(): prompts [1,20,21] (P=4 with one left pad), responses [40] / [41,42] (T=4)
     b = _batch()
@@ -114,11 +132,18 @@ def test_trim_padding_keeps_only_the_micro_batch_span():
 
 
 def test_trimmed_sorted_micro_batches_match_one_full_forward(pg, tiny):
-    """compute_logprobs (length-sorted, trimmed micro-batches of 2) == one padded forward of all 4 rows."""
+    """compute_logprobs (length-sorted, trimmed micro-batches of 2, right-packed) == each row's own
+    unpadded forward, and == one padded forward of all 4 rows."""
     tr = PolicyTrainer(tiny, _tcfg(), rank=0, world_size=1, device="cpu", max_response_len=8)
     b = _batch()
     lp = tr.compute_logprobs(b, temperature=1.0)
+    prompts = [[1, 10, 11, 12], [1, 20, 21], [1, 10, 11, 12], [1, 20, 21]]
+    outputs = [[30, 31, 2], [40], [32, 33, 34, 2], [41, 42]]
     with torch.no_grad():
+        for i, (pr, o) in enumerate(zip(prompts, outputs)):
+            logits = tr.model(input_ids=torch.tensor([pr + o]), use_cache=False).logits[0].float()
+            own = torch.log_softmax(logits[len(pr) - 1:-1], -1).gather(-1, torch.tensor(o)[:, None])[:, 0]
+            torch.testing.assert_close(lp[i, :len(o)], own, atol=1e-5, rtol=0)
         logits = response_logits_forward(tr.model, b["input_ids"], b["attention_mask"], 4)
         full = torch.log_softmax(logits, -1).gather(-1, b["input_ids"][:, -4:, None])[..., 0]
     mask = b["response_mask"]
