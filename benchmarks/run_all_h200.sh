@@ -13,6 +13,7 @@
 #   bash benchmarks/run_all_h200.sh trl         # trl_side_by_side.py vs step-qwen's JSON           (~4-6 min)
 #   bash benchmarks/run_all_h200.sh step-smol   # step_breakdown.py, SmolLM2-135M, 6 steps          (~3 min)
 #   bash benchmarks/run_all_h200.sh scaling     # scaling.py, 2 GPUs vs step-qwen's JSON (nvidia-h200-x2 only)
+#   bash benchmarks/run_all_h200.sh profile     # trainer_profile.py, the train phase alone, 3 variants (~3 min)
 # Several stages in one call run in order (mind the 10 minutes): bash benchmarks/run_all_h200.sh step-qwen trl
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ ONE_GPU="${BENCH_GPU:-0}"   # the single-GPU stages use this GPU (also on a 2-GP
 QWEN=/tmp/models/qwen2.5-coder-0.5b-instruct
 SMOL=/tmp/models/smollm2-135m-instruct
 DATA="${BENCH_DATA:-/tmp/rlctl/data/gsm8k}"   # prepared once per machine, shared with scripts/gpu_real_run.sh
-[ $# -ge 1 ] || { echo "usage: $0 STAGE... (rollout step-qwen trl step-smol scaling)" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 STAGE... (rollout step-qwen trl step-smol scaling profile)" >&2; exit 2; }
 
 if [ ! -f "$DK_ENV" ]; then
   echo "run_all_h200: /tmp/dk/env.sh missing: install the devkit first (calls 1-13, bash /tmp/dk/c1/install.sh /tmp/dk)" | tee "$OUT/stage.log"
@@ -85,6 +86,9 @@ for stage in "$@"; do
       [ -f "$RES/step_qwen05.json" ] || echo "run_all_h200: WARNING no step_qwen05.json yet: run step-qwen first (back to back)"
       ( trl_env && CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/trl_side_by_side.py --model "$QWEN" --data "$DATA" --generations 3 --max-wall-s 420 \
           --rlctl-json "$RES/step_qwen05.json" --out "$LAST_JSON" ); r=$? ;;
+    profile)
+      LAST_JSON=$RES/trainer_profile_qwen05.json
+      CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/trainer_profile.py --model "$QWEN" --out "$LAST_JSON"; r=$? ;;
     scaling)
       LAST_JSON=$RES/scaling_qwen05.json
       # without the step-qwen JSON (e.g. a fresh 2-GPU machine) scaling.py makes the 1-GPU run too: two runs
