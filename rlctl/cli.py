@@ -191,7 +191,15 @@ def train(
         typer.echo(f"dry run: configuration is valid; wrote {run_dir / 'config.yaml'}")
         return
     ray_job = _import_runtime("rlctl.ray_job")
-    ray_job.train(loaded)
+    from rlctl.config import ConfigError
+
+    try:
+        ray_job.train(loaded)
+    except ConfigError as exc:  # device-dependent rules, checked once trainer.device=auto is resolved
+        _err("rlctl: invalid configuration for this machine:")
+        for line in exc.errors:
+            _err(f"  - {line}")
+        raise typer.Exit(2) from None
 
 
 @app.command("eval")

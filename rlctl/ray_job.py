@@ -373,6 +373,21 @@ def resolve_device(cfg) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device_rules(cfg, device: str) -> None:
+    """The config rules that depend on the device ``trainer.device=auto`` resolves to, checked before Ray
+    starts (``check-config`` cannot know it without importing torch).
+
+    Raises:
+        rlctl.config.ConfigError: split placement on the CPU with ``generator.weight_sync_backend=nccl``.
+    """
+    from rlctl.config import ConfigError
+
+    if device == "cpu" and not cfg.trainer.placement.colocate_all and cfg.generator.weight_sync_backend == "nccl":
+        raise ConfigError("generator.weight_sync_backend=nccl: NCCL needs CUDA GPUs, but trainer.device="
+                          f"{cfg.trainer.device} found none, so this run is on the CPU; split placement broadcasts "
+                          "weights over gloo there: set generator.weight_sync_backend=gloo")
+
+
 def init_ray(cfg, device: str) -> bool:
     """Join ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local cluster with explicit
     CPU/GPU counts (so it works on 2 cores). The dashboard is off unless ``ray.include_dashboard``.
@@ -578,10 +593,11 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     gen_group.trainer_actors = trainers.workers if trainers else []
     get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
     if trainers is not None and not colocated:
-        if device == "cpu" and cfg.generator.weight_sync_backend == "nccl":
+        try:
+            check_device_rules(cfg, device)  # train() checked it already; this guards direct callers
+        except Exception:
             gen_group.shutdown(timeout=10)
-            raise RuntimeError("generator.weight_sync_backend=nccl needs CUDA GPUs, but this run is on the CPU "
-                               "(trainer.device=auto found no GPU); set generator.weight_sync_backend=gloo")
+            raise
         gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s,
                                    cfg.generator.inference_engine_tensor_parallel_size)
     return trainers, gen_group
@@ -665,6 +681,7 @@ def train(loaded) -> dict[str, Any]:
     """Run the training job of a validated config (``rlctl train``). Returns the loop's summary.
 
     Raises:
+        rlctl.config.ConfigError: a device-dependent config rule (:func:`check_device_rules`), before Ray starts.
         SystemExit: with a message naming the actor and its last error if an actor dies (code 1), or
             on Ctrl-C (code 130); Ray is shut down in both cases.
     """
@@ -680,6 +697,7 @@ def train(loaded) -> dict[str, Any]:
     console = Console(stderr=True, soft_wrap=True)
     _restore_ctrl_c()
     device = resolve_device(cfg)
+    check_device_rules(cfg, device)
     import yaml
 
     redacted = redact(to_dict(cfg))

@@ -130,6 +130,26 @@ def test_train_calls_ray_job_with_ray_address(monkeypatch):
     assert seen["cfg"].ray.address == "auto"
 
 
+def test_split_placement_on_a_cpu_only_machine_stops_before_ray(monkeypatch, tmp_path):
+    """trainer.device=auto passes check-config; once train resolves it to the CPU, split placement with
+    the default nccl broadcast is refused (exit 2, the key and the fix named) before Ray starts."""
+    import rlctl.ray_job as rj
+    from rlctl.testing import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tiny", seed=0)
+    monkeypatch.setattr(rj, "resolve_device", lambda cfg: "cpu")
+    monkeypatch.setattr(rj, "init_ray", lambda *a: pytest.fail("Ray must not start"))
+    res = runner.invoke(app, ["train", "--backend", "hf", "--preset", "gsm8k-cpu", "trainer.device=auto",
+                              "trainer.placement.colocate_all=false", f"trainer.log_path={tmp_path}/runs",
+                              f"trainer.policy.model.path={model}"])
+    assert res.exit_code == 2, res.output
+    assert "rlctl: invalid configuration for this machine:" in res.stderr
+    assert ("generator.weight_sync_backend=nccl: NCCL needs CUDA GPUs, but trainer.device=auto found none, so this "
+            "run is on the CPU; split placement broadcasts weights over gloo there: set "
+            "generator.weight_sync_backend=gloo") in res.stderr
+    assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
 def test_train_without_ray_job_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "rlctl.ray_job", None)
     res = runner.invoke(app, ["train", "--preset", "gsm8k"])
