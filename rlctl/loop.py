@@ -221,6 +221,10 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         logger.truncate_after(done)
     for note in checkpointer.notes:
         logger.console.log(f"note: {note}")
+    if done >= total_steps:
+        logger.console.log(f"note: the checkpoint of step {done} already completes this run's {total_steps} steps: "
+                           "nothing to train (use a new trainer.run_name, trainer.resume_mode=none, or raise "
+                           "trainer.max_steps / trainer.epochs)")
     generators.mark_stale()
     ensure_weights = lambda: generators.ensure_weights(trainers)  # noqa: E731
     wall_start = time.time()

@@ -725,8 +725,12 @@ def train(loaded) -> dict[str, Any]:
         ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
                             cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
         summary = loop.run(cfg, trainers, generators, tokenizer, train_data, val_data, logger, ckpt, stops)
-        console.log(f"done: {summary['last_step']} steps ({summary['stopped_because']}); metrics in "
-                    f"{run_dir / 'metrics.jsonl'}")
+        from rlctl.checkpoint import latest_checkpoint
+
+        last = summary["last_step"]
+        latest = latest_checkpoint(Path(cfg.ckpt_dir))
+        console.log(f"done: {last} step{'s' if last != 1 else ''} ({summary['stopped_because']}); metrics in "
+                    f"{run_dir / 'metrics.jsonl'}" + (f"; checkpoint {latest}" if latest else ""))
         clean = True
         return summary
     except ray.exceptions.RayError as e:

@@ -90,7 +90,7 @@ def test_two_steps_learn_and_write_outputs(ray_cluster, tiny, tmp_path):
     assert after > before + 0.01, (before, after)
 
 
-def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path):
+def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path, capfd):
     from rlctl.ray_job import train
 
     full = load_config(overrides=_overrides(tiny, tmp_path, "full", 3, workers=1), backend="hf", for_training=True)
@@ -108,6 +108,16 @@ def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path):
         ma = {k: v for k, v in a[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
         mb = {k: v for k, v in b[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
         assert ma == mb, step
+    # the same command again: the latest checkpoint already completes the run -> a note, nothing trained
+    capfd.readouterr()
+    assert train(resumed)["last_step"] == 3
+    import re
+
+    # rich's log columns (time, file:line) may interleave wrapped lines: drop them before matching
+    err = " ".join(w for w in capfd.readouterr().err.split()
+                   if not re.fullmatch(r"\S+\.py:\d+|\[\d\d:\d\d:\d\d\]", w))
+    assert "note: the checkpoint of step 3 already completes this run's 3 steps: nothing to train" in err
+    assert "done: 3 steps (max_steps); metrics in" in err and "; checkpoint" in err
 
 
 def test_split_placement_two_engines_get_the_weights(ray_cluster, tiny, tmp_path):
