@@ -895,6 +895,25 @@ def _suggest(path: str, siblings: list[str]) -> str:
     return ""
 
 
+def _dict_leaves(d: dict, prefix: str) -> list[tuple[str, Any]]:
+    """``[("prefix.a.b", value), ...]`` for the non-dict values of a nested dict (at most 2 are needed;
+    none when a nested key is not a plain name)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            return []
+        if isinstance(v, dict) and v:
+            sub = _dict_leaves(v, f"{prefix}.{k}")
+            if not sub:
+                return []
+            out += sub
+        else:
+            out.append((f"{prefix}.{k}", v))
+        if len(out) > 1:
+            break
+    return out
+
+
 def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel] = RunConfig, prefix: str = "") -> dict:
     """Drop (and report) keys that are neither schema fields nor handled vLLM names."""
     out = {}
@@ -908,7 +927,16 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
         info = model.model_fields.get(k)
         if info is None and k not in extra:
             where = "" if layer.kind == "override" else f" (in {layer.label})"
-            errors.append(f"{path}={_fmt(v)}: unknown key{where}{_suggest(path, names)}; remove or rename it")
+            hint = _suggest(path, names)
+            leaves = _dict_leaves(v, path) if isinstance(v, dict) else []
+            if len(leaves) == 1:  # a.typo.b.c=x: echo what was typed, suggest the whole corrected path
+                leaf, leaf_v = leaves[0]
+                fixed = hint.removeprefix("; did you mean ").removesuffix("?") + leaf[len(path):] if hint else ""
+                if fixed in LEAF_DEFAULTS:
+                    hint = f"; did you mean {fixed}?"
+                errors.append(f"{leaf}={_fmt(leaf_v)}: unknown key {path}{where}{hint}; remove or rename it")
+            else:
+                errors.append(f"{path}={_fmt(v)}: unknown key{where}{hint}; remove or rename it")
             continue
         sub = _submodel(info.annotation) if info is not None else None
         if sub is not None and v is None:  # an empty YAML section ("trainer:") means no keys

@@ -568,6 +568,15 @@ def test_split_placement_with_sglang_validates_and_needs_nccl():
     assert ok.notes == [] and ok.cfg.generator.weight_sync_timeout_s == 30.0
 
 
+def test_typo_in_a_section_echoes_the_typed_path_and_suggests_the_whole_key():
+    assert one_error("trainer.polcy.model.path=x") == (
+        "trainer.polcy.model.path=x: unknown key trainer.polcy; did you mean trainer.policy.model.path?; "
+        "remove or rename it")
+    # the corrected section has no such leaf: suggest the section only
+    assert one_error("trainer.polcy.modl.path=x") == (
+        "trainer.polcy.modl.path=x: unknown key trainer.polcy; did you mean trainer.policy?; remove or rename it")
+
+
 def test_names_from_other_trainers_get_a_suggestion():
     hint = "unknown key; did you mean trainer.policy.optimizer_config.lr?; remove or rename it"
     assert one_error("trainer.learning_rate=1e-6").endswith(hint)
