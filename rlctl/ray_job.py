@@ -98,6 +98,10 @@ class TrainerWorker:
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             if generators:
                 self._send_bucket(bucket, generators, transport)
+            elif self.device == "cuda":
+                # a rank with no engine of its own would otherwise queue every bucket's all-gather at once
+                # while the sending rank waits on its engines bucket by bucket: keep the ranks in step
+                torch.cuda.current_stream().synchronize()
             buckets += 1
             del bucket
         dt = time.perf_counter() - t0
@@ -598,8 +602,9 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
         except Exception:
             gen_group.shutdown(timeout=10)
             raise
-        gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s,
-                                   cfg.generator.inference_engine_tensor_parallel_size)
+        # an SGLang engine joins with one rank per tensor-parallel worker; an hf generator is one rank
+        tp = cfg.generator.inference_engine_tensor_parallel_size if cfg.generator.backend == "sglang" else 1
+        gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s, tp)
     return trainers, gen_group
 
 

@@ -110,11 +110,18 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     mask = attention_mask.gather(1, cols)
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
     left_max = int(left.max()) if n else 0
+    left_min = int(left.min()) if n else 0
+    if left_max >= length - t:
+        raise ValueError("response_logits_forward: a row has an empty prompt (no token before its response)")
     keep = t + left_max + 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, logits_to_keep=keep)
+    kept = out.logits.shape[1]
     # response token j of row i sits at packed column length - t + j - left_i, predicted by the logit one
-    # column earlier, i.e. index (left_max - left_i) + j of the kept logits
-    idx = (left_max - left)[:, None] + torch.arange(t, device=input_ids.device)[None, :]
+    # column earlier, i.e. index kept - t - 1 - left_i + j of the kept logits (kept = t + left_max + 1)
+    if left_min == left_max:  # same offset for every row (always after trimming a 1-row micro-batch): a view
+        start = kept - t - 1 - left_max
+        return out.logits[:, start:start + t].float()
+    idx = (kept - t - 1 - left)[:, None] + torch.arange(t, device=input_ids.device)[None, :]
     logits = out.logits.gather(1, idx[..., None].expand(-1, -1, out.logits.shape[-1]))
     return logits.float()
 

@@ -431,8 +431,7 @@ def test_colocated_layout_error_names_all_three_keys():
                 "trainer.placement.policy_num_nodes", "policy_num_gpus_per_node"):
         assert key in err
     assert "(2) x generator.inference_engine_tensor_parallel_size (1) = 2" in err and "(1 x 4 = 4)" in err
-    # valid layouts (the layout rule is backend-independent; SGLang refuses TP > 1 and split placement
-    # for now, see test_split_placement_with_sglang_is_refused)
+    # valid layouts (the layout rule is backend-independent; SGLang refuses TP > 1 for now)
     load_config(overrides=["generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"], backend="hf")
     load_config(overrides=["generator.num_inference_engines=1", "trainer.placement.colocate_all=false"], backend="hf")
 

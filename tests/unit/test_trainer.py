@@ -113,6 +113,12 @@ def test_right_packing_leaves_no_fully_masked_query_row():
     assert seen["pos"].tolist()[1] == [0, 1, 2, 3, 3, 3, 3, 3]
 
 
+def test_empty_prompt_is_refused_by_the_forward():
+    b = build_batch([[], [1, 20]], [[30], [40]], pad_id=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        response_logits_forward(None, b["input_ids"], b["attention_mask"], 1)
+
+
 def test_trim_padding_keeps_only_the_micro_batch_span():
     # rows 1 and 3 of _batch(): prompts [1,20,21] (P=4 with one left pad), responses [40] / [41,42] (T=4)
     b = _batch()
