@@ -319,6 +319,17 @@ def init_trainer_weight_group(
                              backend=backend, side="trainer")
 
 
+def _broadcast_all(tensors: list[torch.Tensor], group: Any, timeout_s: float) -> None:
+    """Broadcast ``tensors`` from rank 0 of ``group`` (sender and receivers call it alike), waiting at
+    most ``timeout_s`` seconds for each; raises ``TimeoutError`` or the backend's error."""
+    import torch.distributed as dist
+
+    works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
+    for w in works:
+        if not w.wait(timeout=datetime.timedelta(seconds=timeout_s)):
+            raise TimeoutError(f"broadcast not complete after {timeout_s:.0f}s")
+
+
 def receive_bucket(
     names: list[str],
     dtypes: list[str],
@@ -340,8 +351,6 @@ def receive_bucket(
     Raises:
         WeightSyncError: naming ``side`` when the broadcast fails or takes longer than ``timeout_s``.
     """
-    import torch.distributed as dist
-
     metas = [(n, getattr(torch, d), tuple(s)) for n, d, s in zip(names, dtypes, shapes)]
     if load_format == FLATTENED:
         sizes = [torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for _, d, s in metas]
@@ -356,10 +365,7 @@ def receive_bucket(
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
     try:
-        works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
-        for w in works:
-            if not w.wait(timeout=datetime.timedelta(seconds=timeout_s)):
-                raise TimeoutError(f"broadcast not complete after {timeout_s:.0f}s")
+        _broadcast_all(tensors, group, timeout_s)
     except Exception as e:  # noqa: BLE001
         raise WeightSyncError(
             f"{side} side: receiving {len(names)} tensors ({names[0] if names else '-'} ...) failed: "
@@ -381,8 +387,6 @@ def broadcast_bucket(
     *bucket_metadata(bucket), load_format=load_format)`` first (e.g. a Ray ``.remote`` call), then call
     this, then wait for the engine's call. ``load_format="flattened_bucket"`` sends one flat buffer.
     """
-    import torch.distributed as dist
-
     if load_format == FLATTENED:
         flat = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in bucket])
         tensors = [flat]
@@ -391,10 +395,7 @@ def broadcast_bucket(
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
     try:
-        works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
-        for w in works:
-            if not w.wait(timeout=datetime.timedelta(seconds=timeout_s)):
-                raise TimeoutError(f"broadcast not complete after {timeout_s:.0f}s")
+        _broadcast_all(tensors, group, timeout_s)
     except Exception as e:  # noqa: BLE001
         raise WeightSyncError(
             f"trainer side: broadcast of {len(bucket)} tensors ({bucket[0][0]} ...) failed: {type(e).__name__}: {e}. "
