@@ -167,6 +167,16 @@ def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.sort(attention_mask.sum(1), stable=True).indices
 
 
+def sorted_micro_batches(batch: dict[str, torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Yield ``(idx, micro_batch)`` over ``batch`` in :func:`length_order`, ``size`` sequences at a time,
+    each micro-batch trimmed by :func:`trim_padding`; ``idx`` [<= size] int64 are its rows in ``batch``."""
+    order = length_order(batch["attention_mask"])
+    for start in range(0, len(order), size):
+        idx = order[start:start + size]
+        mb, _ = trim_padding({k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        yield idx, mb
+
+
 class PolicyTrainer:
     """One rank of the FSDP2 policy; see the module docstring for the batch layout.
 
@@ -257,14 +267,9 @@ class PolicyTrainer:
         model = self.model if which == "policy" else self.ref_model
         if model is None:
             raise RuntimeError("reference log-probs asked for, but trainer.algorithm.use_kl_loss=false")
-        mbs = self.tcfg.micro_forward_batch_size_per_gpu
-        n = batch["input_ids"].shape[0]
-        T = batch["response_mask"].shape[1]
-        out = torch.zeros(n, T)
-        order = length_order(batch["attention_mask"])  # similar lengths per micro-batch, less padding
-        for start in range(0, n, mbs):
-            idx = order[start:start + mbs]
-            mb, _ = trim_padding({k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        out = torch.zeros(batch["response_mask"].shape)
+        # similar lengths per micro-batch, less padding
+        for idx, mb in sorted_micro_batches(batch, self.tcfg.micro_forward_batch_size_per_gpu):
             logp, _ = self._logprobs_entropy(model, mb, temperature, with_entropy=False)
             out[idx, :logp.shape[1]] = logp.cpu()
         return out
@@ -316,10 +321,7 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         # the loss is a sum over micro-batches normalized by mini-batch totals, so their order and
         # composition do not matter: group sequences of similar length and trim the shared padding
-        order = length_order(mini["attention_mask"])
-        for start in range(0, num_seqs, micro):
-            idx = order[start:start + micro]
-            mb, _ = trim_padding({k: v[idx] for k, v in mini.items()})
+        for _, mb in sorted_micro_batches(mini, micro):
             mask = mb["response_mask"].to(self.device)
             want_entropy = True
             logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=want_entropy)
