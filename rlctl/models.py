@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -124,34 +122,27 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+    from rlctl.metrics import atomic_dir
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(src.parent), gguf_file=src.name, dtype=getattr(torch, dtype), **kwargs
-        )
-        model.generation_config = GenerationConfig(
-            bos_token_id=model.generation_config.bos_token_id,
-            eos_token_id=_merged_eos(model.generation_config.eos_token_id, tokenizer),
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else model.generation_config.pad_token_id,
-        )
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        marker = dict(wanted, seconds=round(time.perf_counter() - t0, 1), transformers=_transformers_version())
-        (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.parent), gguf_file=src.name, dtype=getattr(torch, dtype), **kwargs
+            )
+            model.generation_config = GenerationConfig(
+                bos_token_id=model.generation_config.bos_token_id,
+                eos_token_id=_merged_eos(model.generation_config.eos_token_id, tokenizer),
+                pad_token_id=tokenizer.pad_token_id
+                if tokenizer.pad_token_id is not None
+                else model.generation_config.pad_token_id,
+            )
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            del model
+            marker = dict(wanted, seconds=round(time.perf_counter() - t0, 1), transformers=_transformers_version())
+            (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
         if bars:
             hf_logging.enable_progress_bar()
     return out

@@ -22,8 +22,6 @@ Test: ``pytest tests/unit/test_models.py -k tiny``.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -126,17 +124,11 @@ def build_tiny_llama(
         model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from rlctl.metrics import atomic_dir
+
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         build_tiny_tokenizer().save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
