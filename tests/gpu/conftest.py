@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +125,36 @@ def hf_named(hf_model):
     """The checkpoint's weights as SGLang expects them (HF names, tied lm_head left out)."""
     tied = bool(getattr(hf_model.config, "tie_word_embeddings", False))
     return [(n, p.data) for n, p in hf_model.named_parameters() if not (tied and n == "lm_head.weight")]
+
+
+@pytest.fixture
+def sample_train(model_path, tmp_path):
+    """A function running a 2-step ``rlctl train --backend sglang --preset gsm8k`` in a subprocess on the
+    bundled GSM8K sample (8 prompts x 4 samples, 128 new tokens, CUDA graphs off, lr 1e-6, flexible reward
+    with a format score: SmolLM2 is ~0% strict, so this gives some groups reward variance) plus the
+    test's ``overrides``; writes the output to ``$OUT/<run_name>.log``, asserts exit 0 and returns the
+    metrics rows by step."""
+    from rlctl.gsm8k import SAMPLE_DIR
+
+    def run(run_name: str, *overrides: str) -> dict[int, dict]:
+        cmd = [sys.executable, "-m", "rlctl", "train", "--backend", "sglang", "--preset", "gsm8k",
+               f"trainer.policy.model.path={model_path}",
+               f"data.train_data=['{SAMPLE_DIR}/train.parquet']", f"data.val_data=['{SAMPLE_DIR}/validation.parquet']",
+               "trainer.train_batch_size=8", "trainer.policy_mini_batch_size=4", "generator.n_samples_per_prompt=4",
+               "trainer.micro_train_batch_size_per_gpu=8", "trainer.micro_forward_batch_size_per_gpu=16",
+               "generator.sampling_params.max_new_tokens=128", "generator.eval_sampling_params.max_new_tokens=128",
+               "trainer.eval_batch_size=32", "trainer.eval_interval=-1", "trainer.max_steps=2", "trainer.ckpt_interval=-1",
+               "generator.sglang.disable_cuda_graph=true", f"trainer.log_path={tmp_path}/runs",
+               f"trainer.ckpt_path={tmp_path}/ckpts", f"trainer.run_name={run_name}",
+               "trainer.policy.optimizer_config.lr=1e-6",
+               "environment.reward.method=flexible", "environment.reward.format_score=0.1", *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=850,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        out_dir = os.environ.get("OUT")
+        if out_dir:
+            Path(out_dir, f"{run_name}.log").write_text(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        text = (tmp_path / "runs" / "gsm8k" / run_name / "metrics.jsonl").read_text()
+        return {r["step"]: r for r in (json.loads(ln) for ln in text.splitlines() if ln.strip())}
+
+    return run

@@ -7,45 +7,15 @@ back at every sleep, the weight push happened, and trainer and engine agree on t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
 
-def test_two_step_colocated_sglang_run(model_path, tmp_path, metrics):
+def test_two_step_colocated_sglang_run(sample_train, tmp_path, metrics):
     pytest.importorskip("sglang")
-    from rlctl.gsm8k import SAMPLE_DIR
-
-    overrides = [
-        f"trainer.policy.model.path={model_path}",
-        f"data.train_data=['{SAMPLE_DIR}/train.parquet']",
-        f"data.val_data=['{SAMPLE_DIR}/validation.parquet']",
-        "trainer.train_batch_size=8", "trainer.policy_mini_batch_size=4", "generator.n_samples_per_prompt=4",
-        "trainer.micro_train_batch_size_per_gpu=8", "trainer.micro_forward_batch_size_per_gpu=16",
-        "generator.sampling_params.max_new_tokens=128", "generator.eval_sampling_params.max_new_tokens=128",
-        "trainer.eval_batch_size=32", "trainer.eval_before_train=true", "trainer.eval_interval=-1",
-        "trainer.max_steps=2", "trainer.ckpt_interval=-1", "trainer.algorithm.use_kl_loss=true",
-        "generator.gpu_memory_utilization=0.3", "generator.sglang.disable_cuda_graph=true",
-        f"trainer.log_path={tmp_path}/runs", f"trainer.ckpt_path={tmp_path}/ckpts", "trainer.run_name=gpu2step",
-        "trainer.policy.optimizer_config.lr=1e-6",
-        # SmolLM2 is ~0% strict: flexible + a format score give some groups reward variance
-        "environment.reward.method=flexible", "environment.reward.format_score=0.1",
-    ]
-    cmd = [sys.executable, "-m", "rlctl", "train", "--backend", "sglang", "--preset", "gsm8k", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=850, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "colocated_run.log").write_text(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "gsm8k" / "gpu2step"
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    by_step = {r["step"]: r for r in rows}
+    by_step = sample_train("gpu2step", "trainer.eval_before_train=true", "trainer.algorithm.use_kl_loss=true",
+                           "generator.gpu_memory_utilization=0.3")
     assert sorted(by_step) == [0, 1, 2]
     assert by_step[0]["eval/num_problems"] == 32.0 and by_step[2]["eval/num_problems"] == 32.0
     for s in (1, 2):

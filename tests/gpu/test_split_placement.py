@@ -12,14 +12,9 @@ Skipped unless 2 GPUs are visible (nvidia-h200-x2). Run: ``bash scripts/gpu_chec
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -113,35 +108,12 @@ def test_nccl_broadcast_to_engine_on_other_gpu(model_path, prompt_ids, stop_toke
         gen.shutdown()
 
 
-def test_two_step_split_sglang_run(model_path, tmp_path, metrics):
+def test_two_step_split_sglang_run(sample_train, metrics):
     pytest.importorskip("sglang")
-    from rlctl.gsm8k import SAMPLE_DIR
-
-    overrides = [
-        f"trainer.policy.model.path={model_path}",
-        f"data.train_data=['{SAMPLE_DIR}/train.parquet']",
-        f"data.val_data=['{SAMPLE_DIR}/validation.parquet']",
-        "trainer.placement.colocate_all=false", "trainer.placement.policy_num_gpus_per_node=1",
-        "generator.num_inference_engines=1", "generator.weight_sync_bucket_mb=64",
-        "trainer.train_batch_size=8", "trainer.policy_mini_batch_size=4", "generator.n_samples_per_prompt=4",
-        "trainer.micro_train_batch_size_per_gpu=8", "trainer.micro_forward_batch_size_per_gpu=16",
-        "generator.sampling_params.max_new_tokens=128", "generator.eval_sampling_params.max_new_tokens=128",
-        "trainer.eval_batch_size=32", "trainer.eval_before_train=false", "trainer.eval_interval=-1",
-        "trainer.max_steps=2", "trainer.ckpt_interval=-1",
-        "generator.gpu_memory_utilization=0.5", "generator.sglang.disable_cuda_graph=true",
-        f"trainer.log_path={tmp_path}/runs", f"trainer.ckpt_path={tmp_path}/ckpts", "trainer.run_name=gpusplit",
-        "trainer.policy.optimizer_config.lr=1e-6",
-        "environment.reward.method=flexible", "environment.reward.format_score=0.1",
-    ]
-    cmd = [sys.executable, "-m", "rlctl", "train", "--backend", "sglang", "--preset", "gsm8k", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=850, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "split_run.log").write_text(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "gsm8k" / "gpusplit"
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    by_step = {r["step"]: r for r in rows}
+    by_step = sample_train("gpusplit", "trainer.placement.colocate_all=false",
+                           "trainer.placement.policy_num_gpus_per_node=1", "generator.num_inference_engines=1",
+                           "generator.weight_sync_bucket_mb=64", "trainer.eval_before_train=false",
+                           "generator.gpu_memory_utilization=0.5")
     assert sorted(s for s in by_step if s > 0) == [1, 2]
     for s in (1, 2):
         r = by_step[s]
