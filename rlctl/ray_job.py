@@ -535,6 +535,8 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    if with_trainer:
+        check_device_rules(cfg, device)  # train() checks it before Ray starts; this guards direct callers
     colocated = cfg.trainer.placement.colocate_all and with_trainer
     # without a trainer (rlctl eval) no trainer bundles are reserved: the engines get the GPUs
     workers = cfg.num_policy_workers if with_trainer else 0
@@ -597,11 +599,6 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     gen_group.trainer_actors = trainers.workers if trainers else []
     get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
     if trainers is not None and not colocated:
-        try:
-            check_device_rules(cfg, device)  # train() checked it already; this guards direct callers
-        except Exception:
-            gen_group.shutdown(timeout=10)
-            raise
         # an SGLang engine joins with one rank per tensor-parallel worker; an hf generator is one rank
         tp = cfg.generator.inference_engine_tensor_parallel_size if cfg.generator.backend == "sglang" else 1
         gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s, tp)
