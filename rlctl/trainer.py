@@ -93,6 +93,8 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
         response_len: T.
     Returns:
         [N, T, V] float32 logits; row t predicts ``input_ids[:, P + t]``.
+    Raises:
+        ValueError: a row has an empty prompt, or the model has no output embedding (LM head).
 
     The rows are right-packed before the forward pass (each row rotated left by its number of left
     pads: ``[prompt, response, pads]``), so no query position is fully masked: with left padding the
@@ -100,7 +102,13 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     ``0 * NaN`` in the weight gradients then poisons the whole update even though the pads never
     enter the loss. Position ids are ``cumsum(attention_mask) - 1`` (real tokens at 0..len-1, as with
     transformers ``generate`` on left-padded prompts), so the trainer's and the ``hf`` generator's
-    log-probs stay equal. Only the last ``T + max_left_pad + 1`` positions' logits are computed.
+    log-probs stay equal.
+
+    Right-packing puts each row's response at its own column, so the rows' response positions are
+    picked from the final hidden states ([N, T, H]) by a forward pre-hook on the LM head, which then
+    computes exactly N x T logits: no logits for prompt or pad positions and no gather over the
+    vocabulary (V is 151,936 for Qwen2.5 against H = 896; the logits are the largest tensors of the
+    step). Only the last ``T + max_left_pad + 1`` hidden positions reach the head (``logits_to_keep``).
     """
     n, length = input_ids.shape
     t = response_len
@@ -113,17 +121,32 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     left_min = int(left.min()) if n else 0
     if left_max >= length - t:
         raise ValueError("response_logits_forward: a row has an empty prompt (no token before its response)")
-    keep = t + left_max + 1
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, logits_to_keep=keep)
-    kept = out.logits.shape[1]
-    # response token j of row i sits at packed column length - t + j - left_i, predicted by the logit one
-    # column earlier, i.e. index kept - t - 1 - left_i + j of the kept logits (kept = t + left_max + 1)
-    if left_min == left_max:  # same offset for every row (always after trimming a 1-row micro-batch): a view
-        start = kept - t - 1 - left_max
-        return out.logits[:, start:start + t].float()
-    idx = (kept - t - 1 - left)[:, None] + torch.arange(t, device=input_ids.device)[None, :]
-    logits = out.logits.gather(1, idx[..., None].expand(-1, -1, out.logits.shape[-1]))
-    return logits.float()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"response_logits_forward: {type(model).__name__} has no output embedding (LM head)")
+
+    def pick_response_positions(_module, args):
+        hidden = args[0]  # [N, K, H]: the last K positions of the packed rows
+        k = hidden.shape[1]
+        # response token j of row i sits at packed column length - t + j - left_i, predicted by the hidden
+        # state one column earlier, i.e. index k - t - 1 - left_i + j of the last k positions
+        if left_min == left_max:  # same offset for every row (always for a 1-row micro-batch): a view
+            start = k - t - 1 - left_max
+            return (hidden[:, start:start + t], *args[1:])
+        idx = (k - t - 1 - left)[:, None] + torch.arange(t, device=hidden.device)[None, :]  # [N, T]
+        return (hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick_response_positions)
+    try:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=t + left_max + 1)
+    finally:
+        handle.remove()
+    if out.logits.shape[:2] != (n, t):
+        raise RuntimeError(f"response_logits_forward: the LM head gave logits of shape {tuple(out.logits.shape)}, "
+                           f"expected ({n}, {t}, V): {type(model).__name__} does not call get_output_embeddings() on the "
+                           "final hidden states")
+    return out.logits.float()
 
 
 RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [N, T] tensors aligned with the response

@@ -100,17 +100,54 @@ def test_right_packing_leaves_no_fully_masked_query_row():
     seen = {}
 
     class Spy(torch.nn.Module):
+        """Hidden state = the packed column index; the LM head copies it into all 7 'vocabulary' logits."""
+
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Identity()
+
+        def get_output_embeddings(self):
+            return self.head
+
         def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep):
             seen.update(ids=input_ids, mask=attention_mask, pos=position_ids, keep=logits_to_keep)
-            return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], logits_to_keep, 7))
+            hidden = torch.arange(input_ids.shape[1], dtype=torch.float32)[None, :, None].expand(input_ids.shape[0], -1, 7)
+            return SimpleNamespace(logits=self.head(hidden[:, -logits_to_keep:]))
 
     b = _batch()  # P = 4, T = 4; rows 1 and 3 have one left pad
     out = response_logits_forward(Spy(), b["input_ids"], b["attention_mask"], 4)
     assert out.shape == (4, 4, 7) and seen["keep"] == 6  # T + max left pads + 1
+    # the head only saw each row's response positions: column P-1+j, shifted left by the row's left pads
+    assert out[..., 0].tolist() == [[3, 4, 5, 6], [2, 3, 4, 5], [3, 4, 5, 6], [2, 3, 4, 5]]
     assert seen["ids"].tolist() == [[1, 10, 11, 12, 30, 31, 2, 0], [1, 20, 21, 40, 0, 0, 0, 0],
                                     [1, 10, 11, 12, 32, 33, 34, 2], [1, 20, 21, 41, 42, 0, 0, 0]]
     assert (seen["mask"][:, 0] == 1).all()  # column 0 is real in every row: no fully masked query
     assert seen["pos"].tolist()[1] == [0, 1, 2, 3, 3, 3, 3, 3]
+
+
+def test_forward_refuses_a_model_whose_head_it_cannot_hook():
+    b = _batch()
+
+    class NoHead(torch.nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="NoHead has no output embedding"):
+        response_logits_forward(NoHead(), b["input_ids"], b["attention_mask"], 4)
+
+    class HeadNotUsed(torch.nn.Module):  # computes logits without calling its head: the hook never runs
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Identity()
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids, logits_to_keep, **_):
+            return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], logits_to_keep, 7))
+
+    with pytest.raises(RuntimeError, match=r"logits of shape \(4, 6, 7\), expected \(4, 4, V\)"):
+        response_logits_forward(HeadNotUsed(), b["input_ids"], b["attention_mask"], 4)
 
 
 def test_empty_prompt_is_refused_by_the_forward():
