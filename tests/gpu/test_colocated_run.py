@@ -22,8 +22,10 @@ def test_two_step_colocated_sglang_run(sample_train, tmp_path, metrics):
         r = by_step[s]
         if r["groups/zero_variance_fraction"] < 1.0:
             assert r["policy/grad_norm"] > 0
-        else:  # every group had equal rewards: all advantages are 0, so is the gradient
-            assert r["policy/grad_norm"] == 0.0
+        else:  # every group had equal rewards: all advantages are 0, so is the policy-gradient loss; the KL
+            # term (coef 0.001) is left once the policy has moved from the reference (1.4e-4 measured on the H200)
+            assert r["policy/pg_loss"] == 0.0
+            assert r["policy/grad_norm"] < 0.01
         assert r["policy/rollout_train_logprobs_abs_diff_mean"] < 0.05
         assert r["generator/weight_sync_bytes"] > 2e8  # 135M params in bf16
         assert r["generator/sleep_freed_bytes"] >= 0.9 * r["generator/sleep_expected_bytes"]
