@@ -1012,10 +1012,14 @@ class _Collector:
         self.explicit = explicit
         self.sources = sources
         self.reported: set[str] = set()  # key paths already reported as errors
+        self.given_as: dict[str, str] = {}  # canonical key -> the alias / vLLM name the user wrote
 
     def src(self, path: str) -> str:
         label = self.sources.get(path)
-        return f" [{label}]" if label and not label.startswith("override") else ""
+        where = f"{label}" if label and not label.startswith("override") else ""
+        if path in self.given_as:
+            where = f"given as {self.given_as[path]}" + (f" in {where}" if where else "")
+        return f" [{where}]" if where else ""
 
     def error(self, path: str, value: Any, msg: str) -> None:
         self.reported.add(path)
@@ -1038,6 +1042,9 @@ def _translate(raw: dict, c: _Collector, old: str, new: str, value: Any, why: st
     else:
         _set(raw, new, value)
         c.explicit.add(new)
+        c.given_as[new] = old
+        if old in c.sources:  # errors on ``new`` name the file / preset / override that set ``old``
+            c.sources[new] = c.sources[old]
         c.note(old, f"{why}; using {new}={_fmt(value)}")
     _pop(raw, old)
 
@@ -1250,6 +1257,8 @@ def _rewrite_error(err: dict) -> tuple[str, Any, str]:
         msg = "unknown key; remove it"
     elif typ in _TYPE_WORDS:
         msg = _TYPE_WORDS[typ]
+        if isinstance(err.get("input"), str) and typ in ("int_type", "float_type", "bool_type", "int_from_float"):
+            msg += f", got the string {json.dumps(err['input'])} (quoted in YAML?); remove the quotes"
     else:
         msg = err["msg"]
     return path, err.get("input"), msg

@@ -324,6 +324,21 @@ def test_tensor_parallel_alias():
     err = one_error("generator.tensor_parallel_size=2", "generator.num_inference_engines=2")
     assert err.startswith("generator.inference_engine_tensor_parallel_size=2: tensor-parallel SGLang engines are not "
                           "supported by this rlctl version yet")
+    assert err.endswith("[given as generator.tensor_parallel_size]")  # the name the user typed, not the preset
+
+
+def test_alias_error_names_the_file_that_set_the_alias(tmp_path):
+    f = write(tmp_path, "tp.yaml", "generator:\n  tensor_parallel_size: 2\n")
+    errs = errors_of(preset="gsm8k", config_file=f)
+    assert errs[0].startswith("generator.inference_engine_tensor_parallel_size=2: tensor-parallel SGLang engines")
+    assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}]")
+
+
+def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
+    f = write(tmp_path, "q.yaml", 'trainer:\n  train_batch_size: "5"\n')
+    errs = errors_of(preset="gsm8k", config_file=f)
+    assert errs == [f'trainer.train_batch_size=5: expected an integer, got the string "5" (quoted in YAML?); remove '
+                    f'the quotes; the default is 1024 [{f}]']
     err = one_error("generator.tensor_parallel_size=2", "generator.inference_engine_tensor_parallel_size=1")
     assert err.startswith("generator.tensor_parallel_size=2: conflicts with generator.inference_engine_tensor_parallel_size=1")
 
