@@ -422,8 +422,35 @@ def _load_local(source_dir: Path) -> dict[str, list[tuple[str, str, str]]]:
     return {split: _read_jsonl(source_dir / f"{split}.jsonl") for split in ("train", "test")}
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, from one quick probe (``dataset_info``, 10 s timeout,
+    no retries), or None when it answered (even with an HTTP error: ``load_dataset`` reports those), when
+    ``HF_HUB_OFFLINE`` is set (``datasets`` then reads its cache) or when ``huggingface_hub`` is missing.
+
+    ``datasets.load_dataset`` itself retries an unreachable hub for about 25 s before failing.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        return None
+    try:
+        HfApi().dataset_info(DATA_SOURCE, timeout=10)
+    except HfHubHTTPError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - DNS, refused connection, proxy, timeout (httpx or requests)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _load_hub() -> dict[str, list[tuple[str, str, str]]]:
     hint = "pass --source-dir DIR with GSM8K train.jsonl/test.jsonl to prepare the data offline"
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise DataPrepError(f"could not reach the Hugging Face hub to download {DATA_SOURCE} ({reason}); {hint} "
+                            "(or set HF_HUB_OFFLINE=1 to use a copy in the datasets cache)")
     try:
         import datasets  # lazy: heavy import
 

@@ -401,7 +401,40 @@ def test_duplicates_kept_and_logged(tmp_path, caplog):
     assert "1 test question(s) also appear in the train split" in text
 
 
-def test_hub_failure_message(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_up(monkeypatch):
+    """The hub probe answers (the tests fake ``datasets`` itself; CI has no network)."""
+    monkeypatch.setattr(gsm8k, "_hub_unreachable", lambda: None)
+
+
+def test_unreachable_hub_fails_at_once_without_load_dataset(tmp_path, monkeypatch):
+    import types
+
+    import huggingface_hub
+
+    def dataset_info(self, repo_id, timeout=None):
+        assert (repo_id, timeout) == ("openai/gsm8k", 10)
+        raise OSError("[Errno -2] Name or service not known")
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *a, **k: pytest.fail("load_dataset called although the hub is unreachable")
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(DataPrepError) as ei:
+        prepare_gsm8k(tmp_path / "out")
+    assert str(ei.value) == (
+        "could not reach the Hugging Face hub to download openai/gsm8k (OSError: [Errno -2] Name or service not "
+        "known); pass --source-dir DIR with GSM8K train.jsonl/test.jsonl to prepare the data offline (or set "
+        "HF_HUB_OFFLINE=1 to use a copy in the datasets cache)")
+    assert not (tmp_path / "out").exists()
+    # offline mode: no probe, datasets reads its cache (here: the fake answers)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake.load_dataset = lambda *a, **k: {"train": TRAIN, "test": TEST}
+    assert prepare_gsm8k(tmp_path / "out") == {"train": 3, "validation": 1}
+
+
+def test_hub_failure_message(tmp_path, monkeypatch, hub_up):
     import types
 
     fake = types.ModuleType("datasets")
@@ -420,7 +453,7 @@ def test_hub_failure_message(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_hub_success_path(tmp_path, monkeypatch):
+def test_hub_success_path(tmp_path, monkeypatch, hub_up):
     import types
 
     fake = types.ModuleType("datasets")
@@ -434,7 +467,7 @@ def test_hub_success_path(tmp_path, monkeypatch):
         assert sha256(tmp_path / "out" / name) == sha256(tmp_path / "local" / name)
 
 
-def test_hub_bad_record_names_row(tmp_path, monkeypatch):
+def test_hub_bad_record_names_row(tmp_path, monkeypatch, hub_up):
     import types
 
     fake = types.ModuleType("datasets")
