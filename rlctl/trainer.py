@@ -128,6 +128,9 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     def pick_response_positions(_module, args):
         hidden = args[0]  # [N, K, H]: the last K positions of the packed rows
         k = hidden.shape[1]
+        if k < t + left_max + 1:
+            raise RuntimeError(f"response_logits_forward: the LM head got {k} positions, fewer than the "
+                               f"{t + left_max + 1} asked for with logits_to_keep")
         # response token j of row i sits at packed column length - t + j - left_i, predicted by the hidden
         # state one column earlier, i.e. index k - t - 1 - left_i + j of the last k positions
         if left_min == left_max:  # same offset for every row (always for a 1-row micro-batch): a view

@@ -150,6 +150,63 @@ def test_forward_refuses_a_model_whose_head_it_cannot_hook():
         response_logits_forward(HeadNotUsed(), b["input_ids"], b["attention_mask"], 4)
 
 
+@pytest.mark.parametrize("lefts", [[0, 2, 5, 1], [2, 2, 2]], ids=["gather", "slice"])
+def test_packed_forward_equals_unpadded_rows_with_checkpointing_untied(pg, tmp_path, lefts):
+    """Logits and parameter gradients of the right-packed forward (FSDP2, gradient checkpointing, untied
+    LM head) equal those of each row's own unpadded forward; the head hook is gone afterwards."""
+    import copy
+
+    from rlctl.trainer import load_and_shard
+
+    path = build_tiny_llama(tmp_path / "untied", seed=3, tie_word_embeddings=False)
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    model = load_and_shard(str(path), mesh=mesh, device=torch.device("cpu"), param_dtype=None,
+                           gradient_checkpointing=True, trainable=True)
+    model.train()
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    P, T = 7, 4
+    prompts = [torch.randint(3, 200, (P - lp,), generator=g).tolist() for lp in lefts]
+    outs = [torch.randint(3, 200, (T - i % 2,), generator=g).tolist() for i in range(len(lefts))]
+    b = build_batch(prompts, outs, pad_id=0)  # pads prompts to the longest one
+    extra = P + T - b["input_ids"].shape[1]  # [2, 2, 2]: every row keeps 2 left pads (the slice path)
+    for k in ("input_ids", "attention_mask"):
+        b[k] = torch.nn.functional.pad(b[k], (extra, 0))
+    assert (b["attention_mask"][:, :P] == 0).sum(1).tolist() == lefts
+    logits = response_logits_forward(model, b["input_ids"], b["attention_mask"], T)
+    (logits * b["response_mask"][..., None]).sum().backward()
+    for i, (pr, o) in enumerate(zip(prompts, outs)):
+        own = ref(input_ids=torch.tensor([pr + o])).logits[0, len(pr) - 1:-1]
+        torch.testing.assert_close(logits[i, :len(o)], own, atol=1e-5, rtol=1e-5)
+        own[:len(o)].sum().backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_head_hook_is_removed_when_the_forward_raises():
+    b = _batch()
+
+    class Boom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Identity()
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, **_):
+            raise RuntimeError("boom")
+
+    m = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        response_logits_forward(m, b["input_ids"], b["attention_mask"], 4)
+    assert not m.head._forward_pre_hooks
+
+
 def test_empty_prompt_is_refused_by_the_forward():
     b = build_batch([[], [1, 20]], [[30], [40]], pad_id=0)
     with pytest.raises(ValueError, match="empty prompt"):
