@@ -116,8 +116,13 @@ class TrainerWorker:
             timeout = self.cfg.generator.weight_sync_timeout_s
             refs = [g.update_weights_from_distributed.remote(*bucket_metadata(bucket), WEIGHT_GROUP, FLATTENED, timeout)
                     for g in generators]
+
+            def engine_failed() -> None:  # raises the error of an engine whose call already failed
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                ray.get(done)
+
             try:
-                broadcast_bucket(bucket, self.weight_group, load_format=FLATTENED, timeout_s=timeout)
+                broadcast_bucket(bucket, self.weight_group, load_format=FLATTENED, timeout_s=timeout, check=engine_failed)
             except WeightSyncError:
                 # an engine that failed first explains the hang better: raise its error if it has one
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=5)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import datetime
 import io
 import re
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -319,14 +320,31 @@ def init_trainer_weight_group(
                              backend=backend, side="trainer")
 
 
-def _broadcast_all(tensors: list[torch.Tensor], group: Any, timeout_s: float) -> None:
+def _broadcast_all(tensors: list[torch.Tensor], group: Any, timeout_s: float,
+                   check: Callable[[], None] | None = None) -> None:
     """Broadcast ``tensors`` from rank 0 of ``group`` (sender and receivers call it alike), waiting at
-    most ``timeout_s`` seconds for each; raises ``TimeoutError`` or the backend's error."""
+    most ``timeout_s`` seconds for each; raises ``TimeoutError`` or the backend's error.
+
+    ``check`` (optional) is called about every 50 ms while a broadcast is pending and may raise, e.g.
+    when a peer has already failed: the wait then ends at once instead of after ``timeout_s`` (with an
+    explicit timeout, ``Work.wait`` blocks the host for gloo and NCCL alike).
+    """
     import torch.distributed as dist
 
     works = [dist.broadcast(t, src=0, group=group, async_op=True) for t in tensors]
     for w in works:
-        if not w.wait(timeout=datetime.timedelta(seconds=timeout_s)):
+        deadline = time.monotonic() + timeout_s
+        if check is not None:
+            next_check = 0.0
+            while not w.is_completed():
+                now = time.monotonic()
+                if now > deadline:
+                    raise TimeoutError(f"broadcast not complete after {timeout_s:.0f}s")
+                if now >= next_check:
+                    check()
+                    next_check = now + 0.05
+                time.sleep(0.001)
+        if not w.wait(timeout=datetime.timedelta(seconds=max(1.0, deadline - time.monotonic()))):
             raise TimeoutError(f"broadcast not complete after {timeout_s:.0f}s")
 
 
@@ -380,12 +398,19 @@ def broadcast_bucket(
     *,
     load_format: str | None = None,
     timeout_s: float = 120.0,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Broadcast one bucket from the trainer (rank 0) to the engine ranks of ``group``.
 
     The engine must receive it concurrently: launch ``generator.update_weights_from_distributed(
     *bucket_metadata(bucket), load_format=load_format)`` first (e.g. a Ray ``.remote`` call), then call
     this, then wait for the engine's call. ``load_format="flattened_bucket"`` sends one flat buffer.
+    ``check``: called while waiting (about every 50 ms); raising there, e.g. because the engine's call
+    already ended with an error, stops the wait at once (see :func:`_broadcast_all`).
+
+    Raises:
+        WeightSyncError: naming the trainer side, when the broadcast fails, ``check`` raises or the
+            broadcast takes longer than ``timeout_s`` seconds.
     """
     if load_format == FLATTENED:
         flat = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in bucket])
@@ -395,7 +420,7 @@ def broadcast_bucket(
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
     try:
-        _broadcast_all(tensors, group, timeout_s)
+        _broadcast_all(tensors, group, timeout_s, check)
     except Exception as e:  # noqa: BLE001
         raise WeightSyncError(
             f"trainer side: broadcast of {len(bucket)} tensors ({bucket[0][0]} ...) failed: {type(e).__name__}: {e}. "

@@ -168,6 +168,49 @@ def test_broadcast_bucket_reaches_the_receiver_exactly(load_format):
                    ("lm_head.bias", [7], "torch.int64")]
 
 
+def _silent_receiver(port: int, name: str, up, down) -> None:  # joins the group, never receives (a failed engine)
+    from rlctl.weight_sync import join_weight_group
+
+    join_weight_group("127.0.0.1", port, 2, 1, name, timeout_s=30, backend="gloo", side="engine")
+    up.put("joined")
+    down.get(timeout=60)  # hold the group open until the trainer side has given up
+
+
+def test_broadcast_stops_when_check_reports_a_failed_engine():
+    """The engine joined but failed before receiving: ``check`` (in the loop: the engine's Ray call has
+    ended with an error) ends the trainer's wait within a second instead of after ``timeout_s`` (60 s)."""
+    import multiprocessing as mp
+    import time
+
+    from rlctl.weight_sync import WeightSyncError, broadcast_bucket, init_trainer_weight_group
+
+    port, name = _free_port(), "t-check"
+    ctx = mp.get_context("spawn")
+    up, down = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_silent_receiver, args=(port, name, up, down))
+    proc.start()
+    calls = []
+
+    def check():
+        calls.append(time.monotonic())
+        if len(calls) == 5:
+            raise RuntimeError("engine side: generator-0 raised KeyError('model.norm.weight')")
+
+    try:
+        group = init_trainer_weight_group("127.0.0.1", port, 2, name, timeout_s=30, backend="gloo")
+        assert up.get(timeout=30) == "joined"
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError) as e:
+            broadcast_bucket([("w", torch.ones(1 << 20))], group, timeout_s=60, check=check)
+        waited = time.monotonic() - t0
+    finally:
+        down.put("done")
+        proc.join(30)
+    assert str(e.value).startswith("trainer side: broadcast of 1 tensors (w ...) failed: RuntimeError: engine side: "
+                                   "generator-0 raised KeyError('model.norm.weight')")
+    assert len(calls) == 5 and waited < 5.0  # 4 checks ~50 ms apart, then the raise
+
+
 def test_weight_group_timeout_names_the_side():
     """Nobody else joins: the rendezvous gives up after the timeout with an error naming the side."""
     from rlctl.weight_sync import WeightSyncError, join_weight_group
