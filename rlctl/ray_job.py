@@ -576,38 +576,54 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     # sharing a cluster or a Ray namespace never collide); errors name them by their short label.
     prefix = f"rlctl-{cfg.trainer.run_name}-{os.getpid()}-{time.time_ns() % 10**9}-"
 
+    created: list = []  # every actor of this job, killed if building the groups fails part-way
+
     def named(label: str, handle):
         ACTOR_LABELS[handle._actor_id.hex()] = label
+        created.append(handle)
         return handle
 
-    gen_cls = ray.remote(GeneratorWorker)
-    gens = []
-    for i in range(engines):
-        b = i if colocated else workers + i
-        gpus = (share if colocated else cfg.generator.inference_engine_tensor_parallel_size) if gpu else 0
-        gens.append(named(f"generator-{i}", gen_cls.options(
-            name=f"{prefix}generator-{i}", num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(b),
-            max_concurrency=1).remote(cfg.generator.backend, {
-                **generator_kwargs(cfg, device),
-                **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}")))
-    trainers = None
-    if with_trainer:
-        tr_cls = ray.remote(TrainerWorker)
-        actors = [named(f"trainer-{r}", tr_cls.options(
-            name=f"{prefix}trainer-{r}", num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(r),
-        ).remote(cfg, r, workers, device, threads)) for r in range(workers)]
-        addr, port = ray.get(actors[0].address.remote())
-        get_all([a.setup.remote(addr, port) for a in actors])
-        trainers = TrainerGroup(actors, colocated=colocated and device == "cuda")
-    gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
-    gen_group.placement_group = pg
-    gen_group.trainer_actors = trainers.workers if trainers else []
-    get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
-    if trainers is not None and not colocated:
-        # an SGLang engine joins with one rank per tensor-parallel worker; an hf generator is one rank
-        tp = cfg.generator.inference_engine_tensor_parallel_size if cfg.generator.backend == "sglang" else 1
-        gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s, tp)
-    return trainers, gen_group
+    try:
+        gen_cls = ray.remote(GeneratorWorker)
+        gens = []
+        for i in range(engines):
+            b = i if colocated else workers + i
+            gpus = (share if colocated else cfg.generator.inference_engine_tensor_parallel_size) if gpu else 0
+            gens.append(named(f"generator-{i}", gen_cls.options(
+                name=f"{prefix}generator-{i}", num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(b),
+                max_concurrency=1).remote(cfg.generator.backend, {
+                    **generator_kwargs(cfg, device),
+                    **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}")))
+        trainers = None
+        if with_trainer:
+            tr_cls = ray.remote(TrainerWorker)
+            actors = [named(f"trainer-{r}", tr_cls.options(
+                name=f"{prefix}trainer-{r}", num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(r),
+            ).remote(cfg, r, workers, device, threads)) for r in range(workers)]
+            addr, port = ray.get(actors[0].address.remote())
+            get_all([a.setup.remote(addr, port) for a in actors])
+            trainers = TrainerGroup(actors, colocated=colocated and device == "cuda")
+        gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
+        gen_group.placement_group = pg
+        gen_group.trainer_actors = trainers.workers if trainers else []
+        get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
+        if trainers is not None and not colocated:
+            # an SGLang engine joins with one rank per tensor-parallel worker; an hf generator is one rank
+            tp = cfg.generator.inference_engine_tensor_parallel_size if cfg.generator.backend == "sglang" else 1
+            gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s, tp)
+        return trainers, gen_group
+    except BaseException:
+        # e.g. an engine that fails to start or a weight-update group that does not form: the caller has no
+        # group to shut down yet, and on a shared (external) cluster nothing else would stop these actors
+        from ray.util.placement_group import remove_placement_group
+
+        for a in created:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - best effort: the actor may be gone already
+                pass
+        remove_placement_group(pg)
+        raise
 
 
 def _load_tokenizer_and_stops(cfg):

@@ -155,6 +155,36 @@ def test_eval_command_scores_the_validation_split(ray_cluster, tiny, tmp_path):
     assert 0 < m["eval/response_length_mean"] <= 4  # eval max_new_tokens=4
 
 
+def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path):
+    """A model folder whose weights do not load: the actors fail while the groups are built; build_groups
+    kills every actor it started and frees its placement group before raising (the caller has no group
+    to shut down; on an external cluster nothing else would)."""
+    import shutil
+    import time
+
+    import ray
+
+    from rlctl.ray_job import ACTOR_LABELS, build_groups
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    loaded = load_config(overrides=_overrides(str(bad), tmp_path, "bad", 1, workers=1), backend="hf")
+    before = set(ACTOR_LABELS)
+    with pytest.raises(ray.exceptions.RayError):
+        build_groups(loaded.cfg, "cpu")
+    started = set(ACTOR_LABELS) - before
+    assert sorted(ACTOR_LABELS[a] for a in started) == ["generator-0", "trainer-0"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = {a: ray._private.state.actors(a)["State"] for a in started}
+        if set(states.values()) == {"DEAD"}:
+            break
+        time.sleep(0.5)
+    assert set(states.values()) == {"DEAD"}, states
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
 def test_placement_group_timeout_names_the_keys(ray_cluster, tiny, tmp_path):
     from rlctl.ray_job import build_groups
 
