@@ -47,6 +47,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(run_dir)
     out_dir = Path(run_dir).expanduser() / "plots"
@@ -63,6 +64,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=k)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

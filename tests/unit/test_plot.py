@@ -22,3 +22,22 @@ def test_plot_errors_name_the_file(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not JSON"):
         read_metrics(tmp_path)
+
+
+def test_step_axis_has_whole_number_ticks(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    rows = [{"step": s, "reward/mean": 0.1 * s} for s in (1, 2, 3)]  # 3 steps: default ticks would be 1.0, 1.25, ...
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ticks = {}
+    save = Figure.savefig
+
+    def spy(fig, path, *a, **k):
+        lo, hi = fig.axes[0].get_xlim()
+        ticks[str(path)] = [t for t in fig.axes[0].get_xticks() if lo <= t <= hi]
+        return save(fig, path, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    plot_run(tmp_path)
+    (reward,) = ticks.values()
+    assert reward == [1.0, 2.0, 3.0]
