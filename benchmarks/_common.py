@@ -60,7 +60,9 @@ def write_json(path: str | os.PathLike | None, obj: dict) -> None:
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    tmp = p.with_name(f".{p.name}.tmp")  # atomic: a reader (or a killed call) never sees half a file
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, p)
     print(f"wrote {p}", flush=True)
 
 

@@ -13,7 +13,8 @@
 #   bash benchmarks/run_all_h200.sh trl         # trl_side_by_side.py vs step-qwen's JSON           (~4-6 min)
 #   bash benchmarks/run_all_h200.sh step-smol   # step_breakdown.py, SmolLM2-135M, 6 steps          (~3 min)
 #   bash benchmarks/run_all_h200.sh scaling     # scaling.py, 2 GPUs vs step-qwen's JSON (nvidia-h200-x2 only)
-#   bash benchmarks/run_all_h200.sh profile     # trainer_profile.py, the train phase alone, 3 variants (~3 min)
+#   bash benchmarks/run_all_h200.sh profile     # trainer_profile.py, the train phase alone, 3 variants profiled (~10 min!)
+#   bash benchmarks/run_all_h200.sh micro       # trainer_profile.py, baseline vs 32 / 64 per micro-batch, timed only (~4 min)
 # Several stages in one call run in order (mind the 10 minutes): bash benchmarks/run_all_h200.sh step-qwen trl
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ ONE_GPU="${BENCH_GPU:-0}"   # the single-GPU stages use this GPU (also on a 2-GP
 QWEN=/tmp/models/qwen2.5-coder-0.5b-instruct
 SMOL=/tmp/models/smollm2-135m-instruct
 DATA="${BENCH_DATA:-/tmp/rlctl/data/gsm8k}"   # prepared once per machine, shared with scripts/gpu_real_run.sh
-[ $# -ge 1 ] || { echo "usage: $0 STAGE... (rollout step-qwen trl step-smol scaling profile)" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: $0 STAGE... (rollout step-qwen trl step-smol scaling profile micro)" >&2; exit 2; }
 
 if [ ! -f "$DK_ENV" ]; then
   echo "run_all_h200: /tmp/dk/env.sh missing: install the devkit first (calls 1-13, bash /tmp/dk/c1/install.sh /tmp/dk)" | tee "$OUT/stage.log"
@@ -89,6 +90,10 @@ for stage in "$@"; do
     profile)
       LAST_JSON=$RES/trainer_profile_qwen05.json
       CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/trainer_profile.py --model "$QWEN" --out "$LAST_JSON"; r=$? ;;
+    micro)
+      LAST_JSON=$RES/trainer_micro_qwen05.json
+      CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/trainer_profile.py --model "$QWEN" --no-profile \
+        --variants baseline,micro32,micro64 --out "$LAST_JSON"; r=$? ;;
     scaling)
       LAST_JSON=$RES/scaling_qwen05.json
       # without the step-qwen JSON (e.g. a fresh 2-GPU machine) scaling.py makes the 1-GPU run too: two runs

@@ -13,7 +13,12 @@ for each variant:
 
 * ``baseline``: the trainer as it is;
 * ``foreach``: AdamW with ``foreach=True`` (the trainer uses the per-parameter loop);
-* ``foreach+no-reshard``: plus ``reshard_after_forward=False`` (no parameter re-gather in backward).
+* ``foreach+no-reshard``: plus ``reshard_after_forward=False`` (no parameter re-gather in backward);
+* ``micro32`` / ``micro64``: the trainer as it is with 32 / 64 sequences per micro-batch (train and
+  log-prob passes) instead of the preset's 16: fewer, larger kernels per optimizer step.
+
+``--no-profile`` skips the profiled ``train_step`` (about a minute per variant on the H200). The JSON
+is rewritten after every variant, so a call cut off by the 10-minute limit keeps the finished ones.
 
 Per variant: one warm-up (``compute_logprobs`` + ``train_step``), then ``compute_logprobs`` and
 ``train_step`` timed (CUDA synchronized), then one ``train_step`` under ``torch.profiler``: the GPU busy
@@ -33,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-VARIANTS = ("baseline", "foreach", "foreach+no-reshard")
+VARIANTS = ("baseline", "foreach", "foreach+no-reshard", "micro32", "micro64")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     ap.add_argument("--top", type=int, default=15, help="operators listed per profile")
+    ap.add_argument("--no-profile", action="store_true", help="time the variants only (no torch.profiler pass)")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -107,6 +113,12 @@ def run_variant(name: str, args, cfg, batch) -> dict:
     tr.train_step(b, temp, mini)
     _sync(args.device)
     res["train_s"] = time.perf_counter() - t0
+    if args.no_profile:
+        res.update(profiled_train_s=None, gpu_busy_s=None, gpu_busy_fraction=None, top_device=[], top_cpu=[])
+        del tr
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return res
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -166,16 +178,22 @@ def main(argv=None) -> int:
             print(f"trainer_profile: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
             return 2
         C.log(f"variant {name}")
-        vcfg = make_cfg("trainer.policy.fsdp_config.reshard_after_forward=false") if "no-reshard" in name else cfg
+        if "no-reshard" in name:
+            vcfg = make_cfg("trainer.policy.fsdp_config.reshard_after_forward=false")
+        elif name.startswith("micro"):
+            m = int(name[len("micro"):])
+            vcfg = make_cfg(f"trainer.micro_train_batch_size_per_gpu={m}", f"trainer.micro_forward_batch_size_per_gpu={m}")
+        else:
+            vcfg = cfg
         results.append(run_variant(name, args, vcfg, batch))
         r = results[-1]
-        C.log(f"  logprobs {r['logprobs_s']:.2f} s, train {r['train_s']:.2f} s, GPU busy {r['gpu_busy_s']:.2f} s "
-              f"of {r['profiled_train_s']:.2f} s profiled")
+        busy = "" if r["gpu_busy_s"] is None else f", GPU busy {r['gpu_busy_s']:.2f} s of {r['profiled_train_s']:.2f} s profiled"
+        C.log(f"  logprobs {r['logprobs_s']:.2f} s, train {r['train_s']:.2f} s{busy}")
         for e in r["top_device" if args.device == "cuda" else "top_cpu"][:8]:
             C.log(f"    {e['self_s']:8.3f} s  {e['calls']:6d} x  {e['op'][:90]}")
-    out = {"benchmark": "trainer_profile", "args": vars(args), "versions": C.versions(), "real_tokens": real_tokens,
-           "sequences": int(batch["input_ids"].shape[0]), "results": results}
-    C.write_json(args.out, out)
+        out = {"benchmark": "trainer_profile", "args": vars(args), "versions": C.versions(), "real_tokens": real_tokens,
+               "sequences": int(batch["input_ids"].shape[0]), "results": results}
+        C.write_json(args.out, out)  # after every variant: a cut-off call keeps the finished ones
     C.print_table(f"trainer profile: {Path(args.model).name}, {args.prompts} x {args.samples}, {real_tokens} real tokens",
                   ["variant", "log-probs s", "train s", "train tokens/s", "GPU busy in train"],
                   [[r["variant"], C.fmt(r["logprobs_s"]), C.fmt(r["train_s"]),
