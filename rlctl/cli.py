@@ -134,7 +134,7 @@ def _print_tree(loaded: "LoadedConfig") -> None:
 
     data = redact(to_dict(loaded.cfg))
     explicit = loaded.explicit
-    chain = " < ".join(["defaults", *loaded.sources])
+    chain = redact(" < ".join(["defaults", *loaded.sources]))
     root = Tree(f"[bold]resolved config[/bold] ({escape(chain)})")
 
     def add(node: Tree, d: dict, prefix: str) -> None:
@@ -148,7 +148,7 @@ def _print_tree(loaded: "LoadedConfig") -> None:
 
     add(root, data, "")
     Console(soft_wrap=False).print(root)
-    Console().print(f"run dir: {loaded.cfg.run_dir}\ncheckpoints: {loaded.cfg.ckpt_dir}", highlight=False)
+    Console().print(redact(f"run dir: {loaded.cfg.run_dir}\ncheckpoints: {loaded.cfg.ckpt_dir}"), highlight=False)
 
 
 @app.command("check-config")

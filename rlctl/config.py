@@ -788,13 +788,13 @@ def _safe_yaml_value(text: str) -> Any:
 
 def _parse_override(item: Any) -> tuple[str, Any]:
     if not isinstance(item, str) or "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. trainer.seed=1")
+        raise ConfigError(f"override {_redact_override(item)!r}: expected key=value, e.g. trainer.seed=1")
     key, _, text = item.partition("=")
     key = key.strip()
     if key.startswith("+"):  # Hydra's "add a key" marker: rlctl keys always exist
         key = key[1:]
     if not _KEY_RE.fullmatch(key):
-        raise ConfigError(f"override {item!r}: {key!r} is not a dotted key path, e.g. trainer.seed=1")
+        raise ConfigError(f"override {_redact_override(item)!r}: {key!r} is not a dotted key path, e.g. trainer.seed=1")
     _, info = _field_info(key)
     quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
     if info is not None and _is_text_field(info):
@@ -934,9 +934,9 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
                 fixed = hint.removeprefix("; did you mean ").removesuffix("?") + leaf[len(path):] if hint else ""
                 if fixed in LEAF_DEFAULTS:
                     hint = f"; did you mean {fixed}?"
-                errors.append(f"{leaf}={_fmt(leaf_v)}: unknown key {path}{where}{hint}; remove or rename it")
+                errors.append(f"{_kv(leaf, leaf_v)}: unknown key {path}{where}{hint}; remove or rename it")
             else:
-                errors.append(f"{path}={_fmt(v)}: unknown key{where}{hint}; remove or rename it")
+                errors.append(f"{_kv(path, v)}: unknown key{where}{hint}; remove or rename it")
             continue
         sub = _submodel(info.annotation) if info is not None else None
         if sub is not None and v is None:  # an empty YAML section ("trainer:") means no keys
@@ -963,6 +963,12 @@ def _fmt(v: Any) -> str:
     except (TypeError, ValueError):
         text = repr(v)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _kv(path: str, value: Any) -> str:
+    """``path=value`` for messages; the value of a secret-looking key (``hf_token``, ``*_api_key``, ...)
+    is shown as ``***REDACTED***``, whether or not the key exists in the schema."""
+    return f"{path}={REDACTED if is_secret_key(path.rsplit('.', 1)[-1]) and value is not None else _fmt(value)}"
 
 
 def _get(d: Any, path: str, default: Any = None) -> Any:
@@ -1023,7 +1029,7 @@ class _Collector:
 
     def error(self, path: str, value: Any, msg: str) -> None:
         self.reported.add(path)
-        self.errors.append(f"{path}={_fmt(value)}: {msg}{self.src(path)}")
+        self.errors.append(f"{_kv(path, value)}: {msg}{self.src(path)}")
 
     def note(self, path: str, msg: str) -> None:
         self.notes.append(f"{path}: {msg}")
@@ -1032,7 +1038,7 @@ class _Collector:
         self.warnings.append(f"{path}: {msg}")
 
     def no_effect(self, path: str, value: Any, why: str) -> None:
-        self.notes.append(f"{path}={_fmt(value)} has no effect: {why}")
+        self.notes.append(f"{_kv(path, value)} has no effect: {why}")
 
 
 def _translate(raw: dict, c: _Collector, old: str, new: str, value: Any, why: str) -> None:
@@ -1500,7 +1506,7 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
     if backend is not None:
         items.append(("--backend", f"generator.backend={backend}"))
     for item in items:
-        label, text = item if isinstance(item, tuple) else (f"override {item!r}", item)
+        label, text = item if isinstance(item, tuple) else (f"override {_redact_override(item)!r}", item)
         try:
             key, value = _parse_override(text)
             layers.append(_Layer("override", label, _nest(key, value)))
@@ -1549,7 +1555,7 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
                 base = path.split("[")[0]
                 if base not in repaired and base not in c.reported:
                     hint = f"; the default is {_fmt(LEAF_DEFAULTS[base])}" if base in LEAF_DEFAULTS else ""
-                    c.errors.append(f"{path}={_fmt(value)}: {msg}{hint}{c.src(base)}")
+                    c.errors.append(f"{_kv(path, value)}: {msg}{hint}{c.src(base)}")
                 repaired.add(base)
                 _pop(raw, base)
     if cfg is not None:
@@ -1601,6 +1607,16 @@ def is_secret_key(key: Any) -> bool:
     if not segs:
         return False
     return any(x in _SECRET_ANY for x in segs) or segs[-1] in _SECRET_LAST
+
+
+def _redact_override(item: Any) -> Any:
+    """``key=value`` as shown in messages and source labels: a secret-looking key's value redacted."""
+    if isinstance(item, str) and "=" in item:
+        key, _, value = item.partition("=")
+        if is_secret_key(key.strip().rsplit(".", 1)[-1]) and value:
+            return f"{key}={REDACTED}"
+        return _redact_text(item)
+    return item
 
 
 def _redact_text(text: str) -> str:

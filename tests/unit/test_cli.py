@@ -103,6 +103,16 @@ def test_train_dry_run_writes_redacted_config(home, monkeypatch):
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no temp files left
 
 
+def test_check_config_header_and_run_dir_are_redacted(home, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETVAL")
+    res = runner.invoke(app, ["check-config", "--preset", "gsm8k", "trainer.run_name=hf_SECRETVAL",
+                              "ray.address=ray://u:pw123@host:10001"])
+    assert res.exit_code == 0, res.output
+    flat = res.output.replace("\n", "")  # rich wraps long lines
+    assert "hf_SECRETVAL" not in flat and "pw123" not in flat
+    assert "run dir: " in flat and f"ckpts/gsm8k/{REDACTED}" in flat
+
+
 def test_train_dry_run_roundtrip(home):
     res = runner.invoke(app, ["train", "--dry-run", "--preset", "gsm8k", "trainer.seed=5"])
     assert res.exit_code == 0, res.output

@@ -565,6 +565,23 @@ def test_env_secret_never_in_config_output_or_errors(monkeypatch):
     assert "sekret-wandb-value" not in str(exc.value) and C.REDACTED in str(exc.value)
 
 
+def test_unknown_secret_keys_are_redacted_in_errors(tmp_path):
+    errs = errors_of(overrides=["generator.hf_token=supersecret", "trainer.wandb_api_key=xyz1"])
+    assert errs == [f"generator.hf_token={C.REDACTED}: unknown key; remove or rename it",
+                    f"trainer.wandb_api_key={C.REDACTED}: unknown key; remove or rename it"]
+    f = write(tmp_path, "s.yaml", "hf_token: abc123\ngenerator:\n  api_key: def456\n")
+    text = " ".join(errors_of(config_file=f))
+    assert "abc123" not in text and "def456" not in text and text.count(C.REDACTED) == 2
+
+
+def test_override_labels_redact_secret_values():
+    loaded = load_config(overrides=["ray.address=ray://u:pw123@host:10001", "trainer.seed=3"])
+    assert loaded.sources == ["override 'ray.address=ray://u:***REDACTED***@host:10001'", "override 'trainer.seed=3'"]
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["hf_token"])  # not key=value
+    assert str(exc.value).endswith("override 'hf_token': expected key=value, e.g. trainer.seed=1")
+
+
 def test_split_placement_with_sglang_validates_and_needs_nccl():
     # 4 policy GPUs + 2 engines on their own GPUs: no equality rule between the two when split
     cfg = load_config(overrides=["trainer.placement.colocate_all=false", "generator.num_inference_engines=2"]).cfg
