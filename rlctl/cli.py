@@ -212,6 +212,7 @@ def eval_(
     ray_address: RayAddressOpt = None,
 ) -> None:
     """Greedy pass@1 of a model on data.val_data (strict and flexible GSM8K scores)."""
+    model = _eval_model_folder(model)
     extra = [f"trainer.policy.model.path={model}"] + ([f"ray.address={ray_address}"] if ray_address else [])
     loaded = _load(preset, config, overrides, backend, extra=extra)
     _print_notes(loaded)
@@ -223,6 +224,32 @@ def eval_(
     metrics = ray_job.evaluate(loaded)
     for k, v in sorted((metrics or {}).items()):
         typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+
+def _eval_model_folder(model: str) -> str:
+    """``--model`` of ``rlctl eval``: a hub name as given; a local folder must hold a model
+    (``config.json``). A checkpoint folder (``global_step_N``, whose model is in ``policy/``) is
+    accepted for its ``policy/`` subfolder. Exits 2 naming the folder otherwise."""
+    from rlctl.config import _looks_like_local_path
+
+    path = Path(os.path.expanduser(model))
+    if not path.exists():
+        if _looks_like_local_path(model):
+            _err(f"rlctl eval: --model {model}: folder does not exist (give a model folder, a checkpoint's "
+                 "global_step_N folder, or a hub name like Qwen/Qwen2.5-1.5B-Instruct)")
+            raise typer.Exit(2)
+        return model  # a hub name
+    if not path.is_dir():
+        _err(f"rlctl eval: --model {model}: not a folder")
+        raise typer.Exit(2)
+    if (path / "config.json").is_file():
+        return model
+    if (path / "policy" / "config.json").is_file():
+        _err(f"note: --model {model} is a checkpoint; evaluating its policy model {path / 'policy'}")
+        return str(path / "policy")
+    _err(f"rlctl eval: --model {model}: no config.json in this folder (nor in {path / 'policy'}); give a model "
+         "folder (e.g. a checkpoint's global_step_N/policy)")
+    raise typer.Exit(2)
 
 
 def _import_runtime(name: str) -> Any:

@@ -184,6 +184,22 @@ def test_eval_sets_model_path(monkeypatch, home):
     assert "eval/pass@1_strict: 0.2500" in res.stdout and "eval/n: 32" in res.stdout
 
 
+def test_eval_model_folder_checks(monkeypatch, home, tmp_path):
+    seen = {}
+    fake_module(monkeypatch, "rlctl.ray_job", evaluate=lambda loaded: seen.setdefault("path", loaded.cfg.trainer.policy.model.path) and {})
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path / "nomodel"), "--preset", "gsm8k"])
+    assert res.exit_code == 2 and "--model" in res.stderr and "nomodel: folder does not exist" in res.stderr
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path), "--preset", "gsm8k"])
+    assert res.exit_code == 2 and f"no config.json in this folder (nor in {tmp_path / 'policy'})" in res.stderr
+    assert "path" not in seen  # never started
+    ckpt = tmp_path / "global_step_3"
+    (ckpt / "policy").mkdir(parents=True)
+    (ckpt / "policy" / "config.json").write_text("{}")
+    res = runner.invoke(app, ["eval", "--model", str(ckpt), "--preset", "gsm8k"])
+    assert res.exit_code == 0, res.output
+    assert seen["path"] == str(ckpt / "policy") and "is a checkpoint; evaluating its policy model" in res.stderr
+
+
 def test_eval_missing_val_data(monkeypatch):
     fake_module(monkeypatch, "rlctl.ray_job", evaluate=lambda loaded: {})
     res = runner.invoke(app, ["eval", "--model", "m", "data.val_data=[/nope.parquet]"])
