@@ -693,6 +693,48 @@ _SafeLoader.add_implicit_resolver(
 )
 
 
+class _LineDict(dict):
+    """A YAML mapping that remembers the 1-based line of each of its keys (``key_lines``), so that
+    errors about a key of a config file can say ``file:line``."""
+
+    key_lines: dict
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+def _construct_mapping_with_lines(loader: "_SafeLoader", node: yaml.MappingNode, deep: bool = False) -> _LineDict:
+    lines: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" merges may repeat keys on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = lines.get(key)
+        except TypeError:  # unhashable key: SafeConstructor reports it
+            continue
+        if first is not None:
+            raise _DuplicateKeyError(None, None, f"duplicate key {key!r} (first on line {first}); give each key once",
+                                     key_node.start_mark)
+        lines[key] = key_node.start_mark.line + 1
+    out = _LineDict(yaml.SafeLoader.construct_mapping(loader, node, deep=deep))
+    out.key_lines = lines
+    return out
+
+
+def _construct_yaml_map(loader: "_SafeLoader", node: yaml.MappingNode):
+    data = _LineDict()
+    data.key_lines = {}
+    yield data
+    value = _construct_mapping_with_lines(loader, node)
+    data.update(value)
+    data.key_lines = value.key_lines
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:map", _construct_yaml_map)
+
+
 def safe_load(text: str) -> Any:
     """Parse YAML with :class:`_SafeLoader` (safe: Python object tags are refused)."""
     return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
@@ -707,6 +749,8 @@ def _read_yaml(path: Path, label: str) -> dict:
         raise ConfigError(f"{label}: cannot read: {exc}") from None
     try:
         data = safe_load(text)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{label}:{exc.problem_mark.line + 1}: {exc.problem}") from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -926,7 +970,8 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
         path = f"{prefix}{k}"
         info = model.model_fields.get(k)
         if info is None and k not in extra:
-            where = "" if layer.kind == "override" else f" (in {layer.label})"
+            line = getattr(d, "key_lines", {}).get(k)
+            where = "" if layer.kind == "override" else f" (in {layer.label}{f':{line}' if line else ''})"
             hint = _suggest(path, names)
             leaves = _dict_leaves(v, path) if isinstance(v, dict) else []
             if len(leaves) == 1:  # a.typo.b.c=x: echo what was typed, suggest the whole corrected path

@@ -334,6 +334,21 @@ def test_alias_error_names_the_file_that_set_the_alias(tmp_path):
     assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}]")
 
 
+def test_duplicate_yaml_key_is_an_error_with_lines(tmp_path):
+    f = write(tmp_path, "dup.yaml", "trainer:\n  seed: 1\n  epochs: 2\n  seed: 2\n")
+    assert errors_of(config_file=f) == [f"{f}:4: duplicate key 'seed' (first on line 2); give each key once"]
+    # a YAML merge key may repeat a key on purpose: the explicit one wins
+    assert C.safe_load("base: &b\n  seed: 1\ntrainer:\n  <<: *b\n  seed: 2\n") == {"base": {"seed": 1}, "trainer": {"seed": 2}}
+
+
+def test_unknown_key_in_a_file_names_its_line(tmp_path):
+    f = write(tmp_path, "typo.yaml", "trainer:\n  seed: 1\n  polcy:\n    model: {path: x}\n  epochz: 3\n")
+    assert errors_of(config_file=f) == [
+        f"trainer.polcy.model.path=x: unknown key trainer.polcy (in {f}:3); did you mean trainer.policy.model.path?; "
+        "remove or rename it",
+        f"trainer.epochz=3: unknown key (in {f}:5); did you mean trainer.epochs?; remove or rename it"]
+
+
 def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
     f = write(tmp_path, "q.yaml", 'trainer:\n  train_batch_size: "5"\n')
     errs = errors_of(preset="gsm8k", config_file=f)
