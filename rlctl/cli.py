@@ -37,6 +37,22 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from rlctl import __version__
+
+        typer.echo(f"rlctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print rlctl's version and exit.")] = False,
+) -> None:
+    """GRPO fine-tuning of LLMs on GSM8K: FSDP2 policy + colocated SGLang rollouts in one Ray job."""
+
+
 CONFIG_PANEL = "Configuration (precedence: defaults < --preset < --config < key=value / --backend)"
 
 
@@ -279,7 +295,8 @@ def prepare_data(
         counts = gsm8k.prepare_gsm8k(out, os.path.expanduser(str(source_dir)) if source_dir else None)
     except gsm8k.DataPrepError as exc:
         _err(f"rlctl prepare-data: {exc}")
-        raise typer.Exit(2) from None
+        # README exit codes: 1 runtime failure (the hub could not be reached), 2 invalid input
+        raise typer.Exit(1 if isinstance(exc, gsm8k.DownloadError) else 2) from None
     for split, rows in (counts or {}).items():
         typer.echo(f"{split}: {rows} rows -> {out / (split + '.parquet')}")
 

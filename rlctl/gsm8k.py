@@ -91,6 +91,11 @@ class DataPrepError(ValueError):
     """
 
 
+class DownloadError(DataPrepError):
+    """The Hugging Face hub could not be reached or did not deliver the dataset (a runtime failure,
+    not bad input: ``rlctl prepare-data`` exits 1 for it, 2 for the other :class:`DataPrepError`)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Answer extraction
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +454,7 @@ def _load_hub() -> dict[str, list[tuple[str, str, str]]]:
     hint = "pass --source-dir DIR with GSM8K train.jsonl/test.jsonl to prepare the data offline"
     reason = _hub_unreachable()
     if reason is not None:
-        raise DataPrepError(f"could not reach the Hugging Face hub to download {DATA_SOURCE} ({reason}); {hint} "
+        raise DownloadError(f"could not reach the Hugging Face hub to download {DATA_SOURCE} ({reason}); {hint} "
                             "(or set HF_HUB_OFFLINE=1 to use a copy in the datasets cache)")
     try:
         import datasets  # lazy: heavy import
@@ -457,7 +462,7 @@ def _load_hub() -> dict[str, list[tuple[str, str, str]]]:
         ds = datasets.load_dataset(DATA_SOURCE, "main")
         splits = {split: list(ds[split]) for split in ("train", "test")}
     except Exception as exc:  # noqa: BLE001 - network, auth, cache, missing package, ...
-        raise DataPrepError(
+        raise DownloadError(
             f"could not reach the Hugging Face hub to download {DATA_SOURCE} "
             f"({type(exc).__name__}: {exc}); {hint}"
         ) from exc

@@ -213,6 +213,10 @@ class DataPrepError(ValueError):
     pass
 
 
+class DownloadError(DataPrepError):
+    pass
+
+
 def test_prepare_data(monkeypatch, home, tmp_path):
     calls = []
 
@@ -220,7 +224,7 @@ def test_prepare_data(monkeypatch, home, tmp_path):
         calls.append((out, src))
         return {"train": 7473, "validation": 1319}
 
-    fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError)
+    fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError, DownloadError=DownloadError)
     res = runner.invoke(app, ["prepare-data", "gsm8k", "--source-dir", "~/src"])
     assert res.exit_code == 0, res.output
     assert calls == [(home / "data" / "gsm8k", f"{home}/src")]
@@ -229,11 +233,27 @@ def test_prepare_data(monkeypatch, home, tmp_path):
     assert calls[-1] == (tmp_path / "o", None)
 
 
+def test_prepare_data_unreachable_hub_exit_1(monkeypatch):
+    def prepare(out, src):
+        raise DownloadError("could not reach the Hugging Face hub to download openai/gsm8k (ConnectError: ...)")
+
+    fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError, DownloadError=DownloadError)
+    res = runner.invoke(app, ["prepare-data", "gsm8k"])
+    assert res.exit_code == 1 and "could not reach the Hugging Face hub" in res.stderr
+
+
+def test_version():
+    from rlctl import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout == f"rlctl {__version__}\n"
+
+
 def test_prepare_data_error_exit_2(monkeypatch):
     def prepare(out, src):
         raise DataPrepError("train.jsonl:3: invalid JSON")
 
-    fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError)
+    fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError, DownloadError=DownloadError)
     res = runner.invoke(app, ["prepare-data", "gsm8k"])
     assert res.exit_code == 2 and "train.jsonl:3: invalid JSON" in res.stderr and "Traceback" not in res.output
 
