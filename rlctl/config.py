@@ -1292,6 +1292,19 @@ def _loc_to_path(loc: tuple) -> str:
     return ".".join(parts)
 
 
+def _is_quoted_scalar(value: Any, typ: str) -> bool:
+    """A string that would have been the expected number / boolean without its quotes (``"5"``)."""
+    if not isinstance(value, str) or typ not in ("int_type", "float_type", "bool_type", "int_from_float"):
+        return False
+    try:
+        loaded = safe_load(value)
+    except yaml.YAMLError:
+        return False
+    if typ == "bool_type":
+        return isinstance(loaded, bool)
+    return isinstance(loaded, (int, float)) and not isinstance(loaded, bool)
+
+
 def _rewrite_error(err: dict) -> tuple[str, Any, str]:
     path = _loc_to_path(err["loc"]) or "(top level)"
     typ = err["type"]
@@ -1308,7 +1321,7 @@ def _rewrite_error(err: dict) -> tuple[str, Any, str]:
         msg = "unknown key; remove it"
     elif typ in _TYPE_WORDS:
         msg = _TYPE_WORDS[typ]
-        if isinstance(err.get("input"), str) and typ in ("int_type", "float_type", "bool_type", "int_from_float"):
+        if _is_quoted_scalar(err.get("input"), typ):
             msg += f", got the string {json.dumps(err['input'])} (quoted in YAML?); remove the quotes"
     else:
         msg = err["msg"]

@@ -354,6 +354,15 @@ def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
     errs = errors_of(preset="gsm8k", config_file=f)
     assert errs == [f'trainer.train_batch_size=5: expected an integer, got the string "5" (quoted in YAML?); remove '
                     f'the quotes; the default is 1024 [{f}]']
+    f = write(tmp_path, "b.yaml", 'trainer:\n  placement:\n    colocate_all: "false"\n')
+    assert errs_of_file(f) == [f'trainer.placement.colocate_all=false: expected true or false, got the string "false" '
+                               f'(quoted in YAML?); remove the quotes; the default is true [{f}]']
+    # a word is not a quoted number: no such hint
+    assert one_error("trainer.seed=x") == "trainer.seed=x: expected an integer; the default is 42"
+
+
+def errs_of_file(f):
+    return errors_of(preset="gsm8k", config_file=f)
     err = one_error("generator.tensor_parallel_size=2", "generator.inference_engine_tensor_parallel_size=1")
     assert err.startswith("generator.tensor_parallel_size=2: conflicts with generator.inference_engine_tensor_parallel_size=1")
 
