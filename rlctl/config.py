@@ -1481,7 +1481,11 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                     c.warn(f"{key}[{i}]", f"file {p} does not exist; {fix}")
     mp = t.policy.model.path
     if _looks_like_local_path(mp) and not _exists(mp, "any"):
-        fix = "run `rlctl prepare-model smollm2` (for ~/models/smollm2-135m-instruct) or give a hub name like Qwen/Qwen2.5-1.5B-Instruct"
+        if "smollm2" in mp.lower():
+            fix = (f"run `rlctl prepare-model smollm2 --output-dir {mp}` (writes SmolLM2-135M-Instruct there) or give a "
+                   "hub name like Qwen/Qwen2.5-1.5B-Instruct")
+        else:
+            fix = "point it at a folder with a Hugging Face model (config.json + weights) or give a hub name like Qwen/Qwen2.5-1.5B-Instruct"
         if for_training:
             c.error("trainer.policy.model.path", mp, f"local model folder does not exist; {fix}")
         else:

@@ -126,7 +126,12 @@ def test_missing_data_is_warning_in_check_and_error_for_training(home):
 def test_local_model_path_missing(home):
     over = ["trainer.policy.model.path=~/models/none"]
     assert "local model folder" in load_config(overrides=over).warnings[0]
-    assert "rlctl prepare-model smollm2" in one_error(*over, for_training=True)
+    assert one_error(*over, for_training=True).endswith(
+        "local model folder does not exist; point it at a folder with a Hugging Face model (config.json + weights) "
+        "or give a hub name like Qwen/Qwen2.5-1.5B-Instruct")
+    # a SmolLM2 folder: rlctl can write it
+    assert "run `rlctl prepare-model smollm2 --output-dir ~/models/smollm2-x`" in one_error(
+        "trainer.policy.model.path=~/models/smollm2-x", for_training=True)
     # hub names are fine even for training
     load_config(overrides=["trainer.policy.model.path=Qwen/Qwen2.5-1.5B-Instruct"], for_training=True)
     load_config(overrides=["trainer.policy.model.path=gpt2"], for_training=True)
