@@ -130,7 +130,7 @@ def test_local_model_path_missing(home):
         "local model folder does not exist; point it at a folder with a Hugging Face model (config.json + weights) "
         "or give a hub name like Qwen/Qwen2.5-1.5B-Instruct")
     # a SmolLM2 folder: rlctl can write it
-    assert "run `rlctl prepare-model smollm2 --output-dir ~/models/smollm2-x`" in one_error(
+    assert f"run `rlctl prepare-model smollm2 --output-dir {home}/models/smollm2-x`" in one_error(
         "trainer.policy.model.path=~/models/smollm2-x", for_training=True)
     # hub names are fine even for training
     load_config(overrides=["trainer.policy.model.path=Qwen/Qwen2.5-1.5B-Instruct"], for_training=True)
