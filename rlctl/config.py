@@ -1292,6 +1292,17 @@ def _loc_to_path(loc: tuple) -> str:
     return ".".join(parts)
 
 
+def _value_below(layers: list, path: str, label: Optional[str]) -> Optional[tuple[str, Any]]:
+    """``(layer label, value)`` of the last layer under the one labelled ``label`` that sets ``path``."""
+    found = None
+    for layer in layers:
+        if layer.label == label:
+            return found
+        if _has(layer.data, path):
+            found = (layer.label.split(" (")[0], _get(layer.data, path))
+    return None
+
+
 def _is_quoted_scalar(value: Any, typ: str) -> bool:
     """A string that would have been the expected number / boolean without its quotes (``"5"``)."""
     if not isinstance(value, str) or typ not in ("int_type", "float_type", "bool_type", "int_from_float"):
@@ -1617,6 +1628,9 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
                 base = path.split("[")[0]
                 if base not in repaired and base not in c.reported:
                     hint = f"; the default is {_fmt(LEAF_DEFAULTS[base])}" if base in LEAF_DEFAULTS else ""
+                    below = _value_below(layers, base, c.sources.get(base))
+                    if below is not None:  # e.g. the preset's value, which the bad one replaced
+                        hint = f"; {below[0]} sets {_kv(base, below[1]).split('=', 1)[1]}"
                     c.errors.append(f"{_kv(path, value)}: {msg}{hint}{c.src(base)}")
                 repaired.add(base)
                 _pop(raw, base)

@@ -358,7 +358,7 @@ def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
     f = write(tmp_path, "q.yaml", 'trainer:\n  train_batch_size: "5"\n')
     errs = errors_of(preset="gsm8k", config_file=f)
     assert errs == [f'trainer.train_batch_size=5: expected an integer, got the string "5" (quoted in YAML?); remove '
-                    f'the quotes; the default is 1024 [{f}]']
+                    f'the quotes; preset gsm8k sets 64 [{f}]']  # the value the bad one replaced
     f = write(tmp_path, "b.yaml", 'trainer:\n  placement:\n    colocate_all: "false"\n')
     assert errs_of_file(f) == [f'trainer.placement.colocate_all=false: expected true or false, got the string "false" '
                                f'(quoted in YAML?); remove the quotes; the default is true [{f}]']
