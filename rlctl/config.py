@@ -7,8 +7,8 @@ Precedence (lowest first; written once, here and in README "Configuration")::
 
     schema defaults  <  --preset NAME  <  --config FILE  <  key=value overrides and --backend B
 
-- ``--preset NAME`` reads ``presets/NAME.yaml`` (folder: ``$RLCTL_PRESETS_DIR`` or the repository's
-  ``presets/``). A preset may list ``defaults: [other, ...]``: those presets are composed first, in
+- ``--preset NAME`` reads ``rlctl/presets/NAME.yaml`` (folder: ``$RLCTL_PRESETS_DIR`` or the package's
+  ``rlctl/presets/``). A preset may list ``defaults: [other, ...]``: those presets are composed first, in
   order, then the preset itself (Hydra's ``_self_`` entry is accepted and ignored). Cycles are errors.
 - ``--config FILE`` is composed the same way: its own ``defaults:`` (preset names) first, then the file.
 - ``key=value`` overrides are applied in the order given; ``--backend B`` equals
@@ -636,13 +636,11 @@ _PRESET_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def presets_dir() -> Path:
-    """``$RLCTL_PRESETS_DIR`` or ``<repo>/presets``."""
+    """``$RLCTL_PRESETS_DIR`` or the package's ``rlctl/presets`` (shipped in the wheel as package data)."""
     env = os.environ.get("RLCTL_PRESETS_DIR")
     if env:
         return Path(expand_path(env))
-    import rlctl
-
-    return Path(rlctl.__file__).resolve().parent.parent / "presets"
+    return Path(__file__).resolve().parent / "presets"
 
 
 def list_presets() -> list[tuple[str, str]]:
