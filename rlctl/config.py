@@ -1627,7 +1627,8 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
                 if base not in repaired and base not in c.reported:
                     hint = f"; the default is {_fmt(LEAF_DEFAULTS[base])}" if base in LEAF_DEFAULTS else ""
                     below = _value_below(layers, base, c.sources.get(base))
-                    if below is not None:  # e.g. the preset's value, which the bad one replaced
+                    if below is not None and below[1] != LEAF_DEFAULTS.get(base, object()):
+                        # e.g. the preset's value, which the bad one replaced
                         hint = f"; {below[0]} sets {_kv(base, below[1]).split('=', 1)[1]}"
                     c.errors.append(f"{_kv(path, value)}: {msg}{hint}{c.src(base)}")
                 repaired.add(base)

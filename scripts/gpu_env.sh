@@ -1,0 +1,15 @@
+# Sourced by scripts/gpu_check.sh and scripts/gpu_real_run.sh (from the repository root): the Python
+# environment for SGLang on the GPU machine. With the offline kit installed (../shared/devkit, calls 1-4
+# or 1-13), its /tmp/dk/env.sh (or $DK_ENV); else the current python3, which must import sglang
+# (pip install -e ".[sglang,dev]"). Usage: gpu_env SCRIPT_NAME LOG_FILE -- exits 2 naming the fix.
+gpu_env() {
+  local dk="${DK_ENV:-/tmp/dk/env.sh}"
+  if [ -f "$dk" ]; then
+    # shellcheck disable=SC1090
+    source "$dk"
+  elif ! python3 -c "import sglang" 2>/dev/null; then
+    echo "$1: no SGLang here: install the devkit (bash /tmp/dk/c1/install.sh /tmp/dk) or pip install -e \".[sglang,dev]\"" | tee "$2"
+    exit 2
+  fi
+  export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+}
