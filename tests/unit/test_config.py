@@ -361,7 +361,7 @@ def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
                     f'the quotes; preset gsm8k sets 64 [{f}]']  # the value the bad one replaced
     f = write(tmp_path, "b.yaml", 'trainer:\n  placement:\n    colocate_all: "false"\n')
     assert errs_of_file(f) == [f'trainer.placement.colocate_all=false: expected true or false, got the string "false" '
-                               f'(quoted in YAML?); remove the quotes; preset gsm8k sets true [{f}]']
+                               f'(quoted in YAML?); remove the quotes; the default is true [{f}]']  # the preset keeps the default
     # a word is not a quoted number: no such hint
     assert one_error("trainer.seed=x") == "trainer.seed=x: expected an integer; the default is 42"
 
