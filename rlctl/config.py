@@ -1219,7 +1219,10 @@ def _normalize_sampling(raw: dict, sp: dict, prefix: str, c: _Collector, backend
             _translate(raw, c, path, f"{prefix}.seed", v, "SGLang name")
             drop = False
         elif key in ("min_tokens", "min_new_tokens"):
-            c.error(path, v, f"{engine} does not support {key} (the engine runs without its tokenizer); remove it")
+            if v == 0 and not isinstance(v, bool):  # vLLM's default: no minimum
+                c.no_effect(path, v, "neutral value")
+            else:
+                c.error(path, v, f"{engine} does not support {key} (the engine runs without its tokenizer); remove it")
         elif key == "include_stop_str_in_output":
             c.error(path, v, f"{engine} does not support include_stop_str_in_output (stop tokens are always kept in the output ids); remove it")
         elif key in ("stop", "stop_regex"):

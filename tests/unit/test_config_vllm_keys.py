@@ -45,6 +45,7 @@ CASES = [
     (S + "min_tokens=1", "sglang", "error", "SGLang does not support min_tokens"),
     (S + "min_tokens=1", "hf", "error", "rlctl's hf generator does not support min_tokens"),
     (S + "min_new_tokens=1", "sglang", "error", "SGLang does not support min_new_tokens"),
+    (S + "min_tokens=0", "sglang", "note", "generator.sampling_params.min_tokens=0 has no effect: neutral value"),
     (S + "include_stop_str_in_output=true", "sglang", "error", "SGLang does not support include_stop_str_in_output"),
     (S + "stop=['####']", "sglang", "error", "the engine runs without its tokenizer; use generator.sampling_params.stop_token_ids"),
     (S + "stop=x", "hf", "error", "use generator.sampling_params.stop_token_ids"),
