@@ -13,7 +13,7 @@
 #   bash benchmarks/run_all_h200.sh trl         # trl_side_by_side.py vs step-qwen's JSON           (~4-6 min)
 #   bash benchmarks/run_all_h200.sh step-smol   # step_breakdown.py, SmolLM2-135M, 6 steps          (~3 min)
 #   bash benchmarks/run_all_h200.sh scaling     # scaling.py, 2 GPUs vs step-qwen's JSON (nvidia-h200-x2 only)
-#   bash benchmarks/run_all_h200.sh profile     # trainer_profile.py, the train phase alone, 3 variants profiled (~10 min!)
+#   bash benchmarks/run_all_h200.sh profile     # trainer_profile.py, the train phase profiled, PROFILE_VARIANTS (default baseline, ~3 min each)
 #   bash benchmarks/run_all_h200.sh micro       # trainer_profile.py, baseline vs 32 / 64 per micro-batch, timed only (~4 min)
 # Several stages in one call run in order (mind the 10 minutes): bash benchmarks/run_all_h200.sh step-qwen trl
 set -uo pipefail
@@ -89,7 +89,9 @@ for stage in "$@"; do
           --rlctl-json "$RES/step_qwen05.json" --out "$LAST_JSON" ); r=$? ;;
     profile)
       LAST_JSON=$RES/trainer_profile_qwen05.json
-      CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/trainer_profile.py --model "$QWEN" --out "$LAST_JSON"; r=$? ;;
+      # ~3 min per profiled variant: one or two per call (PROFILE_VARIANTS, default baseline)
+      CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/trainer_profile.py --model "$QWEN" \
+        --variants "${PROFILE_VARIANTS:-baseline}" --out "$LAST_JSON"; r=$? ;;
     micro)
       LAST_JSON=$RES/trainer_micro_qwen05.json
       CUDA_VISIBLE_DEVICES=$ONE_GPU timeout 570 python3 benchmarks/trainer_profile.py --model "$QWEN" --no-profile \
