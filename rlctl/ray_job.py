@@ -408,6 +408,10 @@ def init_ray(cfg, device: str) -> bool:
     if ray.is_initialized():
         return False
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
+    if os.path.isdir(os.path.expanduser(cfg.trainer.policy.model.path)):
+        # a local model: nothing to download, and the actors' "Loading weights" / "Writing model shards"
+        # bars would interleave with the step lines (a hub model keeps them: its download shows progress)
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
