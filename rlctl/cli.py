@@ -246,9 +246,9 @@ def _eval_model_folder(model: str) -> str:
     """``--model`` of ``rlctl eval``: a hub name as given; a local folder must hold a model
     (``config.json``). A checkpoint folder (``global_step_N``, whose model is in ``policy/``) is
     accepted for its ``policy/`` subfolder. Exits 2 naming the folder otherwise."""
-    from rlctl.config import _looks_like_local_path
+    from rlctl.config import _looks_like_local_path, expand_path
 
-    path = Path(os.path.expanduser(model))
+    path = Path(expand_path(model))  # ~ and $VARS, as trainer.policy.model.path
     if not path.exists():
         if _looks_like_local_path(model):
             _err(f"rlctl eval: --model {model}: folder does not exist (give a model folder, a checkpoint's "

@@ -707,6 +707,8 @@ def _construct_mapping_with_lines(loader: "_SafeLoader", node: yaml.MappingNode,
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" merges may repeat keys on purpose
             continue
+        if key_node.tag == "tag:yaml.org,2002:value":  # a bare "=" key is the string "=" (as SafeLoader does)
+            key_node.tag = "tag:yaml.org,2002:str"
         key = loader.construct_object(key_node, deep=True)
         try:
             first = lines.get(key)
@@ -851,13 +853,16 @@ def _parse_override(item: Any) -> tuple[str, Any]:
             except yaml.YAMLError:
                 pass
         return key, text
+    shown = REDACTED if _is_secret_path(key) else _redact_text(text)
     try:
         return key, _safe_yaml_value(text)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{key}: override value {shown!r} has a {exc.problem.split(' (first on line')[0]}") from None
     except yaml.constructor.ConstructorError as exc:
-        raise ConfigError(f"{key}: override value {text!r} refused: {exc.problem} (YAML is read with safe_load)") from None
+        raise ConfigError(f"{key}: override value {shown!r} refused: {exc.problem} (YAML is read with safe_load)") from None
     except (yaml.YAMLError, ValueError, RecursionError, OverflowError) as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{key}: override value {text!r} is not valid YAML ({problem}); quote it") from None
+        raise ConfigError(f"{key}: override value {shown!r} is not valid YAML ({problem}); quote it") from None
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -1008,10 +1013,18 @@ def _fmt(v: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _is_secret_path(path: str) -> bool:
+    """Any segment of a dotted key path looks secret (``hf_token``, ``secrets.github``, ``wandb.api_key``)."""
+    return any(is_secret_key(part) for part in str(path).split("."))
+
+
 def _kv(path: str, value: Any) -> str:
-    """``path=value`` for messages; the value of a secret-looking key (``hf_token``, ``*_api_key``, ...)
-    is shown as ``***REDACTED***``, whether or not the key exists in the schema."""
-    return f"{path}={REDACTED if is_secret_key(path.rsplit('.', 1)[-1]) and value is not None else _fmt(value)}"
+    """``path=value`` for messages; the value under a secret-looking key (``hf_token``, ``*_api_key``,
+    ``secrets.*``, ...) is shown as ``***REDACTED***``, whether or not the key exists in the schema, and
+    so are secret-looking keys inside a mapping value and the environment's secret values."""
+    if value is not None and _is_secret_path(path):
+        return f"{path}={REDACTED}"
+    return f"{path}={_fmt(redact(value))}"
 
 
 def _get(d: Any, path: str, default: Any = None) -> Any:
@@ -1293,14 +1306,13 @@ def _loc_to_path(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _value_below(layers: list, path: str, label: Optional[str]) -> Optional[tuple[str, Any]]:
-    """``(layer label, value)`` of the last layer under the one labelled ``label`` that sets ``path``."""
-    found = None
-    for layer in layers:
-        if layer.label == label:
-            return found
+def _value_below(layers: list, path: str, top: Optional[int]) -> Optional[tuple[str, Any]]:
+    """``(layer label, value)`` of the last layer below ``layers[top]`` that sets ``path``, or None."""
+    if top is None:
+        return None
+    for layer in reversed(layers[:top]):
         if _has(layer.data, path):
-            found = (layer.label.split(" (")[0], _get(layer.data, path))
+            return layer.label.split(" (")[0], _get(layer.data, path)
     return None
 
 
@@ -1308,13 +1320,17 @@ def _is_quoted_scalar(value: Any, typ: str) -> bool:
     """A string that would have been the expected number / boolean without its quotes (``"5"``)."""
     if not isinstance(value, str) or typ not in ("int_type", "float_type", "bool_type", "int_from_float"):
         return False
+    if len(value) > 64:
+        return False
     try:
         loaded = safe_load(value)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError, OverflowError):
         return False
     if typ == "bool_type":
         return isinstance(loaded, bool)
-    return isinstance(loaded, (int, float)) and not isinstance(loaded, bool)
+    if isinstance(loaded, bool) or not isinstance(loaded, (int, float)) or loaded != loaded or loaded in (float("inf"), float("-inf")):
+        return False
+    return isinstance(loaded, int) if typ in ("int_type", "int_from_float") else True
 
 
 def _rewrite_error(err: dict) -> tuple[str, Any, str]:
@@ -1594,10 +1610,12 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
     raw: dict = {}
     explicit: set[str] = set()
     sources: dict[str, str] = {}
-    for layer in layers:
+    source_at: dict[str, int] = {}  # key path -> index of the layer that set it last
+    for i, layer in enumerate(layers):
         raw = _merge(raw, layer.data)
         for path, value in _flatten(layer.data).items():
             sources[path] = layer.label
+            source_at[path] = i
             if layer.kind != "preset" or path not in LEAF_DEFAULTS or LEAF_DEFAULTS[path] != value:
                 explicit.add(path)
 
@@ -1629,7 +1647,7 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
                 base = path.split("[")[0]
                 if base not in repaired and base not in c.reported:
                     hint = f"; the default is {_fmt(LEAF_DEFAULTS[base])}" if base in LEAF_DEFAULTS else ""
-                    below = _value_below(layers, base, c.sources.get(base))
+                    below = _value_below(layers, base, source_at.get(base))
                     if below is not None and below[1] != LEAF_DEFAULTS.get(base, object()):
                         # e.g. the preset's value, which the bad one replaced
                         hint = f"; {below[0]} sets {_kv(base, below[1]).split('=', 1)[1]}"
@@ -1691,10 +1709,10 @@ def _redact_override(item: Any) -> Any:
     """``key=value`` as shown in messages and source labels: a secret-looking key's value redacted."""
     if isinstance(item, str) and "=" in item:
         key, _, value = item.partition("=")
-        if is_secret_key(key.strip().rsplit(".", 1)[-1]) and value:
+        if _is_secret_path(key.strip()) and value:
             return f"{key}={REDACTED}"
         return _redact_text(item)
-    return item
+    return _redact_text(item) if isinstance(item, str) else item
 
 
 def _redact_text(text: str) -> str:

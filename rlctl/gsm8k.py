@@ -430,17 +430,22 @@ def _load_local(source_dir: Path) -> dict[str, list[tuple[str, str, str]]]:
 def _hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached, from one quick probe (``dataset_info``, 10 s timeout,
     no retries), or None when it answered (even with an HTTP error: ``load_dataset`` reports those), when
-    ``HF_HUB_OFFLINE`` is set (``datasets`` then reads its cache) or when ``huggingface_hub`` is missing.
+    ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set (``datasets`` then reads its cache) or when
+    ``huggingface_hub`` is missing.
 
     ``datasets.load_dataset`` itself retries an unreachable hub for about 25 s before failing.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return None
     try:
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError
     except ImportError:
         return None
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub.utils import HfHubHTTPError
     try:
         HfApi().dataset_info(DATA_SOURCE, timeout=10)
     except HfHubHTTPError:
@@ -450,15 +455,27 @@ def _hub_unreachable() -> str | None:
     return None
 
 
+def _gsm8k_in_cache() -> bool:
+    """A copy of openai/gsm8k from an earlier download in the hub or ``datasets`` cache (``load_dataset``
+    falls back to it when the hub cannot be reached)."""
+    home = Path(os.path.expanduser(os.environ.get("HF_HOME", "~/.cache/huggingface")))
+    hub = Path(os.path.expanduser(os.environ.get("HF_HUB_CACHE", str(home / "hub"))))
+    ds = Path(os.path.expanduser(os.environ.get("HF_DATASETS_CACHE", str(home / "datasets"))))
+    return (hub / "datasets--openai--gsm8k").is_dir() or (ds / "openai___gsm8k").is_dir()
+
+
 def _load_hub() -> dict[str, list[tuple[str, str, str]]]:
     hint = "pass --source-dir DIR with GSM8K train.jsonl/test.jsonl to prepare the data offline"
     reason = _hub_unreachable()
-    if reason is not None:
+    if reason is not None and not _gsm8k_in_cache():  # with a cached copy, load_dataset falls back to it
         raise DownloadError(f"could not reach the Hugging Face hub to download {DATA_SOURCE} ({reason}); {hint} "
                             "(or set HF_HUB_OFFLINE=1 to use a copy in the datasets cache)")
     try:
         import datasets  # lazy: heavy import
-
+    except ImportError as exc:
+        raise DownloadError(f"downloading {DATA_SOURCE} needs the datasets package ({exc}); pip install datasets, "
+                            f"or {hint}") from exc
+    try:
         ds = datasets.load_dataset(DATA_SOURCE, "main")
         splits = {split: list(ds[split]) for split in ("train", "test")}
     except Exception as exc:  # noqa: BLE001 - network, auth, cache, missing package, ...

@@ -8,8 +8,10 @@ gpu_env() {
     # shellcheck disable=SC1090
     source "$dk"
   elif ! python3 -c "import sglang" 2>/dev/null; then
-    echo "$1: no SGLang here: install the devkit (bash /tmp/dk/c1/install.sh /tmp/dk) or pip install -e \".[sglang,dev]\"" | tee "$2"
+    echo "$1: no SGLang here: install the devkit (bash /tmp/dk/c1/install.sh /tmp/dk) or pip install -e \".[sglang,dev]\"" | tee -a "$2"
     exit 2
   fi
-  export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+  local repo
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # rlctl from this checkout, no install needed
+  export PYTHONPATH="$repo:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 }

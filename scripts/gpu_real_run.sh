@@ -16,7 +16,7 @@ WALL="${1:-420}"; shift || true
 MODEL="${RLCTL_MODEL:-/tmp/models/qwen2.5-coder-0.5b-instruct}"
 ROOT=/tmp/rlctl
 if [ ! -f $ROOT/data/gsm8k/validation.parquet ]; then
-  [ -f gpu_data/gsm8k/test.jsonl ] || { echo "gpu_real_run: gpu_data/gsm8k/{train,test}.jsonl missing: carry gpu_data" | tee -a "$OUT/train.log"; exit 3; }
+  [ -f gpu_data/gsm8k/train.jsonl ] && [ -f gpu_data/gsm8k/test.jsonl ] || { echo "gpu_real_run: gpu_data/gsm8k/{train,test}.jsonl missing: carry gpu_data" | tee -a "$OUT/train.log"; exit 3; }
   python3 -m rlctl prepare-data gsm8k --source-dir gpu_data/gsm8k --output-dir $ROOT/data/gsm8k || exit 3
 fi
 python3 -m rlctl train --backend sglang --preset gsm8k-h200 \

@@ -603,6 +603,30 @@ def test_unknown_secret_keys_are_redacted_in_errors(tmp_path):
     assert "abc123" not in text and "def456" not in text and text.count(C.REDACTED) == 2
 
 
+def test_secrets_inside_mappings_and_bad_overrides_are_redacted(tmp_path):
+    f = write(tmp_path, "leak.yaml", "wandb: {project: demo, api_key: SEKRET1}\nsecrets: {github: SEKRET2}\n")
+    text = " ".join(errors_of(config_file=f))
+    assert "SEKRET" not in text
+    assert f'wandb={{"project": "demo", "api_key": "{C.REDACTED}"}}: unknown key' in text
+    assert f"secrets.github={C.REDACTED}: unknown key secrets" in text
+    errs = errors_of(overrides=["foo.api_key=[unclosed", "trainer.seed={a: 1, a: 2}"])
+    assert errs[0].startswith(f"foo.api_key: override value '{C.REDACTED}' is not valid YAML")
+    assert errs[1] == "trainer.seed: override value '{a: 1, a: 2}' has a duplicate key 'a'"
+
+
+def test_bare_equals_key_is_a_string():
+    assert C.safe_load("a: {=: 1}") == {"a": {"=": 1}}
+
+
+def test_type_error_names_the_value_the_bad_one_replaced():
+    # three overrides of one key: the layer under the last one is the middle override, not the preset
+    errs = errors_of(preset="gsm8k", overrides=["trainer.train_batch_size=abc", "trainer.train_batch_size=16",
+                                                 "trainer.train_batch_size=abc"])
+    assert errs == ["trainer.train_batch_size=abc: expected an integer; override 'trainer.train_batch_size=16' sets 16"]
+    # "1.5" is a number but not an integer: no "remove the quotes" hint
+    assert one_error("trainer.train_batch_size='1.5'") == "trainer.train_batch_size=1.5: expected an integer; the default is 1024"
+
+
 def test_override_labels_redact_secret_values():
     loaded = load_config(overrides=["ray.address=ray://u:pw123@host:10001", "trainer.seed=3"])
     assert loaded.sources == ["override 'ray.address=ray://u:***REDACTED***@host:10001'", "override 'trainer.seed=3'"]

@@ -420,18 +420,24 @@ def test_unreachable_hub_fails_at_once_without_load_dataset(tmp_path, monkeypatc
     fake.load_dataset = lambda *a, **k: pytest.fail("load_dataset called although the hub is unreachable")
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(DataPrepError) as ei:
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(gsm8k.DownloadError) as ei:
         prepare_gsm8k(tmp_path / "out")
     assert str(ei.value) == (
         "could not reach the Hugging Face hub to download openai/gsm8k (OSError: [Errno -2] Name or service not "
         "known); pass --source-dir DIR with GSM8K train.jsonl/test.jsonl to prepare the data offline (or set "
         "HF_HUB_OFFLINE=1 to use a copy in the datasets cache)")
     assert not (tmp_path / "out").exists()
-    # offline mode: no probe, datasets reads its cache (here: the fake answers)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a copy from an earlier download: load_dataset is called (it falls back to the cache; here the fake answers)
     fake.load_dataset = lambda *a, **k: {"train": TRAIN, "test": TEST}
+    (tmp_path / "hf" / "hub" / "datasets--openai--gsm8k").mkdir(parents=True)
     assert prepare_gsm8k(tmp_path / "out") == {"train": 3, "validation": 1}
+    # offline mode: no probe at all
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: pytest.fail("probed although offline"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert prepare_gsm8k(tmp_path / "out2") == {"train": 3, "validation": 1}
 
 
 def test_hub_failure_message(tmp_path, monkeypatch, hub_up):
