@@ -733,6 +733,7 @@ def _construct_yaml_map(loader: "_SafeLoader", node: yaml.MappingNode):
 
 
 _SafeLoader.add_constructor("tag:yaml.org,2002:map", _construct_yaml_map)
+yaml.SafeDumper.add_representer(_LineDict, yaml.representer.SafeRepresenter.represent_dict)  # dumps as a mapping
 
 
 def safe_load(text: str) -> Any:
