@@ -451,7 +451,16 @@ import os, signal, sys, time
 marker, driver = sys.argv[1].encode(), int(sys.argv[2])
 sys.stdin.buffer.read()  # returns at EOF: the driver closed the pipe or died
 me = os.getpid()
-for _ in range(5):
+try:  # state of the driver: alive (it closed the pipe after ray.shutdown()), or dead / a zombie
+    with open(f"/proc/{driver}/stat", "rb") as f:
+        alive = f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+except OSError:
+    alive = False
+# alive: one empty sweep will do; dead: sweep until 4 sweeps in a row (2 s) find nothing, since a
+# process forked while its parent was being killed appears after that sweep (seen under load)
+need = 1 if alive else 4
+quiet = 0
+for _ in range(40):
     found = False
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) in (me, driver):
@@ -464,7 +473,8 @@ for _ in range(5):
             found = True
         except OSError:
             pass
-    if not found:
+    quiet = 0 if found else quiet + 1
+    if quiet >= need:
         break
     time.sleep(0.5)
 """
