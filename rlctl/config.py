@@ -1591,6 +1591,18 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
             layers += _compose(cpath.resolve() if cpath.exists() else cpath, str(config_file), "config", ())
         except ConfigError as exc:
             errors += exc.errors
+    # a preset is composed once (as Hydra does): a --config file whose defaults list the base preset that
+    # --preset already composed (the seed's "defaults: - ppo_base_config") must not undo the preset's values
+    seen: set[str] = set()
+    repeated: list[str] = []
+    kept: list[_Layer] = []
+    for layer in layers:
+        if layer.kind == "preset" and layer.label in seen:
+            repeated.append(layer.label.split(" (")[0])
+            continue
+        seen.add(layer.label)
+        kept.append(layer)
+    layers = kept
     if isinstance(overrides, str):
         overrides = [overrides]
     items = list(overrides or ())
@@ -1621,6 +1633,8 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
                 explicit.add(path)
 
     c = _Collector(explicit, sources)
+    c.notes += [f"{name} is listed in the defaults of {config_file} but was already composed by --preset "
+                f"{preset}; applied once, at its first place" for name in dict.fromkeys(repeated)]
     c.errors += errors
     _normalize(raw, c, "sglang")
 

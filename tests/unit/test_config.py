@@ -339,6 +339,20 @@ def test_alias_error_names_the_file_that_set_the_alias(tmp_path):
     assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}]")
 
 
+def test_config_defaults_do_not_reapply_the_presets_base(tmp_path):
+    """--preset gsm8k composes ppo_base_config; a SkyRL-style file listing it again must not undo gsm8k."""
+    f = write(tmp_path, "skyrl.yaml", "defaults:\n  - ppo_base_config\ntrainer:\n  seed: 3\n")
+    loaded = load_config(preset="gsm8k", config_file=f)
+    gsm8k = load_config(preset="gsm8k").cfg
+    assert loaded.cfg.trainer.seed == 3
+    assert loaded.cfg.trainer.train_batch_size == gsm8k.trainer.train_batch_size == 64
+    assert loaded.cfg.trainer.project_name == "gsm8k"
+    assert loaded.notes[0] == (f"preset ppo_base_config is listed in the defaults of {f} but was already composed by "
+                               "--preset gsm8k; applied once, at its first place")
+    # without --preset the file's defaults apply as before
+    assert load_config(config_file=f).cfg.trainer.train_batch_size == 1024
+
+
 def test_duplicate_yaml_key_is_an_error_with_lines(tmp_path):
     f = write(tmp_path, "dup.yaml", "trainer:\n  seed: 1\n  epochs: 2\n  seed: 2\n")
     assert errors_of(config_file=f) == [f"{f}:4: duplicate key 'seed' (first on line 2); give each key once"]
