@@ -1076,6 +1076,7 @@ class _Collector:
         self.sources = sources
         self.reported: set[str] = set()  # key paths already reported as errors
         self.given_as: dict[str, str] = {}  # canonical key -> the alias / vLLM name the user wrote
+        self.source_group: dict[str, int] = {}  # key path -> layer that set it last (overrides: one layer)
 
     def src(self, path: str) -> str:
         label = self.sources.get(path)
@@ -1098,10 +1099,34 @@ class _Collector:
         self.notes.append(f"{_kv(path, value)} has no effect: {why}")
 
 
+def _alias_conflict(raw: dict, c: _Collector, old: str, new: str, value: Any) -> Optional[str]:
+    """How an alias / vLLM name ``old`` (value ``value``) relates to its canonical key ``new``: None (``new``
+    unset or equal), ``"error"`` (both in one layer; the command line counts as one), ``"alias"`` (``old`` set in a later layer: it wins, as
+    any later layer does) or ``"canonical"`` (``new`` set later: it wins and ``old`` is dropped)."""
+    if not (_has(raw, new) and new in c.explicit and _get(raw, new) != value):
+        return None
+    i, j = c.source_group.get(old), c.source_group.get(new)
+    if i is None or j is None or i == j:
+        return "error"
+    return "alias" if i > j else "canonical"
+
+
+def _later_layer_note(c: _Collector, old: str, new: str, raw: dict, kind: str) -> None:
+    if kind == "canonical":
+        c.notes.append(f"{old} is ignored: {_kv(new, _get(raw, new))} is set in a later layer "
+                       f"({c.sources.get(new, '?')})")
+        _pop(raw, old)
+
+
 def _translate(raw: dict, c: _Collector, old: str, new: str, value: Any, why: str) -> None:
-    """Move ``old`` to ``new`` (value already converted); conflict with an explicit ``new`` is an error."""
-    if _has(raw, new) and new in c.explicit and _get(raw, new) != value:
+    """Move ``old`` to ``new`` (value already converted); a conflicting ``new`` of the same layer is an
+    error, otherwise the later layer wins (see :func:`_alias_conflict`)."""
+    kind = _alias_conflict(raw, c, old, new, value)
+    if kind == "error":
         c.error(old, _get(raw, old), f"conflicts with {new}={_fmt(_get(raw, new))}; give only {new}")
+    elif kind == "canonical":
+        _later_layer_note(c, old, new, raw, kind)
+        return
     else:
         _set(raw, new, value)
         c.explicit.add(new)
@@ -1148,7 +1173,10 @@ def _normalize_generator(raw: dict, gen: dict, c: _Collector, backend: str) -> N
         path = g + key
         if key == "tensor_parallel_size":
             new = g + "inference_engine_tensor_parallel_size"
-            if new in c.explicit and _has(raw, new) and _get(raw, new) != v:
+            kind = _alias_conflict(raw, c, path, new, v)
+            if kind == "canonical":
+                _later_layer_note(c, path, new, raw, kind)
+            elif kind == "error":
                 c.error(path, v, f"conflicts with {new}={_fmt(_get(raw, new))}; {path} is an alias, give only {new}")
                 _pop(raw, path)
             else:
@@ -1223,8 +1251,11 @@ def _normalize_sampling(raw: dict, sp: dict, prefix: str, c: _Collector, backend
         if key in ("max_generate_length", "max_tokens"):
             new = f"{prefix}.max_new_tokens"
             why = "is the vLLM name"
-            if new in c.explicit and _has(raw, new) and _get(raw, new) != v:
+            kind = _alias_conflict(raw, c, path, new, v)
+            if kind == "error":
                 c.error(path, v, f"conflicts with {new}={_fmt(_get(raw, new))}; {key} {why}, give only max_new_tokens")
+            elif kind == "canonical":
+                _later_layer_note(c, path, new, raw, kind)
             else:
                 _set(raw, new, v)
                 c.explicit.add(new)
@@ -1624,15 +1655,18 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
     explicit: set[str] = set()
     sources: dict[str, str] = {}
     source_at: dict[str, int] = {}  # key path -> index of the layer that set it last
+    source_group: dict[str, int] = {}  # the same, but all command-line overrides count as one layer
     for i, layer in enumerate(layers):
         raw = _merge(raw, layer.data)
         for path, value in _flatten(layer.data).items():
             sources[path] = layer.label
             source_at[path] = i
+            source_group[path] = len(layers) if layer.kind == "override" else i
             if layer.kind != "preset" or path not in LEAF_DEFAULTS or LEAF_DEFAULTS[path] != value:
                 explicit.add(path)
 
     c = _Collector(explicit, sources)
+    c.source_group = source_group
     c.notes += [f"{name} is listed in the defaults of {config_file} but was already composed by --preset "
                 f"{preset}; applied once, at its first place" for name in dict.fromkeys(repeated)]
     c.errors += errors

@@ -386,6 +386,19 @@ def errs_of_file(f):
     assert err.startswith("generator.tensor_parallel_size=2: conflicts with generator.inference_engine_tensor_parallel_size=1")
 
 
+def test_vllm_name_in_a_later_layer_wins_over_the_presets_sglang_name(tmp_path):
+    """gsm8k-cpu sets max_new_tokens=128; a file or override with the vLLM name is a later layer: it wins."""
+    f = write(tmp_path, "vl.yaml", "generator:\n  sampling_params:\n    max_generate_length: 64\n")
+    for kw in ({"config_file": f}, {"overrides": ["generator.sampling_params.max_generate_length=64"]}):
+        loaded = load_config(preset="gsm8k-cpu", **kw)
+        assert loaded.cfg.generator.sampling_params.max_new_tokens == 64, kw
+    # the canonical name in a later layer wins over the vLLM name in the file, with a note
+    loaded = load_config(config_file=f, overrides=["generator.sampling_params.max_new_tokens=32"])
+    assert loaded.cfg.generator.sampling_params.max_new_tokens == 32
+    assert ("generator.sampling_params.max_generate_length is ignored: generator.sampling_params.max_new_tokens=32 "
+            "is set in a later layer (override 'generator.sampling_params.max_new_tokens=32')") in loaded.notes
+
+
 def test_max_generate_length_translation_and_conflict():
     loaded = load_config(overrides=["generator.sampling_params.max_generate_length=256"])
     assert loaded.cfg.generator.sampling_params.max_new_tokens == 256
