@@ -199,12 +199,14 @@ def train(
     _print_notes(loaded)
     run_dir = loaded.cfg.run_dir
     if dry_run:
+        from rlctl.config import redact
+
         try:
             write_text_atomic(run_dir / "config.yaml", _rendered(loaded, "yaml"))
         except OSError as exc:
-            _err(f"rlctl: cannot write {run_dir / 'config.yaml'}: {exc}")
+            _err(redact(f"rlctl: cannot write {run_dir / 'config.yaml'}: {exc}"))
             raise typer.Exit(2) from None
-        typer.echo(f"dry run: configuration is valid; wrote {run_dir / 'config.yaml'}")
+        typer.echo(redact(f"dry run: configuration is valid; wrote {run_dir / 'config.yaml'}"))
         return
     ray_job = _import_runtime("rlctl.ray_job")
     from rlctl.config import ConfigError

@@ -1733,10 +1733,12 @@ def to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
-_SECRET_ANY = {"secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials"}
+_SECRET_ANY = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "credential", "credentials",
+               "authorization", "bearer"}
 _SECRET_LAST = {"token", "key", "apikey", "auth"}
 _ENV_SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-_URL_CRED_RE = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]+:)[^/\s@]+@")
+# scheme://[user]:password@host -- the password may itself hold '@' (the last '@' before the path ends it)
+_URL_CRED_RE = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s]+@")
 
 
 def is_secret_key(key: Any) -> bool:

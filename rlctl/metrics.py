@@ -99,6 +99,15 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def log_console() -> Console:
+    """The run's console on stderr. Lines are never wrapped into a log file or pipe (rich would cut paths
+    at 80 columns there); a terminal keeps its own width."""
+    import sys
+
+    tty = sys.stderr.isatty()
+    return Console(stderr=True, soft_wrap=True, width=None if tty else 4096, log_path=tty)
+
+
 class RunLogger:
     """Writes the run folder and the live display. ``loggers``: names from ``trainer.logger``."""
 
@@ -106,7 +115,7 @@ class RunLogger:
                  redacted_config: dict, console: Console | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or log_console()
         write_text_atomic(self.run_dir / "config.yaml", config_yaml)
         write_text_atomic(self.run_dir / "versions.json",
                           json.dumps({"packages": package_versions(), "git_commit": git_commit()}, indent=2))

@@ -728,10 +728,10 @@ def train(loaded) -> dict[str, Any]:
     from rlctl import loop
     from rlctl.checkpoint import Checkpointer
     from rlctl.config import redact, to_dict
-    from rlctl.metrics import RunLogger
+    from rlctl.metrics import RunLogger, log_console
 
     cfg = loaded.cfg
-    console = Console(stderr=True, soft_wrap=True)
+    console = log_console()
     _restore_ctrl_c()
     device = resolve_device(cfg)
     check_device_rules(cfg, device)
@@ -758,7 +758,7 @@ def train(loaded) -> dict[str, Any]:
         started_ray = init_ray(cfg, device)
         trainers, generators = build_groups(cfg, device)
         console.log(f"Ray job up in {time.perf_counter() - t0:.1f} s: {trainers.world_size} trainer worker(s), "
-                    f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {run_dir}")
+                    f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {redact(str(run_dir))}")
         ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
                             cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
         summary = loop.run(cfg, trainers, generators, tokenizer, train_data, val_data, logger, ckpt, stops)
@@ -766,13 +766,13 @@ def train(loaded) -> dict[str, Any]:
 
         last = summary["last_step"]
         latest = latest_checkpoint(Path(cfg.ckpt_dir))
-        console.log(f"done: {last} step{'s' if last != 1 else ''} ({summary['stopped_because']}); metrics in "
-                    f"{run_dir / 'metrics.jsonl'}" + (f"; checkpoint {latest}" if latest else ""))
+        console.log(redact(f"done: {last} step{'s' if last != 1 else ''} ({summary['stopped_because']}); metrics in "
+                           f"{run_dir / 'metrics.jsonl'}" + (f"; checkpoint {latest}" if latest else "")))
         clean = True
         return summary
     except ray.exceptions.RayError as e:
         console.print("[red]error:[/red] " + _escape(_describe_ray_error(e)) + "\n  completed checkpoints in "
-                      + _escape(str(cfg.ckpt_dir)) + " are kept (resume with trainer.resume_mode=latest)")
+                      + _escape(redact(str(cfg.ckpt_dir))) + " are kept (resume with trainer.resume_mode=latest)")
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/yellow] stopping the Ray job; completed checkpoints are kept")

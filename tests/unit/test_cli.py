@@ -100,6 +100,7 @@ def test_train_dry_run_writes_redacted_config(home, monkeypatch):
     run_dir = home / "rlctl_runs" / "proj" / "wandb-secret-1234"
     text = (run_dir / "config.yaml").read_text()
     assert "wandb-secret-1234" not in text and REDACTED in text
+    assert "wandb-secret-1234" not in res.output  # nor in the printed path
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # no temp files left
 
 

@@ -592,7 +592,8 @@ def test_custom_reward_file_checked(tmp_path):
 
 
 def test_secret_key_detection():
-    for k in ("hf_token", "wandb_api_key", "password", "secret", "api_key", "client_secret", "accessToken", "HF_TOKEN", "db-password-file"):
+    for k in ("hf_token", "wandb_api_key", "password", "secret", "api_key", "client_secret", "accessToken", "HF_TOKEN",
+              "db-password-file", "authorization", "bearer_token", "db_pwd"):
         assert C.is_secret_key(k), k
     for k in ("max_new_tokens", "stop_token_ids", "tokenizer", "keyboard", "monkey", "num_keys", "key_path_len"):
         assert not C.is_secret_key(k), k
@@ -609,6 +610,11 @@ def test_redact_keys_env_values_and_urls(monkeypatch):
     assert r["nested"]["max_new_tokens"] == 5 and r["nested"]["stop_token_ids"] == [2]
     assert r["note"] == f"key is {C.REDACTED} and {C.REDACTED}" and r["lst"] == [C.REDACTED]
     assert r["addr"] == f"https://user:{C.REDACTED}@host:8265"
+    # a password holding '@', an empty user name, several URLs in one text; no credentials: unchanged
+    assert redact("https://u:PA@SS5@host/x") == f"https://u:{C.REDACTED}@host/x"
+    assert redact("redis://:PASS8@head:6379") == f"redis://:{C.REDACTED}@head:6379"
+    assert redact("ray://u:pw@h:1 and https://a:b@c/d") == f"ray://u:{C.REDACTED}@h:1 and https://a:{C.REDACTED}@c/d"
+    assert redact("http://host:8265/x") == "http://host:8265/x"
     assert d["wandb_api_key"] == "x"  # copy, not in place
 
 
