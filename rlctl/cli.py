@@ -321,12 +321,19 @@ def prepare_model(
 @app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="A run folder (with metrics.jsonl).")]) -> None:
     """Plot a run's metrics to PNG files in the run folder."""
+    import warnings
+
     plot_mod = _import_runtime("rlctl.plot")
     try:
-        paths = plot_mod.plot_run(Path(os.path.expanduser(str(run_dir))))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            paths = plot_mod.plot_run(Path(os.path.expanduser(str(run_dir))))
     except (FileNotFoundError, ValueError) as exc:
         _err(f"rlctl plot: {exc}")
         raise typer.Exit(2) from None
+    for w in caught:
+        if "incomplete last line" in str(w.message):
+            _err(f"note: {w.message}")
     for p in paths or []:
         typer.echo(str(p))
 

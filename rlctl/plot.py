@@ -9,6 +9,7 @@ Test: ``pytest tests/unit/test_plot.py``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 FIGURES = {
@@ -32,11 +33,17 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass the run folder <trainer.log_path>/<project>/<run_name>")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if i == len(lines) and not text.endswith("\n"):  # a run killed (or still) writing its last row
+                    warnings.warn(f"{path}:{i}: incomplete last line skipped (a run killed while writing it?)",
+                                  stacklevel=2)
+                    break
                 raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
     return rows
 
@@ -50,6 +57,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(run_dir)
+    if not any(isinstance(r.get("step"), (int, float)) for r in rows):
+        raise ValueError(f"{Path(run_dir).expanduser() / 'metrics.jsonl'} has no rows to plot yet")
     out_dir = Path(run_dir).expanduser() / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -64,7 +73,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=k)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        steps = sorted({x for pts in series.values() for x, _ in pts})
+        if len(steps) <= 12:  # steps are whole numbers: tick each one (a single step would get 0.95 ... 1.05)
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -41,3 +41,25 @@ def test_step_axis_has_whole_number_ticks(tmp_path, monkeypatch):
     plot_run(tmp_path)
     (reward,) = ticks.values()
     assert reward == [1.0, 2.0, 3.0]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # one step
+    ticks.clear()
+    plot_run(tmp_path)
+    assert list(ticks.values()) == [[1.0]]
+    rows = [{"step": s, "reward/mean": 0.1} for s in range(1, 41)]  # many steps: whole numbers, not all of them
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ticks.clear()
+    plot_run(tmp_path)
+    (many,) = ticks.values()
+    assert 2 < len(many) < 40 and all(t == int(t) for t in many)
+
+
+def test_incomplete_last_line_is_skipped_and_empty_file_is_an_error(tmp_path):
+    rows = [{"step": 1, "reward/mean": 0.5}, {"step": 2, "reward/mean": 0.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "rew')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:3: incomplete last line skipped"):
+        assert read_metrics(tmp_path) == rows
+    with pytest.warns(UserWarning):
+        assert [f.name for f in plot_run(tmp_path)] == ["reward.png"]
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="metrics.jsonl has no rows to plot yet"):
+        plot_run(tmp_path)
