@@ -210,6 +210,7 @@ def train(
         return
     ray_job = _import_runtime("rlctl.ray_job")
     from rlctl.config import ConfigError
+    from rlctl.models import ModelSourceError
 
     try:
         ray_job.train(loaded)
@@ -218,6 +219,9 @@ def train(
         for line in exc.errors:
             _err(f"  - {line}")
         raise typer.Exit(2) from None
+    except ModelSourceError as exc:
+        _err(f"rlctl: {exc}")
+        raise typer.Exit(2 if exc.bad_input else 1) from None
 
 
 @app.command("eval")
@@ -239,7 +243,13 @@ def eval_(
         _err(f"rlctl: data.val_data: file(s) do not exist: {', '.join(missing)}; run `rlctl prepare-data gsm8k`")
         raise typer.Exit(2)
     ray_job = _import_runtime("rlctl.ray_job")
-    metrics = ray_job.evaluate(loaded)
+    from rlctl.models import ModelSourceError
+
+    try:
+        metrics = ray_job.evaluate(loaded)
+    except ModelSourceError as exc:
+        _err(f"rlctl eval: {exc}")
+        raise typer.Exit(2 if exc.bad_input else 1) from None
     for k, v in sorted((metrics or {}).items()):
         typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 

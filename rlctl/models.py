@@ -183,6 +183,55 @@ def stop_token_ids(model_path: str | os.PathLike) -> list[int]:
     return list(dict.fromkeys(int(i) for i in ids))
 
 
+class ModelSourceError(RuntimeError):
+    """``trainer.policy.model.path`` names no local folder and cannot be fetched from the hub.
+    ``bad_input``: True when the hub answered that there is no such model (exit 2), False when the hub
+    could not be reached (exit 1)."""
+
+    def __init__(self, message: str, bad_input: bool) -> None:
+        super().__init__(message)
+        self.bad_input = bad_input
+
+
+def local_model_files(model_path: str) -> Path:
+    """A local folder holding the model's JSON files (config, generation config, tokenizer): the folder
+    itself, or for a hub name the snapshot of its ``*.json`` files (downloaded, or from the cache).
+
+    One quick probe (``model_info``, 10 s, no retries) comes first, so an unreachable hub or a mistyped
+    name fails in seconds instead of after transformers' retries. ``HF_HUB_OFFLINE=1``: the cache only.
+
+    Raises:
+        ModelSourceError: no such model on the hub, or the hub is unreachable and nothing is cached.
+    """
+    path = Path(os.path.expandvars(os.path.expanduser(model_path)))
+    if path.is_dir():
+        return path
+    import huggingface_hub as hf
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    key = f"trainer.policy.model.path={model_path}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    reason = None
+    if not offline:
+        try:
+            hf.HfApi().model_info(model_path, timeout=10)
+        except (RepositoryNotFoundError, HFValidationError) as exc:
+            raise ModelSourceError(f"{key}: not a local folder, and the hub has no model of that name "
+                                   f"({type(exc).__name__}); fix the path or the name", bad_input=True) from None
+        except HfHubHTTPError:
+            pass  # reachable (gated, auth, ...): the download below reports it
+        except Exception as exc:  # noqa: BLE001 - DNS, refused connection, proxy, timeout
+            reason = f"{type(exc).__name__}: {exc}"
+    if reason is None and not offline:
+        return Path(hf.snapshot_download(model_path, allow_patterns=["*.json"]))
+    cached = hf.try_to_load_from_cache(model_path, "config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent
+    why = f"the hub cannot be reached ({reason})" if reason else "HF_HUB_OFFLINE is set"
+    raise ModelSourceError(f"{key}: not a local folder, {why} and the model is not in the cache; give a local "
+                           "model folder or download it first", bad_input=False)
+
+
 # ------------------------------------------------------------------------------------ helpers
 
 

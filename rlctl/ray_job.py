@@ -641,13 +641,16 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
 
 
 def _load_tokenizer_and_stops(cfg):
+    """The policy's tokenizer and stop token ids; a hub name is resolved first (fails fast offline or
+    when there is no such model: :class:`rlctl.models.ModelSourceError`)."""
     from transformers import AutoTokenizer
 
-    from rlctl.models import stop_token_ids
+    from rlctl.models import local_model_files, stop_token_ids
 
     path = cfg.trainer.policy.model.path
+    files = local_model_files(path)  # for a hub name: its JSON files, so the stop ids come from the model
     tok = AutoTokenizer.from_pretrained(path)
-    return tok, stop_token_ids(path)
+    return tok, stop_token_ids(files)
 
 
 def _load_prompts(paths, tokenizer, max_prompt_length):

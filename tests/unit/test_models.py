@@ -158,3 +158,59 @@ def test_smollm2_conversion_and_greedy_generation(tmp_path):
     assert len(out.output_ids[0]) >= 1 and text.strip()
     assert all(-30 < lp <= 0 for lp in out.logprobs[0])
     gen.shutdown()
+
+
+# ------------------------------------------------------------------ hub names: local_model_files
+def _fake_hub(monkeypatch, *, info_error=None, cached=None, snapshot=None):
+    import huggingface_hub as hf
+
+    calls = []
+
+    def model_info(self, repo_id, timeout=None):
+        calls.append(("info", repo_id, timeout))
+        if info_error is not None:
+            raise info_error
+
+    def snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append(("snapshot", repo_id, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(hf.HfApi, "model_info", model_info)
+    monkeypatch.setattr(hf, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hf, "try_to_load_from_cache", lambda repo_id, filename, **kw: cached)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return calls
+
+
+def test_local_model_files_for_folders_and_hub_names(monkeypatch, tmp_path):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from rlctl.models import ModelSourceError, local_model_files, stop_token_ids
+
+    assert local_model_files(str(tmp_path)) == tmp_path  # a folder: itself, no hub call
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "generation_config.json").write_text('{"eos_token_id": [151645, 151643]}')
+    calls = _fake_hub(monkeypatch, snapshot=snap)
+    assert local_model_files("Qwen/Qwen2.5-0.5B-Instruct") == snap
+    assert calls == [("info", "Qwen/Qwen2.5-0.5B-Instruct", 10), ("snapshot", "Qwen/Qwen2.5-0.5B-Instruct", ["*.json"])]
+    assert stop_token_ids(snap) == [151645, 151643]  # the model's own end-of-turn ids, not none
+
+    not_found = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as raised for a 404 (no real response)
+    Exception.__init__(not_found, "404 Client Error: Repository Not Found")
+    _fake_hub(monkeypatch, info_error=not_found)
+    with pytest.raises(ModelSourceError) as e:
+        local_model_files("nope")
+    assert e.value.bad_input and str(e.value).startswith(
+        "trainer.policy.model.path=nope: not a local folder, and the hub has no model of that name")
+
+    _fake_hub(monkeypatch, info_error=OSError("[Errno -2] Name or service not known"), cached=str(snap / "config.json"))
+    assert local_model_files("Qwen/Qwen2.5-0.5B-Instruct") == snap  # offline, but cached
+
+    _fake_hub(monkeypatch, info_error=OSError("[Errno -2] Name or service not known"), cached=None)
+    with pytest.raises(ModelSourceError) as e:
+        local_model_files("Qwen/Qwen2.5-0.5B-Instruct")
+    assert not e.value.bad_input
+    assert str(e.value) == ("trainer.policy.model.path=Qwen/Qwen2.5-0.5B-Instruct: not a local folder, the hub cannot "
+                            "be reached (OSError: [Errno -2] Name or service not known) and the model is not in the "
+                            "cache; give a local model folder or download it first")
