@@ -1085,9 +1085,20 @@ class _Collector:
             where = f"given as {self.given_as[path]}" + (f" in {where}" if where else "")
         return f" [{where}]" if where else ""
 
-    def error(self, path: str, value: Any, msg: str) -> None:
+    def error(self, path: str, value: Any, msg: str, also: tuple[str, ...] = ()) -> None:
+        """An error on ``path``; ``also``: the other keys the rule involves, whose sources are named too
+        when they differ (``[trainer.policy_mini_batch_size: preset gsm8k-cpu; trainer.train_batch_size:
+        command line]``)."""
         self.reported.add(path)
-        self.errors.append(f"{_kv(path, value)}: {msg}{self.src(path)}")
+        where = self.src(path)
+        if also:
+            def name(label: str) -> str:
+                return "command line" if label.startswith("override") else label.split(" (")[0]
+
+            names = {k: name(self.sources[k]) for k in (path, *also) if self.sources.get(k)}
+            if len(set(names.values())) > 1:
+                where = " [" + "; ".join(f"{k}: {v}" for k, v in names.items()) + "]"
+        self.errors.append(f"{_kv(path, value)}: {msg}{where}")
 
     def note(self, path: str, msg: str) -> None:
         self.notes.append(f"{path}: {msg}")
@@ -1480,6 +1491,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
             f" (e.g. {' or '.join(map(str, multiples))})"
             + (f", or trainer.policy_mini_batch_size to a divisor of {t.train_batch_size} that also fits the micro-batches"
                f" (e.g. {', '.join(map(str, divisors))})" if divisors else ""),
+            also=("trainer.train_batch_size",),
         )
     if mini_seqs % step_seqs:
         fits = [m for m in range(1, mini_seqs + 1) if mini_seqs % (m * workers) == 0]
@@ -1491,6 +1503,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
             f"= {mini_seqs} sequences must split evenly into trainer.micro_train_batch_size_per_gpu={t.micro_train_batch_size_per_gpu} "
             f"x {workers} policy workers = {step_seqs} sequences per micro-step; change one of these keys"
             + (f" (e.g. trainer.micro_train_batch_size_per_gpu={' or '.join(map(str, micros))})" if micros else ""),
+            also=("trainer.policy_mini_batch_size", "generator.n_samples_per_prompt"),
         )
 
     # --- resume / algorithm / eval

@@ -339,6 +339,14 @@ def test_alias_error_names_the_file_that_set_the_alias(tmp_path):
     assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}]")
 
 
+def test_multi_key_rule_names_the_source_of_each_key(tmp_path):
+    f = write(tmp_path, "layer.yaml", "generator:\n  n_samples_per_prompt: 3\n")
+    errs = errors_of(preset="gsm8k-cpu", config_file=f, overrides=["trainer.train_batch_size=5"])
+    assert errs[0].endswith("[trainer.policy_mini_batch_size: preset gsm8k-cpu; trainer.train_batch_size: command line]")
+    assert errs[1].endswith("[trainer.micro_train_batch_size_per_gpu: preset gsm8k-cpu; trainer.policy_mini_batch_size: "
+                            f"preset gsm8k-cpu; generator.n_samples_per_prompt: {f}]")
+
+
 def test_config_defaults_do_not_reapply_the_presets_base(tmp_path):
     """--preset gsm8k composes ppo_base_config; a SkyRL-style file listing it again must not undo gsm8k."""
     f = write(tmp_path, "skyrl.yaml", "defaults:\n  - ppo_base_config\ntrainer:\n  seed: 3\n")
