@@ -33,6 +33,7 @@ app = typer.Typer(
     help="GRPO fine-tuning of LLMs on GSM8K: FSDP2 policy + colocated SGLang rollouts in one Ray job.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -251,7 +252,8 @@ def eval_(
         _err(f"rlctl eval: {exc}")
         raise typer.Exit(2 if exc.bad_input else 1) from None
     for k, v in sorted((metrics or {}).items()):
-        typer.echo(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        whole = isinstance(v, float) and v.is_integer() and k.endswith("num_problems")  # a count
+        typer.echo(f"{k}: {int(v)}" if whole else f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
 
 
 def _eval_model_folder(model: str) -> str:

@@ -394,6 +394,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, str, str]]:
                     f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start})"
                 ) from None
             line = line.rstrip("\r\n")
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors) is not data
             if len(line) > MAX_LINE_CHARS:
                 raise DataPrepError(
                     f"{where}: line longer than {MAX_LINE_CHARS} characters ({len(line)})"
@@ -420,6 +422,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, str, str]]:
 
 
 def _load_local(source_dir: Path) -> dict[str, list[tuple[str, str, str]]]:
+    if source_dir.is_file():
+        raise DataPrepError(f"{source_dir}: is a file; --source-dir takes the folder that holds train.jsonl and test.jsonl")
     if not source_dir.is_dir():
         raise DataPrepError(
             f"{source_dir}: source folder not found (expected a folder with train.jsonl and test.jsonl)"

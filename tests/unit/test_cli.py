@@ -176,13 +176,14 @@ def test_eval_sets_model_path(monkeypatch, home):
 
     def evaluate(loaded):
         seen["cfg"] = loaded.cfg
-        return {"eval/pass@1_strict": 0.25, "eval/n": 32}
+        return {"eval/pass@1_strict": 0.25, "eval/n": 32, "eval/num_problems": 32.0}
 
     fake_module(monkeypatch, "rlctl.ray_job", evaluate=evaluate)
     res = runner.invoke(app, ["eval", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--preset", "gsm8k"])
     assert res.exit_code == 0, res.output
     assert seen["cfg"].trainer.policy.model.path == "Qwen/Qwen2.5-0.5B-Instruct"
     assert "eval/pass@1_strict: 0.2500" in res.stdout and "eval/n: 32" in res.stdout
+    assert "eval/num_problems: 32\n" in res.stdout
 
 
 def test_eval_model_folder_checks(monkeypatch, home, tmp_path):
@@ -241,6 +242,12 @@ def test_prepare_data_unreachable_hub_exit_1(monkeypatch):
     fake_module(monkeypatch, "rlctl.gsm8k", prepare_gsm8k=prepare, DataPrepError=DataPrepError, DownloadError=DownloadError)
     res = runner.invoke(app, ["prepare-data", "gsm8k"])
     assert res.exit_code == 1 and "could not reach the Hugging Face hub" in res.stderr
+
+
+def test_short_help_flag():
+    assert runner.invoke(app, ["-h"]).exit_code == 0
+    res = runner.invoke(app, ["check-config", "-h"])
+    assert res.exit_code == 0 and "--preset" in res.stdout
 
 
 def test_version():

@@ -602,3 +602,14 @@ def test_flexible_score_shapes_strict_reward():
     assert score_response("no idea", "18", **kw).score == 0.0
     # without flexible_score the right-but-unformatted answer earns nothing under strict
     assert score_response("\\boxed{18}", "18", method="strict").score == 0.0
+
+
+def test_bom_is_ignored_and_a_file_as_source_dir_is_named(tmp_path):
+    src = write_source(tmp_path / "src", TRAIN, TEST)
+    prepare_gsm8k(tmp_path / "plain", src)
+    (src / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + (src / "train.jsonl").read_bytes())  # a BOM
+    prepare_gsm8k(tmp_path / "bom", src)
+    for name in ("train.parquet", "validation.parquet"):
+        assert sha256(tmp_path / "bom" / name) == sha256(tmp_path / "plain" / name)
+    with pytest.raises(DataPrepError, match=r"train.jsonl: is a file; --source-dir takes the folder"):
+        prepare_gsm8k(tmp_path / "x", src / "train.jsonl")
