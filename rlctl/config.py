@@ -888,6 +888,21 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _label_with_line(label: str, line: Optional[int]) -> str:
+    """``file`` -> ``file:line``; ``preset x (path)`` -> ``preset x (path:line)``."""
+    if line is None:
+        return label
+    return f"{label[:-1]}:{line})" if label.endswith(")") and " (" in label else f"{label}:{line}"
+
+
+def _leaf_line(d: Any, path: str) -> Optional[int]:
+    """The 1-based line of key ``path`` in a mapping loaded from YAML (None when not from a file)."""
+    *parents, last = path.split(".")
+    for part in parents:
+        d = d.get(part) if isinstance(d, dict) else None
+    return getattr(d, "key_lines", {}).get(last) if isinstance(d, dict) else None
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -964,7 +979,8 @@ def _dict_leaves(d: dict, prefix: str) -> list[tuple[str, Any]]:
 
 def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel] = RunConfig, prefix: str = "") -> dict:
     """Drop (and report) keys that are neither schema fields nor handled vLLM names."""
-    out = {}
+    out = _LineDict()
+    out.key_lines = getattr(d, "key_lines", {})  # kept for errors that name file:line
     extra = _EXTRA_NAMES.get(prefix.rstrip("."), {})
     names = list(model.model_fields) + list(extra)
     for k, v in d.items():
@@ -1672,7 +1688,8 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
     for i, layer in enumerate(layers):
         raw = _merge(raw, layer.data)
         for path, value in _flatten(layer.data).items():
-            sources[path] = layer.label
+            line = _leaf_line(layer.data, path) if layer.kind != "override" else None
+            sources[path] = _label_with_line(layer.label, line)
             source_at[path] = i
             source_group[path] = len(layers) if layer.kind == "override" else i
             if layer.kind != "preset" or path not in LEAF_DEFAULTS or LEAF_DEFAULTS[path] != value:

@@ -336,7 +336,7 @@ def test_alias_error_names_the_file_that_set_the_alias(tmp_path):
     f = write(tmp_path, "tp.yaml", "generator:\n  tensor_parallel_size: 2\n")
     errs = errors_of(preset="gsm8k", config_file=f)
     assert errs[0].startswith("generator.inference_engine_tensor_parallel_size=2: tensor-parallel SGLang engines")
-    assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}]")
+    assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}:2]")
 
 
 def test_multi_key_rule_names_the_source_of_each_key(tmp_path):
@@ -344,7 +344,7 @@ def test_multi_key_rule_names_the_source_of_each_key(tmp_path):
     errs = errors_of(preset="gsm8k-cpu", config_file=f, overrides=["trainer.train_batch_size=5"])
     assert errs[0].endswith("[trainer.policy_mini_batch_size: preset gsm8k-cpu; trainer.train_batch_size: command line]")
     assert errs[1].endswith("[trainer.micro_train_batch_size_per_gpu: preset gsm8k-cpu; trainer.policy_mini_batch_size: "
-                            f"preset gsm8k-cpu; generator.n_samples_per_prompt: {f}]")
+                            f"preset gsm8k-cpu; generator.n_samples_per_prompt: {f}:2]")
 
 
 def test_config_defaults_do_not_reapply_the_presets_base(tmp_path):
@@ -380,10 +380,10 @@ def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
     f = write(tmp_path, "q.yaml", 'trainer:\n  train_batch_size: "5"\n')
     errs = errors_of(preset="gsm8k", config_file=f)
     assert errs == [f'trainer.train_batch_size=5: expected an integer, got the string "5" (quoted in YAML?); remove '
-                    f'the quotes; preset gsm8k sets 64 [{f}]']  # the value the bad one replaced
+                    f'the quotes; preset gsm8k sets 64 [{f}:2]']  # the value the bad one replaced
     f = write(tmp_path, "b.yaml", 'trainer:\n  placement:\n    colocate_all: "false"\n')
     assert errs_of_file(f) == [f'trainer.placement.colocate_all=false: expected true or false, got the string "false" '
-                               f'(quoted in YAML?); remove the quotes; the default is true [{f}]']  # the preset keeps the default
+                               f'(quoted in YAML?); remove the quotes; the default is true [{f}:3]']  # the preset keeps the default
     # a word is not a quoted number: no such hint
     assert one_error("trainer.seed=x") == "trainer.seed=x: expected an integer; the default is 42"
 
