@@ -25,6 +25,15 @@ from rlctl.generator import GenerationOutput, Sampling
 # Plain classes; ray.remote is applied in _build_actors.
 
 
+def _quiet_local_loading(model_path: str) -> None:
+    """In an actor: no transformers progress bars for a local model (its "Loading weights" / "Writing model
+    shards" bars interleave with the step lines); a hub model keeps them, its download shows progress."""
+    if model_path and os.path.isdir(os.path.expanduser(model_path)):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 class TrainerWorker:
     """Hosts one :class:`rlctl.trainer.PolicyTrainer` rank."""
 
@@ -32,6 +41,7 @@ class TrainerWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        _quiet_local_loading(cfg.trainer.policy.model.path)
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.trainer = None
 
@@ -157,6 +167,7 @@ class GeneratorWorker:
 
         self.label = label
         torch.set_num_threads(max(1, threads))
+        _quiet_local_loading(kwargs.get("model_path", ""))
         from rlctl.generator import load_generator
 
         self.gen = load_generator(backend, **kwargs)
@@ -408,10 +419,6 @@ def init_ray(cfg, device: str) -> bool:
     if ray.is_initialized():
         return False
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
-    if os.path.isdir(os.path.expanduser(cfg.trainer.policy.model.path)):
-        # a local model: nothing to download, and the actors' "Loading weights" / "Writing model shards"
-        # bars would interleave with the step lines (a hub model keeps them: its download shows progress)
-        env["HF_HUB_DISABLE_PROGRESS_BARS"] = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
