@@ -439,7 +439,21 @@ def init_ray(cfg, device: str) -> bool:
     except BaseException:
         _stop_reaper()
         raise
+    _tell_reaper_session()
     return True
+
+
+def _tell_reaper_session() -> None:
+    """Give the watchdog the new cluster's session folder (Ray's agents name it on their command line)."""
+    try:
+        import ray
+
+        session = ray._private.worker._global_node.get_session_dir_path()
+        if _reaper is not None and session:
+            _reaper.stdin.write(os.fsencode(session) + b"\n")
+            _reaper.stdin.flush()
+    except Exception:  # noqa: BLE001 - best effort: the environment marker still covers the rest
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- reaper
@@ -456,7 +470,10 @@ REAPER_ENV = "RLCTL_RAY_OWNER"
 _REAPER_CODE = r"""
 import os, signal, sys, time
 marker, driver = sys.argv[1].encode(), int(sys.argv[2])
-sys.stdin.buffer.read()  # returns at EOF: the driver closed the pipe or died
+# returns at EOF: the driver closed the pipe or died; what it wrote before are the cluster's session
+# folders: processes naming one on their command line or holding a file in one open are the cluster's
+# too (Ray's dashboard and runtime-env agents do not always inherit the marker)
+sessions = [s for s in sys.stdin.buffer.read().split(b"\n") if s.strip()]
 me = os.getpid()
 try:  # state of the driver: alive (it closed the pipe after ray.shutdown()), or dead / a zombie
     with open(f"/proc/{driver}/stat", "rb") as f:
@@ -474,8 +491,22 @@ for _ in range(40):
             continue
         try:
             with open(f"/proc/{d}/environ", "rb") as f:
-                if marker not in f.read().split(b"\0"):
-                    continue
+                ours = marker in f.read().split(b"\0")
+            if not ours and sessions:  # Ray's agents rename their command line but keep session files open
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+                ours = any(s in cmd for s in sessions)
+                if not ours:
+                    for fd in os.listdir(f"/proc/{d}/fd"):
+                        try:
+                            link = os.fsencode(os.readlink(f"/proc/{d}/fd/{fd}"))
+                        except OSError:
+                            continue
+                        if any(link.startswith(s + b"/") for s in sessions):
+                            ours = True
+                            break
+            if not ours:
+                continue
             os.kill(int(d), signal.SIGKILL)
             found = True
         except OSError:
