@@ -432,31 +432,15 @@ def _load_local(source_dir: Path) -> dict[str, list[tuple[str, str, str]]]:
 
 
 def _hub_unreachable() -> str | None:
-    """Why the Hugging Face hub cannot be reached, from one quick probe (``dataset_info``, 10 s timeout,
-    no retries), or None when it answered (even with an HTTP error: ``load_dataset`` reports those), when
-    ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set (``datasets`` then reads its cache) or when
-    ``huggingface_hub`` is missing.
-
-    ``datasets.load_dataset`` itself retries an unreachable hub for about 25 s before failing.
+    """Why the Hugging Face hub cannot be reached (:func:`rlctl.models.hub_unreachable` on the dataset),
+    or None, also when ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` is set (``datasets`` then reads its
+    cache). ``datasets.load_dataset`` itself retries an unreachable hub for about 25 s before failing.
     """
-    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    from rlctl.models import env_flag, hub_unreachable
+
+    if env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE"):
         return None
-    try:
-        from huggingface_hub import HfApi
-    except ImportError:
-        return None
-    try:
-        from huggingface_hub.errors import HfHubHTTPError
-    except ImportError:  # older huggingface_hub
-        from huggingface_hub.utils import HfHubHTTPError
-    try:
-        HfApi().dataset_info(DATA_SOURCE, timeout=10)
-    except HfHubHTTPError:
-        return None
-    except Exception as exc:  # noqa: BLE001 - DNS, refused connection, proxy, timeout (httpx or requests)
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    return hub_unreachable(DATA_SOURCE, "dataset", missing_ok=True)
 
 
 def _gsm8k_in_cache() -> bool:

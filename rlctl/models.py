@@ -193,6 +193,38 @@ class ModelSourceError(RuntimeError):
         self.bad_input = bad_input
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment switch such as ``HF_HUB_OFFLINE`` is on (``1`` / ``true`` / ``yes`` / ``on``)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable(repo_id: str, repo_type: str = "model", missing_ok: bool = False) -> str | None:
+    """Why the Hugging Face hub cannot be reached, from one quick probe (``model_info`` /
+    ``dataset_info``, 10 s timeout, no retries), or None when it answered (an HTTP error such as a gated
+    repo counts as an answer: the download reports it) or ``huggingface_hub`` is missing.
+
+    Raises:
+        RepositoryNotFoundError, HFValidationError: the hub has no repo of that name (unless
+            ``missing_ok``, which counts that as an answer too).
+    """
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+    except ImportError:  # no huggingface_hub, or an old one: let the caller's download report it
+        return None
+    try:
+        getattr(HfApi(), f"{repo_type}_info")(repo_id, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError):
+        if missing_ok:
+            return None
+        raise
+    except HfHubHTTPError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - DNS, refused connection, proxy, timeout (httpx or requests)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def local_model_files(model_path: str) -> Path:
     """A local folder holding the model's JSON files (config, generation config, tokenizer): the folder
     itself, or for a hub name the snapshot of its ``*.json`` files (downloaded, or from the cache).
@@ -207,21 +239,17 @@ def local_model_files(model_path: str) -> Path:
     if path.is_dir():
         return path
     import huggingface_hub as hf
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
     key = f"trainer.policy.model.path={model_path}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = env_flag("HF_HUB_OFFLINE")
     reason = None
     if not offline:
         try:
-            hf.HfApi().model_info(model_path, timeout=10)
+            reason = hub_unreachable(model_path, "model")
         except (RepositoryNotFoundError, HFValidationError) as exc:
             raise ModelSourceError(f"{key}: not a local folder, and the hub has no model of that name "
                                    f"({type(exc).__name__}); fix the path or the name", bad_input=True) from None
-        except HfHubHTTPError:
-            pass  # reachable (gated, auth, ...): the download below reports it
-        except Exception as exc:  # noqa: BLE001 - DNS, refused connection, proxy, timeout
-            reason = f"{type(exc).__name__}: {exc}"
     if reason is None and not offline:
         return Path(hf.snapshot_download(model_path, allow_patterns=["*.json"]))
     cached = hf.try_to_load_from_cache(model_path, "config.json")
