@@ -888,6 +888,11 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _short_label(label: str) -> str:
+    """``preset gsm8k (/path/gsm8k.yaml:3)`` -> ``preset gsm8k``; other labels as they are."""
+    return label.split(" (")[0]
+
+
 def _label_with_line(label: str, line: Optional[int]) -> str:
     """``file`` -> ``file:line``; ``preset x (path)`` -> ``preset x (path:line)``."""
     if line is None:
@@ -1084,7 +1089,7 @@ def _pop(d: Any, path: str) -> None:
 
 
 class _Collector:
-    def __init__(self, explicit: set[str], sources: dict[str, str]):
+    def __init__(self, explicit: set[str], sources: dict[str, str], source_group: dict[str, int] | None = None):
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.notes: list[str] = []
@@ -1092,7 +1097,8 @@ class _Collector:
         self.sources = sources
         self.reported: set[str] = set()  # key paths already reported as errors
         self.given_as: dict[str, str] = {}  # canonical key -> the alias / vLLM name the user wrote
-        self.source_group: dict[str, int] = {}  # key path -> layer that set it last (overrides: one layer)
+        # key path -> the layer that set it last, all command-line overrides counting as one layer
+        self.source_group: dict[str, int] = source_group or {}
 
     def src(self, path: str) -> str:
         label = self.sources.get(path)
@@ -1109,7 +1115,7 @@ class _Collector:
         where = self.src(path)
         if also:
             def name(label: str) -> str:
-                return "command line" if label.startswith("override") else label.split(" (")[0]
+                return "command line" if label.startswith("override") else _short_label(label)
 
             names = {k: name(self.sources[k]) for k in (path, *also) if self.sources.get(k)}
             if len(set(names.values())) > 1:
@@ -1138,21 +1144,23 @@ def _alias_conflict(raw: dict, c: _Collector, old: str, new: str, value: Any) ->
     return "alias" if i > j else "canonical"
 
 
-def _later_layer_note(c: _Collector, old: str, new: str, raw: dict, kind: str) -> None:
-    if kind == "canonical":
-        c.notes.append(f"{old} is ignored: {_kv(new, _get(raw, new))} is set in a later layer "
-                       f"({c.sources.get(new, '?')})")
-        _pop(raw, old)
+def _ignore_earlier_alias(c: _Collector, old: str, new: str, raw: dict) -> None:
+    """``new`` was set in a later layer than its alias ``old``: drop ``old`` with a note."""
+    c.notes.append(f"{old} is ignored: {_kv(new, _get(raw, new))} is set in a later layer "
+                   f"({c.sources.get(new, '?')})")
+    _pop(raw, old)
 
 
-def _translate(raw: dict, c: _Collector, old: str, new: str, value: Any, why: str) -> None:
+def _translate(raw: dict, c: _Collector, old: str, new: str, value: Any, why: str,
+               give_only: str | None = None) -> None:
     """Move ``old`` to ``new`` (value already converted); a conflicting ``new`` of the same layer is an
-    error, otherwise the later layer wins (see :func:`_alias_conflict`)."""
+    error (ending ``give_only``, default "give only <new>"), otherwise the later layer wins (see
+    :func:`_alias_conflict`)."""
     kind = _alias_conflict(raw, c, old, new, value)
     if kind == "error":
-        c.error(old, _get(raw, old), f"conflicts with {new}={_fmt(_get(raw, new))}; give only {new}")
+        c.error(old, _get(raw, old), f"conflicts with {new}={_fmt(_get(raw, new))}; {give_only or f'give only {new}'}")
     elif kind == "canonical":
-        _later_layer_note(c, old, new, raw, kind)
+        _ignore_earlier_alias(c, old, new, raw)
         return
     else:
         _set(raw, new, value)
@@ -1200,14 +1208,7 @@ def _normalize_generator(raw: dict, gen: dict, c: _Collector, backend: str) -> N
         path = g + key
         if key == "tensor_parallel_size":
             new = g + "inference_engine_tensor_parallel_size"
-            kind = _alias_conflict(raw, c, path, new, v)
-            if kind == "canonical":
-                _later_layer_note(c, path, new, raw, kind)
-            elif kind == "error":
-                c.error(path, v, f"conflicts with {new}={_fmt(_get(raw, new))}; {path} is an alias, give only {new}")
-                _pop(raw, path)
-            else:
-                _translate(raw, c, path, new, v, f"alias of {new}")
+            _translate(raw, c, path, new, v, f"alias of {new}", give_only=f"{path} is an alias, give only {new}")
         elif key == "enforce_eager" and sg:
             if isinstance(v, bool):
                 _translate(raw, c, path, g + "sglang.disable_cuda_graph", v, "vLLM name")
@@ -1282,7 +1283,7 @@ def _normalize_sampling(raw: dict, sp: dict, prefix: str, c: _Collector, backend
             if kind == "error":
                 c.error(path, v, f"conflicts with {new}={_fmt(_get(raw, new))}; {key} {why}, give only max_new_tokens")
             elif kind == "canonical":
-                _later_layer_note(c, path, new, raw, kind)
+                _ignore_earlier_alias(c, path, new, raw)
             else:
                 _set(raw, new, v)
                 c.explicit.add(new)
@@ -1371,7 +1372,7 @@ def _value_below(layers: list, path: str, top: Optional[int]) -> Optional[tuple[
         return None
     for layer in reversed(layers[:top]):
         if _has(layer.data, path):
-            return layer.label.split(" (")[0], _get(layer.data, path)
+            return _short_label(layer.label), _get(layer.data, path)
     return None
 
 
@@ -1658,7 +1659,7 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
     kept: list[_Layer] = []
     for layer in layers:
         if layer.kind == "preset" and layer.label in seen:
-            repeated.append(layer.label.split(" (")[0])
+            repeated.append(_short_label(layer.label))
             continue
         seen.add(layer.label)
         kept.append(layer)
@@ -1695,8 +1696,7 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
             if layer.kind != "preset" or path not in LEAF_DEFAULTS or LEAF_DEFAULTS[path] != value:
                 explicit.add(path)
 
-    c = _Collector(explicit, sources)
-    c.source_group = source_group
+    c = _Collector(explicit, sources, source_group)
     c.notes += [f"{name} is listed in the defaults of {config_file} but was already composed by --preset "
                 f"{preset}; applied once, at its first place" for name in dict.fromkeys(repeated)]
     c.errors += errors
