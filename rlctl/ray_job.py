@@ -444,7 +444,8 @@ def init_ray(cfg, device: str) -> bool:
 
 
 def _tell_reaper_session() -> None:
-    """Give the watchdog the new cluster's session folder (Ray's agents name it on their command line)."""
+    """Give the watchdog the new cluster's session folder: Ray's agents, which may lack the environment
+    marker, rename their command line but keep files in that folder open."""
     try:
         import ray
 
@@ -764,10 +765,9 @@ def train(loaded) -> dict[str, Any]:
             on Ctrl-C (code 130); Ray is shut down in both cases.
     """
     import ray
-    from rich.console import Console
 
     from rlctl import loop
-    from rlctl.checkpoint import Checkpointer
+    from rlctl.checkpoint import Checkpointer, latest_checkpoint
     from rlctl.config import redact, to_dict
     from rlctl.metrics import RunLogger, log_console
 
@@ -803,8 +803,6 @@ def train(loaded) -> dict[str, Any]:
         ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
                             cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
         summary = loop.run(cfg, trainers, generators, tokenizer, train_data, val_data, logger, ckpt, stops)
-        from rlctl.checkpoint import latest_checkpoint
-
         last = summary["last_step"]
         latest = latest_checkpoint(Path(cfg.ckpt_dir))
         console.log(redact(f"done: {last} step{'s' if last != 1 else ''} ({summary['stopped_because']}); metrics in "
