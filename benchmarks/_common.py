@@ -58,11 +58,10 @@ def print_table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]
 def write_json(path: str | os.PathLike | None, obj: dict) -> None:
     if not path:
         return
+    from rlctl.metrics import write_text_atomic  # a reader (or a killed call) never sees half a file
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")  # atomic: a reader (or a killed call) never sees half a file
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, p)
+    write_text_atomic(p, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
     print(f"wrote {p}", flush=True)
 
 

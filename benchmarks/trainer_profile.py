@@ -87,7 +87,6 @@ def _sync(device: str) -> None:
 
 def run_variant(name: str, args, cfg, batch) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from rlctl.trainer import PolicyTrainer
 
@@ -115,10 +114,19 @@ def run_variant(name: str, args, cfg, batch) -> dict:
     res["train_s"] = time.perf_counter() - t0
     if args.no_profile:
         res.update(profiled_train_s=None, gpu_busy_s=None, gpu_busy_fraction=None, top_device=[], top_cpu=[])
-        del tr
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-        return res
+    else:
+        res.update(profile_train_step(tr, b, temp, mini, args))
+    del tr
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def profile_train_step(tr, b, temp: float, mini: int, args) -> dict:
+    """One ``train_step`` under ``torch.profiler``: wall and GPU busy seconds, top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    res: dict = {}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -134,9 +142,6 @@ def run_variant(name: str, args, cfg, batch) -> dict:
                          for e in sorted(avgs, key=lambda e: -(getattr(e, dev_attr, 0) or 0))[:args.top]]
     res["top_cpu"] = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
                       for e in sorted(avgs, key=lambda e: -e.self_cpu_time_total)[:args.top]]
-    del tr
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
     return res
 
 
