@@ -32,7 +32,12 @@ Gradient accumulation: a mini-batch is split into micro-batches whose losses are
 (``num_tokens``, ``num_sequences``, ``max_response_len``) as denominators, so the sum of the
 micro-batch losses equals the loss of the whole mini-batch exactly.
 
-Sources: GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300); Dr. GRPO (Liu et al. 2025,
+Besides GRPO advantages, :func:`compute_advantages` dispatches by name (table
+:data:`ADVANTAGE_ESTIMATORS`) to RLOO (:func:`rloo_advantages`) and REINFORCE++
+(:func:`reinforce_pp_advantages`).
+
+Sources: GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300); RLOO (Ahmadian et al. 2024,
+arXiv:2402.14740); REINFORCE++ (Hu 2025, arXiv:2501.03262); Dr. GRPO (Liu et al. 2025,
 "Understanding R1-Zero-Like Training", arXiv:2503.20783); PPO clipped surrogate (Schulman et
 al. 2017, arXiv:1707.06347); dual clip (Ye et al. 2020, arXiv:1912.09729); KL estimators k1/k2/k3
 (J. Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html);
@@ -42,27 +47,33 @@ Conventions (unbiased std, k3 clamps, log-ratio clamp) follow verl
 
 Testing: everything here runs on CPU in milliseconds::
 
-    pytest tests/unit/test_grpo.py -q
+    pytest tests/unit/test_grpo.py tests/unit/test_algorithms.py -q
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_REDUCTIONS",
     "POLICY_LOSS_TYPES",
     "combine_losses",
+    "compute_advantages",
     "entropy_from_logits",
     "grpo_advantages",
     "kl_penalty",
     "logprobs_from_logits",
     "masked_reduce",
     "policy_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "zero_variance_groups",
     "zero_variance_sample_mask",
 ]
@@ -173,6 +184,166 @@ def grpo_advantages(rewards: Tensor, group_size: int, norm_by_std: bool = True, 
         std = grouped.std(dim=1, unbiased=True, keepdim=True)
         centered = centered / (std + eps)
     return centered.reshape(-1)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE Leave-One-Out (RLOO) outcome advantages (one scalar reward per response).
+
+    Each sample's baseline is the mean reward of the *other* ``n - 1`` samples of its group::
+
+        A_i = r_i - (sum_j r_j - r_i) / (n - 1)  =  n / (n - 1) * (r_i - mean(r))
+
+    No std normalization. Source: Ahmadian et al. 2024, "Back to Basics: Revisiting
+    REINFORCE Style Optimization for Learning from Human Feedback in LLMs", arXiv:2402.14740
+    (originally Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!");
+    same values as SkyRL's and verl's ``compute_rloo_outcome_advantage``. Groups of size 1
+    get advantage 0 (no other sample to form a baseline), as in SkyRL.
+
+    Args:
+        rewards: ``[B]`` rewards, any real or bool dtype, group-major layout (see
+            :func:`grpo_advantages`).
+        group_size: ``n``, samples per prompt (``>= 1``).
+
+    Returns:
+        ``[B]`` advantages, in ``rewards.dtype`` if it is float32/float64, else float32.
+        Computed under ``torch.no_grad()``.
+
+    Raises:
+        ValueError: ``rewards`` not 1-D, ``group_size < 1`` or ``B`` not divisible by ``group_size``.
+    """
+    num_groups = _check_group_layout(rewards, group_size)
+    r = rewards.to(_float_dtype(rewards))
+    if group_size == 1:
+        return torch.zeros_like(r)
+    grouped = r.view(num_groups, group_size)
+    total = grouped.sum(dim=1, keepdim=True)
+    return ((group_size * grouped - total) / (group_size - 1)).reshape(-1)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    rewards: Tensor,
+    group_size: int,
+    *,
+    group_baseline: bool = False,
+    response_lengths: Tensor | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
+    """REINFORCE++ outcome advantages: the return whitened over the whole batch.
+
+    Source: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
+    Language Models", arXiv:2501.03262. This is the *outcome-reward* variant that SkyRL and
+    verl implement (``compute_reinforce_plus_plus_outcome_advantage`` with ``gamma=1`` and no
+    KL in the reward): the return of every response token is the response's scalar reward
+    ``r_i``, and the returns are normalized with one mean and std over the batch (global
+    batch normalization, no per-prompt grouping)::
+
+        A_i = (r_i - mean_batch) / sqrt(var_batch + eps)
+
+    ``var_batch`` is unbiased (``N - 1`` denominator) and ``eps`` sits inside the square
+    root, as in SkyRL/verl ``masked_whiten``. ``group_baseline=True`` is the
+    "REINFORCE++-baseline" variant of the same paper (verl ``reinforce_plus_plus_baseline``):
+    the group mean reward is subtracted first (``r_i - mean(group)``) and the result is then
+    whitened over the batch.
+
+    Weighting: SkyRL/verl whiten over *valid tokens*, so a response of ``L_i`` tokens
+    counts ``L_i`` times in the mean and variance and ``N = sum_i L_i``. Pass
+    ``response_lengths`` to get exactly that. With ``response_lengths=None`` each response
+    counts once (``N = B``), i.e. sequence-level batch normalization. A response of length 0
+    does not enter the statistics (its advantage is still computed). When ``N <= 1`` the
+    variance is undefined and all advantages are 0.
+
+    Args:
+        rewards: ``[B]`` rewards, any real or bool dtype, group-major layout (see
+            :func:`grpo_advantages`).
+        group_size: ``n``, samples per prompt (``>= 1``); used only for the layout check and
+            by ``group_baseline``.
+        group_baseline: subtract the group mean before whitening (REINFORCE++-baseline).
+        response_lengths: optional ``[B]`` number of valid response tokens per response
+            (``>= 0``), to weight the batch statistics per token.
+        eps: added to the variance before the square root (``>= 0``).
+
+    Returns:
+        ``[B]`` advantages, in ``rewards.dtype`` if it is float32/float64, else float32.
+        Computed under ``torch.no_grad()``.
+
+    Raises:
+        ValueError: bad layout (see :func:`grpo_advantages`), ``eps < 0``, or
+            ``response_lengths`` not ``[B]`` or negative.
+    """
+    num_groups = _check_group_layout(rewards, group_size)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    r = rewards.to(_float_dtype(rewards))
+    if group_baseline:
+        grouped = r.view(num_groups, group_size)
+        r = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if response_lengths is None:
+        w = torch.ones_like(r)
+    else:
+        if not isinstance(response_lengths, Tensor) or response_lengths.shape != r.shape:
+            got = tuple(response_lengths.shape) if isinstance(response_lengths, Tensor) else type(response_lengths).__name__
+            raise ValueError(f"response_lengths must be a [B] tensor with B={r.shape[0]}, got {got}")
+        if (response_lengths < 0).any():
+            raise ValueError("response_lengths must be >= 0 (tokens)")
+        w = response_lengths.to(r.dtype)
+    n = w.sum()
+    if n <= 1:
+        return torch.zeros_like(r)
+    mean = (w * r).sum() / n
+    var = (w * (r - mean).square()).sum() / (n - 1)
+    return (r - mean) * torch.rsqrt(var + eps)
+
+
+#: Advantage estimators by name: each is called as ``fn(rewards [B], group_size, **kw)``
+#: and returns ``[B]`` advantages. See :func:`compute_advantages`.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
+    "grpo": grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce++": reinforce_pp_advantages,
+}
+
+
+def compute_advantages(name: str, rewards: Tensor, group_size: int, **kw: Any) -> Tensor:
+    """Compute ``[B]`` outcome advantages with the estimator called ``name``.
+
+    Dispatches to :data:`ADVANTAGE_ESTIMATORS`: ``grpo`` (:func:`grpo_advantages`, keywords
+    ``norm_by_std``, ``eps``), ``rloo`` (:func:`rloo_advantages`, no keywords) and
+    ``reinforce++`` (:func:`reinforce_pp_advantages`, keywords ``group_baseline``,
+    ``response_lengths``, ``eps``).
+
+    Args:
+        name: estimator name, one of the keys of :data:`ADVANTAGE_ESTIMATORS`.
+        rewards: ``[B]`` rewards, group-major layout.
+        group_size: samples per prompt.
+        **kw: keyword arguments of the chosen estimator.
+
+    Returns:
+        ``[B]`` advantages (no grad).
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid names), a keyword the
+            estimator does not take (the message names it and lists the accepted ones), or
+            any error of the estimator itself.
+    """
+    fn = ADVANTAGE_ESTIMATORS.get(name)
+    if fn is None:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; valid names: {', '.join(ADVANTAGE_ESTIMATORS)}"
+        )
+    accepted = [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.name not in ("rewards", "group_size")
+    ]
+    for key in kw:
+        if key not in accepted:
+            raise ValueError(
+                f"advantage estimator {name!r} takes no argument {key!r}; "
+                f"accepted: {', '.join(accepted) if accepted else 'none'}"
+            )
+    return fn(rewards, group_size, **kw)
 
 
 @torch.no_grad()
