@@ -34,14 +34,19 @@ micro-batch losses equals the loss of the whole mini-batch exactly.
 
 Besides GRPO advantages, :func:`compute_advantages` dispatches by name (table
 :data:`ADVANTAGE_ESTIMATORS`) to RLOO (:func:`rloo_advantages`) and REINFORCE++
-(:func:`reinforce_pp_advantages`).
+(:func:`reinforce_pp_advantages`). :func:`policy_loss` also computes GSPO
+(``loss_type="gspo"``) and takes per-token loss weights, e.g. the truncated
+importance-sampling weights of :func:`tis_weights` that correct the mismatch between the
+rollout engine's and the trainer's log-probs.
 
 Sources: GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300); RLOO (Ahmadian et al. 2024,
 arXiv:2402.14740); REINFORCE++ (Hu 2025, arXiv:2501.03262); Dr. GRPO (Liu et al. 2025,
 "Understanding R1-Zero-Like Training", arXiv:2503.20783); PPO clipped surrogate (Schulman et
 al. 2017, arXiv:1707.06347); dual clip (Ye et al. 2020, arXiv:1912.09729); KL estimators k1/k2/k3
 (J. Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html);
-token-mean reduction and asymmetric clip-higher (DAPO, Yu et al. 2025, arXiv:2503.14476).
+token-mean reduction and asymmetric clip-higher (DAPO, Yu et al. 2025, arXiv:2503.14476);
+GSPO (Zheng et al. 2025, arXiv:2507.18071); truncated importance sampling (Yao et al. 2025,
+https://fengyao.notion.site/off-policy-rl).
 Conventions (unbiased std, k3 clamps, log-ratio clamp) follow verl
 (``verl/trainer/ppo/core_algos.py``) and SkyRL (``skyrl_train/utils/ppo_utils.py``).
 
@@ -64,6 +69,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_REDUCTIONS",
     "POLICY_LOSS_TYPES",
+    "TIS_RATIO_TYPES",
     "combine_losses",
     "compute_advantages",
     "entropy_from_logits",
@@ -74,6 +80,7 @@ __all__ = [
     "policy_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "tis_weights",
     "zero_variance_groups",
     "zero_variance_sample_mask",
 ]
@@ -85,11 +92,15 @@ _KL_ALIASES: dict[str, str] = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 #: Valid ``loss_reduction`` names of :func:`masked_reduce` (config ``trainer.algorithm.loss_reduction``).
 LOSS_REDUCTIONS: tuple[str, ...] = ("token_mean", "sequence_mean", "seq_mean_token_sum_norm")
 #: Valid ``loss_type`` names of :func:`policy_loss` (config ``trainer.algorithm.policy_loss_type``).
-POLICY_LOSS_TYPES: tuple[str, ...] = ("regular", "dual_clip")
+POLICY_LOSS_TYPES: tuple[str, ...] = ("regular", "dual_clip", "gspo")
+#: Valid ``ratio_type`` names of :func:`tis_weights`.
+TIS_RATIO_TYPES: tuple[str, ...] = ("token", "sequence")
 
 # exp() of a log-ratio is computed after clamping the log-ratio to [-20, 20] (as verl and SkyRL
 # do) so that a stale or corrupted logprob cannot overflow to inf and poison the step.
 _LOG_RATIO_CLAMP = 20.0
+# GSPO's sequence log-ratio is clamped to at most 10 before exp(), as verl and SkyRL do.
+_GSPO_LOG_RATIO_MAX = 10.0
 # k3 is clamped to [-10, 10] (verl ``low_var_kl`` and SkyRL ``k3``); k3 >= 0, so only the upper
 # bound can bind.
 _K3_CLAMP = 10.0
@@ -561,8 +572,9 @@ def policy_loss(
     num_sequences: int | None = None,
     num_tokens: float | None = None,
     max_response_len: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """PPO clipped surrogate policy loss with asymmetric clipping and optional dual clip.
+    """PPO clipped surrogate policy loss with asymmetric clipping, dual clip or GSPO.
 
     Per token (Schulman et al. 2017, PPO; GRPO uses it with group-relative advantages)::
 
@@ -574,17 +586,40 @@ def policy_loss(
     ``eps_clip_high > eps_clip_low`` is DAPO's "clip-higher" (arXiv:2503.14476).
     ``loss_type="dual_clip"`` (Ye et al. 2020, arXiv:1912.09729) also bounds the loss of
     tokens with negative advantage: for ``A < 0``, ``loss_t = min(loss_t, -A * clip_ratio_c)``,
-    so a huge ratio on a bad token cannot produce an unbounded update. The token losses are
-    then reduced with :func:`masked_reduce` (``loss_reduction`` and the mini-batch totals
-    ``num_sequences`` / ``num_tokens`` / ``max_response_len`` are passed through).
+    so a huge ratio on a bad token cannot produce an unbounded update.
+
+    ``loss_type="gspo"`` (Zheng et al. 2025, "Group Sequence Policy Optimization",
+    arXiv:2507.18071) replaces the token ratio by the length-normalized *sequence* ratio
+    ``s_i = exp(mean over valid tokens t of (logprobs - old_logprobs))``, in the paper's
+    GSPO-token form (eq. 14-15) so that ``[B, T]`` advantages also work::
+
+        s_i,t  = sg[s_i] * pi(y_t) / sg[pi(y_t)]     # value s_i, gradient s_i * grad log pi(y_t)
+        loss_t = max(-A * s_i,t, -A * clamp(s_i,t, 1 - eps_clip_low, 1 + eps_clip_high))
+
+    (``sg`` = stop-gradient.) With ``[B]`` advantages and ``loss_reduction="sequence_mean"``
+    (what the paper uses; other reductions are allowed) its gradient equals that of the
+    sequence-level GSPO objective. As in verl and SkyRL (``gspo_policy_loss``), the log of
+    ``s_i,t`` is clamped to at most 10 before ``exp``; ``clip_ratio_c`` is not used. The paper
+    uses much smaller clip ranges than PPO (e.g. 3e-4 / 4e-4), since ``s_i`` is close to 1.
+
+    ``token_weights`` (e.g. truncated importance-sampling weights from :func:`tis_weights`)
+    multiply the per-token loss after clipping, for every loss type; they are detached (no
+    gradient flows into them). ``None`` leaves the computation unchanged.
+
+    The token losses are then reduced with :func:`masked_reduce` (``loss_reduction`` and the
+    mini-batch totals ``num_sequences`` / ``num_tokens`` / ``max_response_len`` are passed
+    through).
 
     Metrics (python floats, computed without grad over this micro-batch's valid tokens; all
     0.0 when there is none):
 
-    * ``clip_fraction``: fraction of tokens where ``pg2 > pg1`` (the clip is active);
+    * ``clip_fraction``: fraction of tokens where ``pg2 > pg1`` (the clip is active); for
+      ``gspo`` the fraction of *sequences* (with at least one valid token) whose clip is
+      active on some valid token (with ``[B]`` advantages: on all of them);
     * ``dual_clip_fraction``: fraction of tokens where the dual clip bound is active
-      (always 0.0 for ``regular``);
-    * ``ratio_mean``, ``ratio_max``: mean and max of ``ratio``;
+      (always 0.0 for ``regular`` and ``gspo``);
+    * ``ratio_mean``, ``ratio_max``: mean and max of ``ratio`` over valid tokens; for ``gspo``
+      of ``s_i`` over sequences with at least one valid token;
     * ``approx_kl``: mean of ``old_logprobs - logprobs`` (k1 estimate of KL(old || new)).
 
     Args:
@@ -595,9 +630,11 @@ def policy_loss(
         mask: ``[B, T]`` float or bool valid-token mask.
         eps_clip_low: lower clip epsilon, ``0 <= eps_clip_low < 1``.
         eps_clip_high: upper clip epsilon, ``>= 0``.
-        loss_type: ``regular`` or ``dual_clip`` (config ``trainer.algorithm.policy_loss_type``).
+        loss_type: ``regular``, ``dual_clip`` or ``gspo`` (config
+            ``trainer.algorithm.policy_loss_type``).
         clip_ratio_c: dual-clip constant, must be ``> 1`` when ``loss_type="dual_clip"``.
         loss_reduction, num_sequences, num_tokens, max_response_len: see :func:`masked_reduce`.
+        token_weights: optional ``[B, T]`` float per-token loss weights (detached).
 
     Returns:
         ``(loss, metrics)``: 0-dim loss tensor (differentiable w.r.t. ``logprobs``) and a
@@ -605,7 +642,8 @@ def policy_loss(
 
     Raises:
         ValueError: unknown ``loss_type`` or ``loss_reduction``, clip epsilons out of range,
-            ``clip_ratio_c <= 1`` with ``dual_clip``, or shape mismatches.
+            ``clip_ratio_c <= 1`` with ``dual_clip``, or shape mismatches (also of
+            ``token_weights``).
     """
     if loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(
@@ -623,6 +661,8 @@ def policy_loss(
         )
     _check_2d_pair("logprobs", logprobs, "old_logprobs", old_logprobs)
     _check_2d_pair("logprobs", logprobs, "mask", mask)
+    if token_weights is not None:
+        _check_2d_pair("logprobs", logprobs, "token_weights", token_weights)
     if advantages.dim() == 1:
         if advantages.shape[0] != logprobs.shape[0]:
             raise ValueError(
@@ -638,7 +678,16 @@ def policy_loss(
     adv = adv.detach()
     old = old_logprobs.detach()
 
-    log_ratio = torch.clamp(logprobs - old, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
+    if loss_type == "gspo":
+        valid_tok = mask != 0
+        seq_count = valid_tok.sum(dim=1)
+        tok_log_ratio = torch.where(valid_tok, logprobs.detach() - old, 0.0)
+        seq_log_ratio = tok_log_ratio.sum(dim=1) / seq_count.clamp(min=1)  # [B], no grad
+        log_ratio = torch.clamp(
+            logprobs - logprobs.detach() + seq_log_ratio.unsqueeze(-1), max=_GSPO_LOG_RATIO_MAX
+        )
+    else:
+        log_ratio = torch.clamp(logprobs - old, min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - eps_clip_low, 1.0 + eps_clip_high)
@@ -648,6 +697,8 @@ def policy_loss(
         token_loss = torch.where(adv < 0, torch.minimum(clipped, bound), clipped)
     else:
         token_loss = clipped
+    if token_weights is not None:
+        token_loss = token_loss * token_weights.detach()
 
     loss = masked_reduce(
         token_loss,
@@ -663,14 +714,25 @@ def policy_loss(
         n = valid.sum()
         nf = n.clamp(min=1).to(torch.float32)
         has = (n > 0).to(torch.float32)
-        r = ratio.detach().float()
-        clip_frac = ((pg2 > pg1) & valid).sum() / nf
+        clip_active = (pg2 > pg1) & valid
+        if loss_type == "gspo":
+            seq_valid = valid.any(dim=1)
+            n_seq = seq_valid.sum().clamp(min=1).to(torch.float32)
+            clip_frac = (clip_active.any(dim=1) & seq_valid).sum() / n_seq
+            r = torch.exp(seq_log_ratio.clamp(max=_GSPO_LOG_RATIO_MAX)).float()  # s_i, [B]
+            r_valid = seq_valid
+            r_count = n_seq
+        else:
+            clip_frac = clip_active.sum() / nf
+            r = ratio.detach().float()
+            r_valid = valid
+            r_count = nf
         if loss_type == "dual_clip":
             dual_frac = ((adv < 0) & (bound < clipped) & valid).sum() / nf
         else:
             dual_frac = torch.zeros((), device=r.device)
-        ratio_mean = torch.where(valid, r, 0.0).sum() / nf
-        ratio_max = torch.where(valid, r, -math.inf).amax() if r.numel() else torch.zeros((), device=r.device)
+        ratio_mean = torch.where(r_valid, r, 0.0).sum() / r_count
+        ratio_max = torch.where(r_valid, r, -math.inf).amax() if r.numel() else torch.zeros((), device=r.device)
         ratio_max = torch.where(n > 0, ratio_max, 0.0)
         approx_kl = torch.where(valid, (old - logprobs.detach()).float(), 0.0).sum() / nf
         stats = torch.stack(
@@ -680,6 +742,84 @@ def policy_loss(
         zip(("clip_fraction", "dual_clip_fraction", "ratio_mean", "ratio_max", "approx_kl"), stats)
     )
     return loss, metrics
+
+
+@torch.no_grad()
+def tis_weights(
+    old_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    ratio_type: str = "token",
+    clip_high: float = 2.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance-sampling (TIS) weights correcting rollout/trainer policy mismatch.
+
+    The rollout engine (SGLang, with its own kernels and precision) samples from a policy
+    ``pi_rollout`` that differs slightly from the trainer's ``pi_old`` even with identical
+    weights, so PPO/GRPO training is silently off-policy. TIS reweights each token's loss by
+    the importance ratio ``pi_old / pi_rollout``, truncated from above to bound the variance
+    (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training", https://fengyao.notion.site/off-policy-rl; SkyRL
+    ``trainer.algorithm.off_policy_correction`` and ``compute_tis_ratio``)::
+
+        ratio_type="token":    w_t = min(exp(old_t - rollout_t), clip_high)
+        ratio_type="sequence": w_t = min(exp(sum over valid tokens of (old - rollout)), clip_high)
+
+    The sequence ratio is the product of the token ratios, the same for every token of the
+    response. Log-ratios are clamped to [-20, 20] before ``exp``. SkyRL's defaults are
+    ``clip_high=2.0`` for ``token`` (``token_tis_ratio_clip_high``) and ``5.0`` for
+    ``sequence`` (``sequence_tis_ratio_clip_high``). Pass the result as
+    ``policy_loss(token_weights=...)``.
+
+    Metrics (python floats over valid tokens, or over sequences with at least one valid token
+    for ``sequence``; 0.0 when there is none): ``tis_ratio_mean`` and ``tis_ratio_max`` of the
+    ratio *before* truncation, ``tis_truncated_fraction``: fraction with ratio > clip_high.
+
+    Args:
+        old_logprobs: ``[B, T]`` float logprobs of the sampled tokens under the trainer's
+            policy before the update (``pi_old``).
+        rollout_logprobs: ``[B, T]`` float logprobs reported by the rollout engine for the
+            same tokens (``pi_rollout``).
+        mask: ``[B, T]`` float or bool valid-token mask.
+        ratio_type: ``token`` or ``sequence``.
+        clip_high: truncation cap (``> 0``).
+
+    Returns:
+        ``(weights, metrics)``: ``[B, T]`` weights (dtype of ``old_logprobs`` for
+        float32/float64, else float32; 0 on padding; no grad) and the metrics dict.
+
+    Raises:
+        ValueError: unknown ``ratio_type`` (the message lists the valid names),
+            ``clip_high <= 0`` or shape mismatches.
+    """
+    if ratio_type not in TIS_RATIO_TYPES:
+        raise ValueError(f"unknown TIS ratio_type {ratio_type!r}; valid names: {', '.join(TIS_RATIO_TYPES)}")
+    if not clip_high > 0:
+        raise ValueError(f"clip_high must be > 0, got {clip_high}")
+    _check_2d_pair("old_logprobs", old_logprobs, "rollout_logprobs", rollout_logprobs)
+    _check_2d_pair("old_logprobs", old_logprobs, "mask", mask)
+    dtype = _float_dtype(old_logprobs)
+    valid = mask != 0
+    log_ratio = torch.where(valid, (old_logprobs.to(dtype) - rollout_logprobs.to(dtype)), 0.0)
+    if ratio_type == "token":
+        ratio = torch.exp(log_ratio.clamp(min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP))
+        unit_valid = valid
+        unit_ratio = ratio
+    else:
+        seq_log_ratio = log_ratio.sum(dim=1).clamp(min=-_LOG_RATIO_CLAMP, max=_LOG_RATIO_CLAMP)
+        unit_ratio = torch.exp(seq_log_ratio)  # [B]
+        unit_valid = valid.any(dim=1)
+        ratio = unit_ratio.unsqueeze(-1).expand_as(log_ratio)
+    weights = torch.where(valid, ratio.clamp(max=clip_high), 0.0)
+    count = unit_valid.sum()
+    cf = count.clamp(min=1).to(torch.float32)
+    r = unit_ratio.float()
+    ratio_mean = torch.where(unit_valid, r, 0.0).sum() / cf
+    ratio_max = torch.where(unit_valid, r, -math.inf).amax() if r.numel() else torch.zeros((), device=r.device)
+    ratio_max = torch.where(count > 0, ratio_max, 0.0)
+    truncated = ((r > clip_high) & unit_valid).sum() / cf
+    stats = torch.stack([ratio_mean, ratio_max, truncated]).tolist()
+    return weights, dict(zip(("tis_ratio_mean", "tis_ratio_max", "tis_truncated_fraction"), stats))
 
 
 def combine_losses(

@@ -14,8 +14,10 @@ from rlctl.grpo import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
     grpo_advantages,
+    policy_loss,
     reinforce_pp_advantages,
     rloo_advantages,
+    tis_weights,
 )
 
 F64 = torch.float64
@@ -134,3 +136,172 @@ def test_compute_advantages_errors():
         match="advantage estimator 'grpo' takes no argument 'group_baseline'; accepted: norm_by_std, eps",
     ):
         compute_advantages("grpo", r, 2, group_baseline=True)
+
+
+# ------------------------------------------------------------------------------ GSPO
+
+# token log-ratios log(pi/pi_old); the 5.0 in row 1 is padding and must not count
+GSPO_LR = t([[0.3, 0.1, -0.1], [-0.5, -0.3, 5.0], [0.5, 0.3, 0.4]])
+GSPO_OLD = t([[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0], [-0.7, -0.2, -1.5]])
+GSPO_MASK = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+GSPO_ADV = t([1.0, -1.0, 1.0])
+CLIP = dict(eps_clip_low=0.2, eps_clip_high=0.28)  # clip range [0.8, 1.28]
+S0, S1, S2 = 1.1051709180756477, 0.6703200460356393, 1.4918246976412703  # e^0.1, e^-0.4, e^0.4
+
+
+def _gspo_logprobs():
+    return (GSPO_OLD + GSPO_LR).clone().requires_grad_(True)
+
+
+def test_gspo_by_hand():
+    # s_i = exp(mean of valid token log-ratios):
+    #   row 0: (0.3+0.1-0.1)/3 = 0.1  -> s0 = 1.1051709180756477, A=+1, in [0.8, 1.28]: loss -s0
+    #   row 1: (-0.5-0.3)/2   = -0.4 -> s1 = 0.6703200460356393, A=-1: max(s1, 0.8) = 0.8 (clipped)
+    #   row 2: (0.5+0.3+0.4)/3 = 0.4 -> s2 = 1.4918246976412703, A=+1: max(-s2, -1.28) = -1.28 (clipped)
+    # sequence_mean = (-1.1051709180756477 + 0.8 - 1.28) / 3 = -0.5283903060252159
+    logp = _gspo_logprobs()
+    loss, m = policy_loss(logp, GSPO_OLD, GSPO_ADV, GSPO_MASK, loss_type="gspo", loss_reduction="sequence_mean", **CLIP)
+    assert_close(loss, t(-0.5283903060252159))
+    assert m["clip_fraction"] == pytest.approx(2 / 3)  # rows 1 and 2 of 3 sequences
+    assert m["dual_clip_fraction"] == 0.0
+    assert m["ratio_mean"] == pytest.approx((S0 + S1 + S2) / 3)  # 1.0891052205841858
+    assert m["ratio_max"] == pytest.approx(S2)
+    # approx_kl = -mean of the 8 valid token log-ratios = -(0.3 + (-0.8) + 1.2) / 8 = -0.0875
+    assert m["approx_kl"] == pytest.approx(-0.0875)
+    loss.backward()
+    # unclipped row 0: d/dlogp_t of (1/3) * (1/3) * sum_t(-A * s0) = -s0 / 9 per token; clipped rows: 0
+    g = -S0 / 9
+    assert_close(logp.grad, t([[g, g, g], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_gspo_token_mean_and_token_advantages():
+    # token_mean over 8 valid tokens: (3 * -s0 + 2 * 0.8 + 3 * -1.28) / 8 = -0.6944390942783678
+    loss, _ = policy_loss(_gspo_logprobs(), GSPO_OLD, GSPO_ADV, GSPO_MASK, loss_type="gspo", **CLIP)
+    assert_close(loss, t(-0.6944390942783678))
+    adv_bt = GSPO_ADV[:, None].expand(3, 3)
+    loss_bt, _ = policy_loss(_gspo_logprobs(), GSPO_OLD, adv_bt, GSPO_MASK, loss_type="gspo", **CLIP)
+    assert_close(loss_bt, loss)
+
+
+def test_gspo_gradient_is_the_sequence_level_objective():
+    # GSPO eq. 5-7: J = mean_i(-A_i * s_i(theta)) with s_i = exp(mean_t log-ratio), unclipped here
+    # (wide clip range); the token form with sequence_mean must give the same gradient.
+    g = torch.Generator().manual_seed(4)
+    old = -torch.rand(3, 4, generator=g, dtype=F64)
+    lr = 0.05 * torch.randn(3, 4, generator=g, dtype=F64)
+    mask = t([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    adv = t([0.7, -1.3, 0.4])
+    logp = (old + lr).clone().requires_grad_(True)
+    loss, m = policy_loss(logp, old, adv, mask, loss_type="gspo", loss_reduction="sequence_mean",
+                          eps_clip_low=0.9, eps_clip_high=10.0)
+    loss.backward()
+    ref_logp = (old + lr).clone().requires_grad_(True)
+    s = torch.exp(((ref_logp - old) * mask).sum(1) / mask.sum(1))
+    ref = (-adv * s).mean()
+    ref.backward()
+    assert_close(loss, ref)
+    assert_close(logp.grad, ref_logp.grad)
+    assert m["clip_fraction"] == 0.0
+
+
+def test_gspo_ratio_clamped_and_finite():
+    # log-ratios [30, 0]: mean 15, clamped to 10 -> s = e^10 > 1.28; A=+1: max(-e^10, -1.28) = -1.28
+    # on both tokens, token_mean -1.28; finite loss and gradient
+    old = t([[0.0, 0.0]])
+    logp = t([[30.0, 0.0]]).requires_grad_(True)
+    loss, m = policy_loss(logp, old, t([1.0]), t([[1.0, 1.0]]), loss_type="gspo", **CLIP)
+    assert_close(loss, t(-1.28))
+    assert m["ratio_max"] == pytest.approx(22026.465794806718)  # e^10
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+# ------------------------------------------------------------------------------ token weights / TIS
+
+TIS_OLD = t([[-1.0, -1.5, -0.5], [-0.2, -0.4, -9.0]])
+TIS_ROLLOUT = t([[-1.5, -1.0, -1.5], [-0.2, -0.1, 0.0]])
+TIS_MASK = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+E05, EM05, E1, EM03 = 1.6487212707001282, 0.6065306597126334, 2.718281828459045, 0.7408182206817179
+
+
+def test_tis_token_by_hand():
+    # log-ratios old - rollout: row 0 [0.5, -0.5, 1.0], row 1 [0.0, -0.3, (pad)]
+    # ratios [e^0.5, e^-0.5, e^1], [1, e^-0.3]; cap 2 truncates e^1 = 2.718 -> 2.0
+    w, m = tis_weights(TIS_OLD, TIS_ROLLOUT, TIS_MASK, "token", clip_high=2.0)
+    assert_close(w, t([[E05, EM05, 2.0], [1.0, EM03, 0.0]]))
+    assert not w.requires_grad
+    # mean of the 5 untruncated ratios = (1.6487 + 0.6065 + 2.7183 + 1 + 0.7408) / 5 = 1.342870395910705
+    assert m["tis_ratio_mean"] == pytest.approx(1.342870395910705)
+    assert m["tis_ratio_max"] == pytest.approx(E1)
+    assert m["tis_truncated_fraction"] == pytest.approx(1 / 5)
+
+
+def test_tis_sequence_by_hand():
+    # row 0: sum of log-ratios 0.5 - 0.5 + 1.0 = 1.0 -> e^1 -> capped 2.0 ; row 1: -0.3 -> e^-0.3
+    w, m = tis_weights(TIS_OLD, TIS_ROLLOUT, TIS_MASK, "sequence", clip_high=2.0)
+    assert_close(w, t([[2.0, 2.0, 2.0], [EM03, EM03, 0.0]]))
+    assert m["tis_ratio_mean"] == pytest.approx((E1 + EM03) / 2)  # 1.7295500245703814
+    assert m["tis_ratio_max"] == pytest.approx(E1)
+    assert m["tis_truncated_fraction"] == pytest.approx(1 / 2)
+    w5, m5 = tis_weights(TIS_OLD, TIS_ROLLOUT, TIS_MASK, "sequence", clip_high=5.0)
+    assert_close(w5, t([[E1, E1, E1], [EM03, EM03, 0.0]]))
+    assert m5["tis_truncated_fraction"] == 0.0
+
+
+def test_tis_empty_mask_and_errors():
+    w, m = tis_weights(TIS_OLD, TIS_ROLLOUT, torch.zeros(2, 3), "token")
+    assert_close(w, torch.zeros(2, 3, dtype=F64))
+    assert m == {"tis_ratio_mean": 0.0, "tis_ratio_max": 0.0, "tis_truncated_fraction": 0.0}
+    with pytest.raises(ValueError, match="unknown TIS ratio_type 'geometric'; valid names: token, sequence"):
+        tis_weights(TIS_OLD, TIS_ROLLOUT, TIS_MASK, "geometric")
+    with pytest.raises(ValueError, match="clip_high must be > 0, got 0.0"):
+        tis_weights(TIS_OLD, TIS_ROLLOUT, TIS_MASK, clip_high=0.0)
+    with pytest.raises(ValueError, match="old_logprobs and rollout_logprobs must have the same shape"):
+        tis_weights(TIS_OLD, TIS_ROLLOUT[:, :2], TIS_MASK)
+
+
+# same setup as tests/unit/test_grpo.py: ratios row 0 (A=+1) 0.5, 1.1, 1.5; row 1 (A=-1) 0.5, 1.1, 4.0
+PL_RATIOS = t([[0.5, 1.1, 1.5], [0.5, 1.1, 4.0]])
+PL_OLD = t([[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0]])
+PL_ADV = t([1.0, -1.0])
+ONES = torch.ones(2, 3, dtype=F64)
+
+
+def _pl_logprobs():
+    return (PL_OLD + PL_RATIOS.log()).clone().requires_grad_(True)
+
+
+def test_policy_loss_token_weights_by_hand():
+    # unweighted token losses: row 0 [-0.5, -1.1, -1.28 (clipped)], row 1 [0.8 (clipped), 1.1, 4.0]
+    # weights [[2, 1, 0.5], [1, 1, 1]]: [-1.0, -1.1, -0.64, 0.8, 1.1, 4.0], sum 3.16, token_mean 3.16/6
+    weights = t([[2.0, 1.0, 0.5], [1.0, 1.0, 1.0]]).requires_grad_(True)
+    logp = _pl_logprobs()
+    loss, m = policy_loss(logp, PL_OLD, PL_ADV, ONES, token_weights=weights, **CLIP)
+    assert_close(loss, t(3.16 / 6))
+    assert m["clip_fraction"] == pytest.approx(2 / 6)  # weights do not change the metrics
+    loss.backward()
+    # d/dlogp (-A r w)/6 where unclipped: row 0 [-0.5*2/6, -1.1/6, 0], row 1 [0, 1.1/6, 4.0/6]
+    assert_close(logp.grad, t([[-1.0 / 6, -1.1 / 6, 0.0], [0.0, 1.1 / 6, 4.0 / 6]]))
+    assert weights.grad is None  # detached
+
+
+def test_policy_loss_weights_none_and_ones_equal_unweighted():
+    base, base_m = policy_loss(_pl_logprobs(), PL_OLD, PL_ADV, ONES, loss_type="dual_clip", **CLIP)
+    ones, ones_m = policy_loss(_pl_logprobs(), PL_OLD, PL_ADV, ONES, loss_type="dual_clip", token_weights=ONES, **CLIP)
+    assert torch.equal(base, ones) and base_m == ones_m
+    # dual clip bound (3.0 on the r=4.0 token) applies before the weight: 0.5 * 3.0 = 1.5
+    w = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.5]])
+    loss, _ = policy_loss(_pl_logprobs(), PL_OLD, PL_ADV, ONES, loss_type="dual_clip", token_weights=w, **CLIP)
+    assert_close(loss, t((-0.5 - 1.1 - 1.28 + 0.8 + 1.1 + 1.5) / 6))
+    with pytest.raises(ValueError, match="logprobs and token_weights must have the same shape"):
+        policy_loss(_pl_logprobs(), PL_OLD, PL_ADV, ONES, token_weights=PL_ADV[:, None], **CLIP)
+
+
+def test_policy_loss_with_tis_weights_end_to_end():
+    # token TIS weights from test_tis_token_by_hand, times the unweighted token losses:
+    # row 0: -0.5*e^0.5 - 1.1*e^-0.5 - 1.28*2 ; row 1: 0.8*1 + 1.1*e^-0.3 + 4.0*0 (padding weight 0,
+    # token still valid in the loss mask)
+    w, _ = tis_weights(TIS_OLD, TIS_ROLLOUT, TIS_MASK, "token", clip_high=2.0)
+    loss, _ = policy_loss(_pl_logprobs(), PL_OLD, PL_ADV, ONES, token_weights=w, **CLIP)
+    expected = (-0.5 * E05 - 1.1 * EM05 - 2.56 + 0.8 + 1.1 * EM03) / 6
+    assert_close(loss, t(expected))

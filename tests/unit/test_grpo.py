@@ -316,8 +316,8 @@ def test_policy_loss_errors():
     logp = _new_logprobs()
     with pytest.raises(ValueError, match="clip_ratio_c must be > 1 for dual_clip, got 1.0"):
         policy_loss(logp, OLD, ADV, ONES, loss_type="dual_clip", clip_ratio_c=1.0, **CLIP)
-    with pytest.raises(ValueError, match="unknown policy loss_type 'gspo'; valid names: regular, dual_clip"):
-        policy_loss(logp, OLD, ADV, ONES, loss_type="gspo", **CLIP)
+    with pytest.raises(ValueError, match="unknown policy loss_type 'cispo'; valid names: regular, dual_clip, gspo"):
+        policy_loss(logp, OLD, ADV, ONES, loss_type="cispo", **CLIP)
     with pytest.raises(ValueError, match=r"eps_clip_low must be in \[0, 1\)"):
         policy_loss(logp, OLD, ADV, ONES, eps_clip_low=1.0, eps_clip_high=0.2)
     with pytest.raises(ValueError, match=r"advantages must be \[B\] or \[B, T\]"):
