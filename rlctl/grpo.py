@@ -1,5 +1,8 @@
 """GRPO algorithm core: advantages, KL penalties, loss reductions and the clipped policy loss.
 
+Also the common variants (RLOO, REINFORCE++, GSPO, truncated importance sampling) and the
+pure helpers of dynamic sampling, overlong punishment and pass@k.
+
 This module holds the pure tensor math of GRPO training, with no config objects, no
 distributed code and no model code. The trainer reads config keys and passes their values
 as plain arguments:
@@ -37,7 +40,10 @@ Besides GRPO advantages, :func:`compute_advantages` dispatches by name (table
 (:func:`reinforce_pp_advantages`). :func:`policy_loss` also computes GSPO
 (``loss_type="gspo"``) and takes per-token loss weights, e.g. the truncated
 importance-sampling weights of :func:`tis_weights` that correct the mismatch between the
-rollout engine's and the trainer's log-probs.
+rollout engine's and the trainer's log-probs. Pure helpers for the loop: dynamic sampling
+(:func:`informative_groups`, :func:`select_informative` for DAPO ``filter``,
+:func:`replace_flat_groups` for POLARIS ``replace``), DAPO's soft overlong punishment
+(:func:`overlong_penalty`) and the unbiased pass@k estimator (:func:`pass_at_k`).
 
 Sources: GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300); RLOO (Ahmadian et al. 2024,
 arXiv:2402.14740); REINFORCE++ (Hu 2025, arXiv:2501.03262); Dr. GRPO (Liu et al. 2025,
@@ -46,7 +52,9 @@ al. 2017, arXiv:1707.06347); dual clip (Ye et al. 2020, arXiv:1912.09729); KL es
 (J. Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html);
 token-mean reduction and asymmetric clip-higher (DAPO, Yu et al. 2025, arXiv:2503.14476);
 GSPO (Zheng et al. 2025, arXiv:2507.18071); truncated importance sampling (Yao et al. 2025,
-https://fengyao.notion.site/off-policy-rl).
+https://fengyao.notion.site/off-policy-rl); dynamic sampling and overlong punishment (DAPO);
+POLARIS (An et al. 2025, https://github.com/ChenxinAn-fdu/POLARIS); pass@k (Chen et al. 2021,
+arXiv:2107.03374).
 Conventions (unbiased std, k3 clamps, log-ratio clamp) follow verl
 (``verl/trainer/ppo/core_algos.py``) and SkyRL (``skyrl_train/utils/ppo_utils.py``).
 
@@ -59,7 +67,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,12 +83,17 @@ __all__ = [
     "compute_advantages",
     "entropy_from_logits",
     "grpo_advantages",
+    "informative_groups",
     "kl_penalty",
     "logprobs_from_logits",
     "masked_reduce",
+    "overlong_penalty",
+    "pass_at_k",
     "policy_loss",
     "reinforce_pp_advantages",
+    "replace_flat_groups",
     "rloo_advantages",
+    "select_informative",
     "tis_weights",
     "zero_variance_groups",
     "zero_variance_sample_mask",
@@ -135,6 +149,11 @@ def _check_2d_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
         raise ValueError(
             f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
+
+
+def _shape_or_type(x: object) -> object:
+    """For error messages: the shape of a tensor, else the type name."""
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
 
 
 def _float_dtype(t: Tensor) -> torch.dtype:
@@ -294,7 +313,7 @@ def reinforce_pp_advantages(
         w = torch.ones_like(r)
     else:
         if not isinstance(response_lengths, Tensor) or response_lengths.shape != r.shape:
-            got = tuple(response_lengths.shape) if isinstance(response_lengths, Tensor) else type(response_lengths).__name__
+            got = _shape_or_type(response_lengths)
             raise ValueError(f"response_lengths must be a [B] tensor with B={r.shape[0]}, got {got}")
         if (response_lengths < 0).any():
             raise ValueError("response_lengths must be >= 0 (tokens)")
@@ -405,6 +424,100 @@ def zero_variance_sample_mask(rewards: Tensor, group_size: int) -> Tensor:
     """
     keep_group = ~zero_variance_groups(rewards, group_size)
     return keep_group.repeat_interleave(group_size).to(torch.float32)
+
+
+@torch.no_grad()
+def informative_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """Which groups carry a learning signal: not all rewards of the group are equal.
+
+    The complement of :func:`zero_variance_groups` (same exact-equality rule, so a group of
+    size 1 is never informative). Dynamic sampling keeps (DAPO ``filter``) or duplicates
+    (POLARIS ``replace``) these groups; see :func:`select_informative` and
+    :func:`replace_flat_groups`.
+
+    Args:
+        rewards: ``[B]`` rewards, group-major layout (see :func:`grpo_advantages`).
+        group_size: ``n``, samples per prompt (``>= 1``).
+
+    Returns:
+        ``[B // group_size]`` bool tensor, True where the group's rewards differ.
+
+    Raises:
+        ValueError: same as :func:`zero_variance_groups`.
+    """
+    return ~zero_variance_groups(rewards, group_size)
+
+
+@torch.no_grad()
+def select_informative(rewards: Tensor, group_size: int) -> Tensor:
+    """Indices of the samples that belong to informative groups (DAPO dynamic sampling, ``filter``).
+
+    DAPO (Yu et al. 2025, arXiv:2503.14476, "dynamic sampling") drops the groups whose
+    rewards are all equal and keeps generating until the batch holds enough informative
+    groups. This is the per-batch step of that loop: index the batch with the result
+    (``batch[idx]``) and append it to the accumulated samples; the caller stops once it holds
+    ``train_batch_size`` groups (``len(idx) // group_size`` groups are added per call).
+    Whole groups are kept, in their original order, so the result stays group-major.
+
+    Args:
+        rewards: ``[B]`` rewards, group-major layout (see :func:`grpo_advantages`).
+        group_size: ``n``, samples per prompt (``>= 1``).
+
+    Returns:
+        ``[K]`` int64 indices into ``[B]`` in ascending order, ``K`` a multiple of
+        ``group_size`` (0 when no group is informative).
+
+    Raises:
+        ValueError: same as :func:`zero_variance_groups`.
+    """
+    keep = informative_groups(rewards, group_size).repeat_interleave(group_size)
+    return torch.nonzero(keep, as_tuple=False).flatten().to(device=rewards.device)
+
+
+@torch.no_grad()
+def replace_flat_groups(rewards: Tensor, group_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Gather index that replaces each flat (zero-variance) group by a copy of an informative one.
+
+    POLARIS-style dynamic sampling, ``replace`` (An et al. 2025, POLARIS,
+    https://github.com/ChenxinAn-fdu/POLARIS, ``ray_trainer.py``; SkyRL
+    ``handle_replace_sampling``): instead of generating more rollouts, every flat group is
+    overwritten with the samples of an informative group of the same batch, so the batch
+    keeps its size and every group carries a learning signal. The donor groups are drawn
+    uniformly at random, *without* repetition when there are at least as many informative
+    groups as flat ones (a random permutation, as SkyRL), else *with* repetition. Flat groups
+    are visited in ascending order; sample ``j`` of a flat group becomes sample ``j`` of its
+    donor. Informative groups keep their own samples. Apply the result to every per-sample
+    tensor of the batch (``batch[idx]``); the duplicated groups are then trained on twice.
+
+    The caller decides whether replacing is reasonable: SkyRL only replaces when more than
+    ``min_replace_ratio`` of the groups are informative
+    (``informative_groups(...).float().mean()``) and otherwise keeps the batch and warns.
+    When no group is informative, or none is flat, the identity index is returned.
+
+    Args:
+        rewards: ``[B]`` rewards, group-major layout (see :func:`grpo_advantages`).
+        group_size: ``n``, samples per prompt (``>= 1``).
+        generator: optional CPU ``torch.Generator`` for reproducible donor choice.
+
+    Returns:
+        ``[B]`` int64 gather index (on ``rewards.device``).
+
+    Raises:
+        ValueError: same as :func:`zero_variance_groups`.
+    """
+    informative = informative_groups(rewards, group_size).cpu()
+    num_groups = informative.shape[0]
+    group_of = torch.arange(num_groups)
+    donors = group_of[informative]
+    flat = group_of[~informative]
+    if len(donors) > 0 and len(flat) > 0:
+        if len(donors) >= len(flat):
+            pick = torch.randperm(len(donors), generator=generator)[: len(flat)]
+        else:
+            pick = torch.randint(0, len(donors), (len(flat),), generator=generator)
+        group_of[flat] = donors[pick]
+    idx = (group_of[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)
+    return idx.to(device=rewards.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -867,6 +980,99 @@ def combine_losses(
             raise ValueError(f"entropy_coef={entropy_coef} is nonzero but entropy is None")
         loss = loss - entropy_coef * entropy
     return loss
+
+
+# --------------------------------------------------------------------------------------------
+# reward shaping and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def overlong_penalty(
+    response_lengths: Tensor, max_response_len: int, buffer_len: int, penalty_factor: float = 1.0
+) -> Tensor:
+    """DAPO soft overlong punishment: a length penalty added to the reward.
+
+    DAPO (Yu et al. 2025, arXiv:2503.14476, eq. 13) penalizes responses that enter the last
+    ``buffer_len`` tokens before the generation limit, linearly, and fully at the limit::
+
+        L <= max - buffer:          0
+        max - buffer < L <= max:    ((max - buffer) - L) / buffer * penalty_factor
+        L > max:                    -penalty_factor
+
+    so the penalty goes from 0 down to ``-penalty_factor`` at ``L = max_response_len``.
+    ``buffer_len`` / ``penalty_factor`` are SkyRL's ``overlong_buffer.len`` /
+    ``overlong_buffer.penalty_factor`` (verl ``overlong_buffer.len`` / ``penalty_factor``;
+    DAPO used ``max=20480``, ``buffer=4096``, factor 1). Add the result to the task rewards
+    before computing advantages.
+
+    Args:
+        response_lengths: ``[B]`` response lengths in tokens (any real dtype, ``>= 0``).
+        max_response_len: generation limit ``max`` in tokens (``>= 1``).
+        buffer_len: punishment interval in tokens, ``1 <= buffer_len <= max_response_len``.
+        penalty_factor: penalty at the limit (``>= 0``).
+
+    Returns:
+        ``[B]`` float32 penalties (``<= 0``), or float64 for float64 lengths.
+
+    Raises:
+        ValueError: ``response_lengths`` not 1-D or negative, or an argument out of range
+            (the message names it).
+    """
+    if not isinstance(response_lengths, Tensor) or response_lengths.dim() != 1:
+        raise ValueError(f"response_lengths must be a 1-D [B] tensor, got {_shape_or_type(response_lengths)}")
+    if isinstance(max_response_len, bool) or not isinstance(max_response_len, int) or max_response_len < 1:
+        raise ValueError(f"max_response_len must be a positive int, got {max_response_len!r}")
+    buffer_ok = isinstance(buffer_len, int) and not isinstance(buffer_len, bool)
+    if not buffer_ok or not 1 <= buffer_len <= max_response_len:
+        raise ValueError(
+            f"buffer_len must be an int in [1, max_response_len={max_response_len}], got {buffer_len!r}"
+        )
+    if not penalty_factor >= 0:
+        raise ValueError(f"penalty_factor must be >= 0, got {penalty_factor}")
+    if (response_lengths < 0).any():
+        raise ValueError("response_lengths must be >= 0 (tokens)")
+    lengths = response_lengths.to(torch.float64 if response_lengths.dtype == torch.float64 else torch.float32)
+    expected = max_response_len - buffer_len
+    frac = ((lengths - expected) / buffer_len).clamp(min=0.0, max=1.0)
+    return -penalty_factor * frac
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimator of pass@k from ``n`` samples of which ``c`` are correct.
+
+    ``pass@k = 1 - C(n - c, k) / C(n, k)``: the probability that at least one of ``k``
+    samples drawn without replacement from the ``n`` is correct (Chen et al. 2021, Codex,
+    arXiv:2107.03374, eq. 1). Computed as in the paper's numerically stable form,
+    ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)``, which needs no large binomials; it is 1.0
+    when ``n - c < k``. Average over problems for the benchmark's pass@k.
+
+    Args:
+        n: samples per problem (``>= 1``).
+        c: correct samples (``0 <= c <= n``).
+        k: ``1 <= k <= n``.
+
+    Returns:
+        pass@k in ``[0, 1]`` as a python float.
+
+    Raises:
+        ValueError: a non-integer argument or one out of range (the message names it).
+    """
+    for name, v in (("n", n), ("c", c), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {v!r}")  # noqa: TRY004
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"c must be in [0, n={n}], got {c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
 
 
 # --------------------------------------------------------------------------------------------

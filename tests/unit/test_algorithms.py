@@ -14,9 +14,14 @@ from rlctl.grpo import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
     grpo_advantages,
+    informative_groups,
+    overlong_penalty,
+    pass_at_k,
     policy_loss,
     reinforce_pp_advantages,
+    replace_flat_groups,
     rloo_advantages,
+    select_informative,
     tis_weights,
 )
 
@@ -145,7 +150,7 @@ GSPO_LR = t([[0.3, 0.1, -0.1], [-0.5, -0.3, 5.0], [0.5, 0.3, 0.4]])
 GSPO_OLD = t([[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0], [-0.7, -0.2, -1.5]])
 GSPO_MASK = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
 GSPO_ADV = t([1.0, -1.0, 1.0])
-CLIP = dict(eps_clip_low=0.2, eps_clip_high=0.28)  # clip range [0.8, 1.28]
+CLIP = {"eps_clip_low": 0.2, "eps_clip_high": 0.28}  # clip range [0.8, 1.28]
 S0, S1, S2 = 1.1051709180756477, 0.6703200460356393, 1.4918246976412703  # e^0.1, e^-0.4, e^0.4
 
 
@@ -305,3 +310,107 @@ def test_policy_loss_with_tis_weights_end_to_end():
     loss, _ = policy_loss(_pl_logprobs(), PL_OLD, PL_ADV, ONES, token_weights=w, **CLIP)
     expected = (-0.5 * E05 - 1.1 * EM05 - 2.56 + 0.8 + 1.1 * EM03) / 6
     assert_close(loss, t(expected))
+
+
+# ------------------------------------------------------------------------------ overlong penalty
+
+
+def test_overlong_penalty_by_hand():
+    # max 10, buffer 4 -> free up to 6 tokens; then (6 - L)/4: L=7 -> -0.25, L=9 -> -0.75,
+    # L=10 -> -1.0; beyond the limit (L=12) -> -1.0 (DAPO eq. 13)
+    lengths = torch.tensor([3, 6, 7, 9, 10, 12])
+    assert_close(overlong_penalty(lengths, 10, 4), torch.tensor([0.0, 0.0, -0.25, -0.75, -1.0, -1.0]))
+    # penalty_factor 0.5 halves it; float64 lengths keep float64
+    assert_close(overlong_penalty(lengths.double(), 10, 4, 0.5), t([0.0, 0.0, -0.125, -0.375, -0.5, -0.5]))
+    # buffer = max: linear over the whole range, L=5 of 10 -> (0 - 5)/10 = -0.5
+    assert_close(overlong_penalty(torch.tensor([0, 5]), 10, 10), torch.tensor([0.0, -0.5]))
+
+
+def test_overlong_penalty_errors():
+    lengths = torch.tensor([3, 6])
+    with pytest.raises(ValueError, match=r"buffer_len must be an int in \[1, max_response_len=10\], got 11"):
+        overlong_penalty(lengths, 10, 11)
+    with pytest.raises(ValueError, match=r"buffer_len must be an int in \[1, max_response_len=10\], got 0"):
+        overlong_penalty(lengths, 10, 0)
+    with pytest.raises(ValueError, match="max_response_len must be a positive int, got 0"):
+        overlong_penalty(lengths, 0, 1)
+    with pytest.raises(ValueError, match="penalty_factor must be >= 0, got -1.0"):
+        overlong_penalty(lengths, 10, 4, -1.0)
+    with pytest.raises(ValueError, match=r"response_lengths must be >= 0 \(tokens\)"):
+        overlong_penalty(torch.tensor([-1]), 10, 4)
+    with pytest.raises(ValueError, match=r"response_lengths must be a 1-D \[B\] tensor, got \(1, 2\)"):
+        overlong_penalty(torch.tensor([[1, 2]]), 10, 4)
+
+
+# ------------------------------------------------------------------------------ dynamic sampling
+
+# groups of 2: [1,0] informative, [1,1] flat, [0,1] informative, [0,0] flat
+DS_REWARDS = t([1, 0, 1, 1, 0, 1, 0, 0])
+
+
+def test_informative_groups_and_select():
+    assert informative_groups(DS_REWARDS, 2).tolist() == [True, False, True, False]
+    # samples of groups 0 and 2: indices 0,1 and 4,5
+    idx = select_informative(DS_REWARDS, 2)
+    assert idx.dtype == torch.int64
+    assert idx.tolist() == [0, 1, 4, 5]
+    assert select_informative(t([1, 1, 0, 0]), 2).tolist() == []
+    assert select_informative(t([1.0, 0.0]), 1).tolist() == []  # singleton groups never informative
+    with pytest.raises(ValueError, match=r"number of rewards \(3\) is not divisible by group_size \(2\)"):
+        select_informative(t([1.0, 0.0, 1.0]), 2)
+
+
+def test_replace_flat_groups_single_donor_by_hand():
+    # groups of 3: [1,0,0] informative, [1,1,1] flat, [0,0,0] flat -> only donor is group 0,
+    # 1 donor < 2 flat groups -> drawn with repetition, necessarily group 0 twice
+    r = t([1, 0, 0, 1, 1, 1, 0, 0, 0])
+    idx = replace_flat_groups(r, 3, torch.Generator().manual_seed(0))
+    assert idx.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    assert_close(r[idx], t([1, 0, 0, 1, 0, 0, 1, 0, 0]))
+
+
+def test_replace_flat_groups_without_repetition_when_enough_donors():
+    # 2 donors (groups 0, 2) for 2 flat groups (1, 3): a permutation, so both donors are used once
+    for seed in range(5):
+        idx = replace_flat_groups(DS_REWARDS, 2, torch.Generator().manual_seed(seed))
+        assert idx[[0, 1, 4, 5]].tolist() == [0, 1, 4, 5]  # informative groups keep their samples
+        donors = sorted([idx[2].item() // 2, idx[6].item() // 2])
+        assert donors == [0, 2]
+        assert idx[3].item() == idx[2].item() + 1 and idx[7].item() == idx[6].item() + 1
+        assert informative_groups(DS_REWARDS[idx], 2).all()
+    a = replace_flat_groups(DS_REWARDS, 2, torch.Generator().manual_seed(7))
+    b = replace_flat_groups(DS_REWARDS, 2, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_replace_flat_groups_identity_cases():
+    assert replace_flat_groups(t([1, 1, 0, 0]), 2).tolist() == [0, 1, 2, 3]  # no donor
+    assert replace_flat_groups(t([1, 0, 0, 1]), 2).tolist() == [0, 1, 2, 3]  # nothing flat
+
+
+# ------------------------------------------------------------------------------ pass@k
+
+
+def test_pass_at_k_by_hand():
+    # n=5, c=2, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10 = 0.7
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    # k=1 is the fraction correct: 3/8
+    assert pass_at_k(8, 3, 1) == pytest.approx(0.375)
+    # n - c < k: every draw of k contains a correct sample
+    assert pass_at_k(4, 3, 2) == 1.0
+    assert pass_at_k(4, 0, 4) == 0.0
+    # large n: 1 - C(199,100)/C(200,100) = 1 - 100/200 = 0.5 (binomials ~1e58, no overflow)
+    assert pass_at_k(200, 1, 100) == pytest.approx(0.5)
+    # n=1000, c=500, k=500: C(500,500)/C(1000,500) ~ 3.7e-300 -> 1.0
+    assert pass_at_k(1000, 500, 500) == pytest.approx(1.0)
+
+
+def test_pass_at_k_errors():
+    with pytest.raises(ValueError, match=r"k must be in \[1, n=5\], got 6"):
+        pass_at_k(5, 2, 6)
+    with pytest.raises(ValueError, match=r"c must be in \[0, n=5\], got 7"):
+        pass_at_k(5, 7, 1)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        pass_at_k(0, 0, 1)
+    with pytest.raises(ValueError, match="k must be an int, got 2.0"):
+        pass_at_k(5, 2, 2.0)
