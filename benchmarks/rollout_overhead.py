@@ -5,11 +5,11 @@
 One process, back to back (``--order`` picks which side goes first):
 
 1. **bare**: ``sglang.Engine(**kwargs)`` in this process, with exactly the engine arguments rlctl builds
-   for ``--preset`` (``rlctl.ray_job.generator_kwargs``: attention backend, memory fraction, decode-only
+   for ``--preset`` (``rlctl.job.cluster.generator_kwargs``: attention backend, memory fraction, decode-only
    CUDA graphs sized to the batch, memory saver, seed); ``engine.generate(input_ids=..., sampling_params=...)``
    timed twice per repeat: without log-probs (the plain engine) and with ``return_logprob=True``
    (what RL needs). Then the engine is shut down.
-2. **rlctl**: one ``rlctl.ray_job.GeneratorWorker`` Ray actor (1 GPU) hosting ``SGLangGenerator`` with the
+2. **rlctl**: one ``rlctl.job.actors.GeneratorWorker`` Ray actor (1 GPU) hosting ``SGLangGenerator`` with the
    same arguments, called through ``GeneratorGroup.generate`` exactly as the training loop calls it
    (prompt split, Ray round trip, log-probs, token-id lists back in the driver), not colocated (no
    sleep/wake: that cost is in step_breakdown.py).
@@ -78,7 +78,7 @@ def timed(fn, tokens_of) -> dict:
 
 # ---------------------------------------------------------------------------------------------- bare
 def run_bare(args, cfg, device, prompts, sampling) -> dict:
-    from rlctl.ray_job import generator_kwargs
+    from rlctl.job.cluster import generator_kwargs
 
     kw = generator_kwargs(cfg, device)
     res: dict = {"engine_kwargs": {k: v for k, v in kw.items()}}
@@ -141,7 +141,9 @@ def run_rlctl(args, cfg, device, prompts, sampling) -> dict:
 
     import ray
 
-    from rlctl.ray_job import GeneratorGroup, GeneratorWorker, generator_kwargs, init_ray, shutdown_ray
+    from rlctl.job.actors import GeneratorWorker
+    from rlctl.job.cluster import generator_kwargs, init_ray, shutdown_ray
+    from rlctl.job.groups import GeneratorGroup
 
     kw = generator_kwargs(cfg, device)
     if args.backend == "sglang":

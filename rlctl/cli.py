@@ -209,12 +209,12 @@ def train(
             raise typer.Exit(2) from None
         typer.echo(redact(f"dry run: configuration is valid; wrote {run_dir / 'config.yaml'}"))
         return
-    ray_job = _import_runtime("rlctl.ray_job")
+    job = _import_runtime("rlctl.job")
     from rlctl.config import ConfigError
     from rlctl.models import ModelSourceError
 
     try:
-        ray_job.train(loaded)
+        job.train(loaded)
     except ConfigError as exc:  # device-dependent rules, checked once trainer.device=auto is resolved
         _err("rlctl: invalid configuration for this machine:")
         for line in exc.errors:
@@ -243,11 +243,11 @@ def eval_(
     if missing:
         _err(f"rlctl: data.val_data: file(s) do not exist: {', '.join(missing)}; run `rlctl prepare-data gsm8k`")
         raise typer.Exit(2)
-    ray_job = _import_runtime("rlctl.ray_job")
+    job = _import_runtime("rlctl.job")
     from rlctl.models import ModelSourceError
 
     try:
-        metrics = ray_job.evaluate(loaded)
+        metrics = job.evaluate(loaded)
     except ModelSourceError as exc:
         _err(f"rlctl eval: {exc}")
         raise typer.Exit(2 if exc.bad_input else 1) from None

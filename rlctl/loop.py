@@ -2,14 +2,15 @@
 
 Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward, 3 advantages,
 4 old/ref log-probs, 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
-9 checkpoint. The loop talks to two groups (``rlctl.ray_job.TrainerGroup`` / ``GeneratorGroup``) through
-plain method calls; it never touches Ray, torch.distributed or an engine directly, so the ``hf`` and
-``sglang`` backends run the same code.
+9 checkpoint. Who holds the GPU changes only through calls of :class:`rlctl.colocation.Colocation`, each
+one visible in :func:`run`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
+and ``sglang`` backends run the same code.
 
 Token ids flow end to end: the trained sequence is exactly prompt ids + output ids (the response text
 is decoded only to score it).
 
 Test: ``pytest tests/unit/test_loop.py`` (batch building, prompt filtering) and
+``pytest tests/unit/test_colocation.py`` (the loop with recording fakes over an eval / checkpoint / resume grid),
 ``pytest tests/unit/test_train_e2e.py`` (the whole loop through Ray on a tiny model).
 """
 
@@ -152,10 +153,14 @@ def eval_sampling_from(cfg, stop_token_ids: Sequence[int]) -> Sampling:
     return sampling_from(params, stop_token_ids, seed=params.seed if params.seed is not None else cfg.trainer.seed)
 
 
-def evaluate(generators, prompts: PromptData, tokenizer, sampling: Sampling, batch_size: int,
-             ensure_weights: Callable[[], None]) -> dict[str, float]:
+def evaluate(generate: Callable[[list, Sampling], Any], prompts: PromptData, tokenizer, sampling: Sampling,
+             batch_size: int) -> dict[str, float]:
     """Greedy pass@1 on a validation split: strict and flexible accuracy, format rate, lengths.
 
+    Args:
+        generate: ``(prompt_ids, sampling) -> GenerationOutput``, e.g. :meth:`rlctl.colocation.Colocation.generate`
+            inside its ``rollout()`` block, or a generator group's ``generate``.
+        batch_size: prompts per ``generate`` call (``trainer.eval_batch_size``).
     Returns ``eval/accuracy_strict``, ``eval/accuracy_flexible``, ``eval/format_rate``,
     ``eval/response_length_mean`` (tokens), ``eval/num_problems``.
     """
@@ -165,9 +170,8 @@ def evaluate(generators, prompts: PromptData, tokenizer, sampling: Sampling, bat
     lengths = 0
     n = len(prompts.prompt_ids)
     for start in range(0, n, batch_size):
-        ensure_weights()
         chunk = prompts.prompt_ids[start:start + batch_size]
-        out = generators.generate(chunk, sampling)
+        out = generate(chunk, sampling)
         texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
         for text, row, ids in zip(texts, prompts.rows[start:start + batch_size], out.output_ids):
             r = score_response(text, row["answer"])
@@ -182,19 +186,22 @@ def evaluate(generators, prompts: PromptData, tokenizer, sampling: Sampling, bat
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData | None, logger,
-        checkpointer, stop_token_ids: Sequence[int]) -> dict[str, Any]:
+def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger, checkpointer,
+        stop_token_ids: Sequence[int]) -> dict[str, Any]:
     """Run GRPO until ``trainer.max_steps``, the end of ``trainer.epochs`` or ``trainer.max_wall_time_s``.
 
     Args:
         cfg: the validated :class:`rlctl.config.RunConfig`.
-        trainers / generators: the Ray groups of ``rlctl.ray_job`` (or any object with their methods).
+        colo: the :class:`rlctl.colocation.Colocation` of the job; its ``trainers`` / ``generators`` are the
+            groups of :mod:`rlctl.job.groups` (or any objects with their methods). Every change of who holds
+            the GPU is one of its calls below.
         train / val: tokenized prompts (:func:`tokenize_prompts`).
         logger: ``rlctl.metrics.RunLogger``; checkpointer: ``rlctl.checkpoint.Checkpointer``.
         stop_token_ids: the model's end-of-turn / EOS ids (``generation_config.json``).
     Returns:
         ``{"last_step", "stopped_because", "final_eval"}``.
     """
+    trainers, generators = colo.trainers, colo.generators
     t_cfg, g_cfg, algo = cfg.trainer, cfg.generator, cfg.trainer.algorithm
     n = g_cfg.n_samples_per_prompt
     steps_per_epoch = len(train.prompt_ids) // t_cfg.train_batch_size
@@ -213,8 +220,9 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
     eval_sampling = eval_sampling_from(cfg, stop_token_ids)
     eval_enabled = val is not None and (t_cfg.eval_interval > 0 or t_cfg.eval_before_train)
 
-    # 0 resume: the generators get the restored weights before the first rollout (weight_sync phase)
+    # 0 resume (the trainer is resident: it was just built); the engines then need the restored weights
     done = 0  # last finished step; the data position follows from it (saved in checkpoints as "step")
+    colo.onload_trainer()
     restored = checkpointer.restore(trainers)
     if restored is not None:
         done = restored["step"]
@@ -225,13 +233,17 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         logger.console.log(f"note: the checkpoint of step {done} already completes this run's {total_steps} steps: "
                            "nothing to train (use a new trainer.run_name, trainer.resume_mode=none, or raise "
                            "trainer.max_steps / trainer.epochs)")
-    generators.mark_stale()
-    ensure_weights = lambda: generators.ensure_weights(trainers)  # noqa: E731
+    colo.mark_stale()
     wall_start = time.time()
     stopped_because = "max_steps" if t_cfg.max_steps is not None and total_steps == t_cfg.max_steps else "epochs"
     last_eval: dict[str, float] = {}
+
     def run_eval() -> dict[str, float]:
-        return evaluate(generators, val, tokenizer, eval_sampling, t_cfg.eval_batch_size, ensure_weights)
+        # eval pushes only weights the engine does not have yet
+        colo.sync_weights()
+        colo.offload_trainer()
+        with colo.rollout():
+            return evaluate(colo.generate, val, tokenizer, eval_sampling, t_cfg.eval_batch_size)
 
     if done == 0 and t_cfg.eval_before_train and val is not None:
         timer = PhaseTimer()
@@ -250,11 +262,13 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         rows = [train.rows[i] for i in idx for _ in range(n)]
         sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=seed_base * 1_000_003 + step)
 
-        # 1 generate (the weight push happened in phase 6 of the previous step, or here after a resume/eval)
+        # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
+        # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps
         with timer("weight_sync"):
-            ensure_weights()
-        with timer("generate"):
-            out = generators.generate(prompts, sampling)
+            colo.sync_weights()
+            colo.offload_trainer()
+        with timer("generate"), colo.rollout():
+            out = colo.generate(prompts, sampling)
         gen_stats = generators.last_stats()
 
         # 2 reward
@@ -277,26 +291,30 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
             batch["advantages"] = advantages
             rollout_lp = pad_logprobs(out.logprobs, T)
 
-        # 4 old / reference log-probs (trainer back on the GPU)
+        # 4 old / reference log-probs (the trainer comes back to the GPU; the engine is asleep)
         with timer("logprobs"):
-            trainers.onload()
+            colo.onload_trainer()
             batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
             if algo.use_kl_loss:
                 batch["ref_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "ref")
 
-        # 5 train
+        # 5 train: the engine's weights are stale from here on
         with timer("train"):
             train_metrics = trainers.train_step(batch, sampling.temperature, mini_per_rank)
+            colo.mark_stale()
 
-        # 6 weight sync to the generators (wake weights, push; trainer offloads afterwards)
-        generators.mark_stale()
+        # 6 push the new weights to the engines (wake weights, push; the trainer stays resident until the next
+        # KV-cache wake, so a checkpoint right after needs no onload)
         with timer("weight_sync"):
-            ensure_weights()
+            colo.sync_weights()
 
         # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
         metrics.update(train_metrics)
         metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
+        metrics.update({f"generator/{k}": float(v) for k, v in colo.push_stats.items()})
+        if colo.shared_gpu:
+            metrics["memory/trainer_reserved_bytes_at_kv_wake"] = float(colo.take_kv_wake_bytes())
         metrics["data/epoch"] = float(epoch)
         metrics["data/dropped_long_prompts"] = float(train.dropped_too_long)
         done = step
@@ -311,9 +329,10 @@ def run(cfg, trainers, generators, tokenizer, train: PromptData, val: PromptData
         with timer("log"):
             if t_cfg.rollout_dump_interval > 0 and step % t_cfg.rollout_dump_interval == 0:
                 logger.dump_rollouts(step, rows, texts, scored, out.finish_reasons)
-        # 9 checkpoint
+        # 9 checkpoint (the trainer on the GPU; the next rollout offloads it again before the KV cache wakes)
         if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
             with timer("checkpoint"):
+                colo.onload_trainer()
                 checkpointer.save(trainers, {"step": step})
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(timer.seconds.values())

@@ -32,3 +32,17 @@ def test_two_step_colocated_sglang_run(sample_train, tmp_path, metrics):
     metrics["colocated_run"] = {k: by_step[2][k] for k in sorted(by_step[2]) if not k.startswith("data/")}
     metrics["colocated_run_eval0"] = {k: v for k, v in by_step[0].items() if k.startswith("eval/")}
     assert (tmp_path / "ckpts" / "gsm8k" / "gpu2step" / "global_step_2" / "COMPLETE").is_file()
+
+
+def test_checkpoint_every_step_without_eval_keeps_the_trainer_off_the_gpu_at_each_kv_wake(sample_train, tmp_path, metrics):
+    """The order the flag-based code got wrong: a checkpoint every step and no eval. Each checkpoint needs the
+    trainer on the GPU; the next rollout must offload it again before the engine wakes its KV cache. The trainer's
+    CUDA reserve at every KV-cache wake (``memory/trainer_reserved_bytes_at_kv_wake``) stays <= 1 GiB."""
+    pytest.importorskip("sglang")
+    by_step = sample_train("gpuckpt", "trainer.eval_before_train=false", "trainer.ckpt_interval=1",
+                           "trainer.max_steps=3", "generator.gpu_memory_utilization=0.3")
+    assert sorted(by_step) == [1, 2, 3]
+    held = [by_step[s]["memory/trainer_reserved_bytes_at_kv_wake"] for s in (1, 2, 3)]
+    metrics["ckpt_every_step_trainer_bytes_at_kv_wake"] = held
+    assert max(held) <= 2**30, held
+    assert (tmp_path / "ckpts" / "gsm8k" / "gpuckpt" / "global_step_3" / "COMPLETE").is_file()

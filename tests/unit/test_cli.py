@@ -131,7 +131,7 @@ def test_train_missing_data_is_error(home):
 
 def test_train_calls_ray_job_with_ray_address(monkeypatch):
     seen = {}
-    fake_module(monkeypatch, "rlctl.ray_job", train=lambda loaded: seen.setdefault("cfg", loaded.cfg))
+    fake_module(monkeypatch, "rlctl.job", train=lambda loaded: seen.setdefault("cfg", loaded.cfg))
     res = runner.invoke(app, ["train", "--preset", "gsm8k", "--ray-address", "10.0.0.1:6379"])
     assert res.exit_code == 0, res.output
     assert seen["cfg"].ray.address == "10.0.0.1:6379"
@@ -144,7 +144,7 @@ def test_train_calls_ray_job_with_ray_address(monkeypatch):
 def test_split_placement_on_a_cpu_only_machine_stops_before_ray(monkeypatch, tmp_path):
     """trainer.device=auto passes check-config; once train resolves it to the CPU, split placement with
     the default nccl broadcast is refused (exit 2, the key and the fix named) before Ray starts."""
-    import rlctl.ray_job as rj
+    import rlctl.job.entry as rj
     from rlctl.testing import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "tiny", seed=0)
@@ -162,10 +162,10 @@ def test_split_placement_on_a_cpu_only_machine_stops_before_ray(monkeypatch, tmp
 
 
 def test_train_without_ray_job_module(monkeypatch):
-    monkeypatch.setitem(sys.modules, "rlctl.ray_job", None)
+    monkeypatch.setitem(sys.modules, "rlctl.job", None)
     res = runner.invoke(app, ["train", "--preset", "gsm8k"])
     assert res.exit_code == 1
-    assert "rlctl.ray_job is missing" in res.stderr and "Traceback" not in res.output
+    assert "rlctl.job is missing" in res.stderr and "Traceback" not in res.output
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -178,7 +178,7 @@ def test_eval_sets_model_path(monkeypatch, home):
         seen["cfg"] = loaded.cfg
         return {"eval/pass@1_strict": 0.25, "eval/n": 32, "eval/num_problems": 32.0}
 
-    fake_module(monkeypatch, "rlctl.ray_job", evaluate=evaluate)
+    fake_module(monkeypatch, "rlctl.job", evaluate=evaluate)
     res = runner.invoke(app, ["eval", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--preset", "gsm8k"])
     assert res.exit_code == 0, res.output
     assert seen["cfg"].trainer.policy.model.path == "Qwen/Qwen2.5-0.5B-Instruct"
@@ -188,7 +188,7 @@ def test_eval_sets_model_path(monkeypatch, home):
 
 def test_eval_model_folder_checks(monkeypatch, home, tmp_path):
     seen = {}
-    fake_module(monkeypatch, "rlctl.ray_job", evaluate=lambda loaded: seen.setdefault("path", loaded.cfg.trainer.policy.model.path) and {})
+    fake_module(monkeypatch, "rlctl.job", evaluate=lambda loaded: seen.setdefault("path", loaded.cfg.trainer.policy.model.path) and {})
     res = runner.invoke(app, ["eval", "--model", str(tmp_path / "nomodel"), "--preset", "gsm8k"])
     assert res.exit_code == 2 and "--model" in res.stderr and "nomodel: folder does not exist" in res.stderr
     res = runner.invoke(app, ["eval", "--model", str(tmp_path), "--preset", "gsm8k"])
@@ -203,7 +203,7 @@ def test_eval_model_folder_checks(monkeypatch, home, tmp_path):
 
 
 def test_eval_missing_val_data(monkeypatch):
-    fake_module(monkeypatch, "rlctl.ray_job", evaluate=lambda loaded: {})
+    fake_module(monkeypatch, "rlctl.job", evaluate=lambda loaded: {})
     res = runner.invoke(app, ["eval", "--model", "m", "data.val_data=[/nope.parquet]"])
     assert res.exit_code == 2 and "data.val_data" in res.stderr
 

@@ -10,7 +10,7 @@ import pytest
 from rlctl.config import LEAF_DEFAULTS, LEAF_EFFECT, iter_leaves, load_config
 
 RLCTL = Path(__file__).resolve().parents[2] / "rlctl"
-RUNTIME_MODULES = ["loop.py", "trainer.py", "ray_job.py", "checkpoint.py", "gsm8k.py", "generator"]
+RUNTIME_MODULES = ["loop.py", "trainer.py", "job", "colocation.py", "checkpoint.py", "gsm8k.py", "generator"]
 LEAVES = [path for path, _ in iter_leaves()]
 
 
@@ -67,7 +67,7 @@ def _runtime_sources() -> str:
     return "\n".join(texts)
 
 
-_missing = [m for m in ("loop.py", "trainer.py", "ray_job.py", "checkpoint.py") if not (RLCTL / m).exists()]
+_missing = [m for m in ("loop.py", "trainer.py", "job", "checkpoint.py") if not (RLCTL / m).exists()]
 
 
 @pytest.mark.xfail(bool(_missing), reason=f"runtime modules not written yet: {_missing}", strict=False)

@@ -281,7 +281,7 @@ def test_ctrl_c_stops_cleanly(tiny, tmp_path):
 @pytest.mark.timeout(600)
 def test_sigkill_of_the_driver_alone_leaves_no_ray_process(tiny, tmp_path):
     """``kill -9 <driver>`` (not its group): Ray's workers run in process groups of their own and its
-    agents outlive the raylet, so rlctl's watchdog (``rlctl.ray_job._start_reaper``) must sweep them."""
+    agents outlive the raylet, so rlctl's watchdog (``rlctl.job.cluster._start_reaper``) must sweep them."""
     run = Run(overrides(tiny, tmp_path, "drv", 30), tmp_path, "drv")
     ckpt_dir = tmp_path / "ckpts" / "faults" / "drv"
     run.wait_for(lambda: (ckpt_dir / "global_step_1" / "COMPLETE").is_file(), 420, "checkpoint 1")

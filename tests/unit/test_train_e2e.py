@@ -58,7 +58,7 @@ def _even_mass(model_path: str, prompts: list[list[int]]) -> float:
 
 
 def test_two_steps_learn_and_write_outputs(ray_cluster, tiny, tmp_path):
-    from rlctl.ray_job import train
+    from rlctl.job import train
 
     loaded = load_config(preset=None, overrides=_overrides(tiny, tmp_path, "learn", 2), backend="hf", for_training=True)
     summary = train(loaded)
@@ -91,7 +91,7 @@ def test_two_steps_learn_and_write_outputs(ray_cluster, tiny, tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path, capfd):
-    from rlctl.ray_job import train
+    from rlctl.job import train
 
     full = load_config(overrides=_overrides(tiny, tmp_path, "full", 3, workers=1), backend="hf", for_training=True)
     train(full)
@@ -125,7 +125,7 @@ def test_split_placement_two_engines_get_the_weights(ray_cluster, tiny, tmp_path
     broadcasts every bucket over a gloo weight-update group (the NCCL protocol of SGLang engines) while
     rank 1 takes part in gathering the full tensors, so after the first update both engines agree with
     the trainer's log-probs (a stale engine would not)."""
-    from rlctl.ray_job import train
+    from rlctl.job import train
 
     loaded = load_config(overrides=_overrides(tiny, tmp_path, "split", 2, workers=2, **{
         "trainer.placement.colocate_all": "false", "generator.num_inference_engines": 2,
@@ -146,7 +146,7 @@ def test_split_placement_two_engines_get_the_weights(ray_cluster, tiny, tmp_path
 
 
 def test_eval_command_scores_the_validation_split(ray_cluster, tiny, tmp_path):
-    from rlctl.ray_job import evaluate
+    from rlctl.job import evaluate
 
     loaded = load_config(overrides=_overrides(tiny, tmp_path, "eval", 1, workers=1), backend="hf")
     m = evaluate(loaded)
@@ -164,7 +164,8 @@ def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path):
 
     import ray
 
-    from rlctl.ray_job import ACTOR_LABELS, build_groups
+    from rlctl.job.cluster import build_groups
+    from rlctl.job.groups import ACTOR_LABELS
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny, bad)
@@ -186,7 +187,7 @@ def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path):
 
 
 def test_placement_group_timeout_names_the_keys(ray_cluster, tiny, tmp_path):
-    from rlctl.ray_job import build_groups
+    from rlctl.job.cluster import build_groups
 
     loaded = load_config(overrides=_overrides(tiny, tmp_path, "pg", 1, workers=8, **{"ray.placement_group_timeout_s": 2, "trainer.micro_train_batch_size_per_gpu": 1}),
                          backend="hf")

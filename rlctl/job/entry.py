@@ -1,0 +1,209 @@
+"""The ``train`` and ``evaluate`` entry points of the Ray job (``rlctl train`` / ``rlctl eval``): load the
+tokenizer and prompts, start the cluster and the actors (:mod:`rlctl.job.cluster`), run :func:`rlctl.loop.run`,
+and turn an actor failure into one readable line.
+
+Test: ``pytest tests/unit/test_train_e2e.py`` and ``tests/unit/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rlctl.job.cluster import build_groups, check_device_rules, init_ray, resolve_device, shutdown_ray
+from rlctl.job.groups import ACTOR_LABELS
+
+
+def _load_tokenizer_and_stops(cfg):
+    """The policy's tokenizer and stop token ids; a hub name is resolved first (fails fast offline or
+    when there is no such model: :class:`rlctl.models.ModelSourceError`)."""
+    from transformers import AutoTokenizer
+
+    from rlctl.models import local_model_files, stop_token_ids
+
+    path = cfg.trainer.policy.model.path
+    files = local_model_files(path)  # for a hub name: its JSON files, so the stop ids come from the model
+    tok = AutoTokenizer.from_pretrained(path)
+    return tok, stop_token_ids(files)
+
+
+def _load_prompts(paths, tokenizer, max_prompt_length):
+    from rlctl.gsm8k import read_prompts
+    from rlctl.loop import tokenize_prompts
+
+    return tokenize_prompts(read_prompts([str(p) for p in paths]), tokenizer, max_prompt_length)
+
+
+def _actor_label(e: BaseException) -> str | None:
+    if getattr(e, "rlctl_actor", None):
+        return e.rlctl_actor
+    aid = getattr(e, "actor_id", None) or getattr(e, "_actor_id", None)
+    aid = aid.hex() if hasattr(aid, "hex") and not isinstance(aid, str) else aid
+    if aid and aid in ACTOR_LABELS:
+        return ACTOR_LABELS[aid]
+    rep = getattr(e, "actor_repr", None)  # the worker's __repr__: "trainer-0" / "generator-1"
+    return rep if rep and rep.split("-")[0] in ("trainer", "generator") else None
+
+
+def _describe_ray_error(e: BaseException) -> str:
+    """One readable paragraph for a Ray failure: which actor (``trainer-<rank>`` / ``generator-<i>``),
+    what happened (died, or raised in which method) and its last error -- not Ray's traceback dump.
+
+    A ``RayTaskError`` is unwrapped down to its cause (an actor that called a dead actor -- the trainer
+    pushing weights to a dead generator -- names the dead one); a ``RayActorError`` (the process died:
+    killed, OOM, segfault) gives the last lines of Ray's death report.
+    """
+    import ray
+
+    chain, cur = [], e
+    while cur is not None and cur not in chain and len(chain) < 10:
+        chain.append(cur)
+        cur = getattr(cur, "cause", None) if isinstance(cur, ray.exceptions.RayTaskError) else None
+    dead = next((c for c in reversed(chain) if isinstance(c, ray.exceptions.RayActorError)), None)
+    if dead is not None:
+        label = _actor_label(dead) or "a Ray actor"
+        text = " ".join(str(dead).split())
+        text = text.split(" Some common causes")[0]  # Ray's generic advice follows; keep the facts
+        return f"{label} died ({type(dead).__name__}); last error: {text or '(no details from Ray)'}"
+    task = next((c for c in chain if isinstance(c, ray.exceptions.RayTaskError)), None)
+    if task is not None:
+        cause = chain[-1] if not isinstance(chain[-1], ray.exceptions.RayTaskError) else None
+        label = _actor_label(task) or "a Ray task"
+        fn = getattr(task, "function_name", None) or str(getattr(task, "proctitle", "") or "").removeprefix("ray::")
+        where = f" in {fn}" if fn and not fn.startswith("IDLE") else ""
+        if cause is not None:
+            msg = str(cause).strip() or type(cause).__name__
+            return f"{label} failed{where}; last error: {type(cause).__name__}: {msg}"
+        lines = [ln for ln in str(task).splitlines() if ln.strip()]
+        return f"{label} failed{where}; last error: " + (lines[-1].strip() if lines else type(task).__name__)
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: " + (" | ".join(lines[-3:]) if lines else "(no message)")
+
+
+def _restore_ctrl_c() -> None:
+    """Make Ctrl-C (SIGINT) raise KeyboardInterrupt even when the shell started us with SIGINT ignored
+    (a background job of a non-interactive shell inherits SIG_IGN, and Python then keeps it): the run
+    must always be stoppable cleanly. Main thread only (signal handlers cannot be set elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def train(loaded) -> dict[str, Any]:
+    """Run the training job of a validated config (``rlctl train``). Returns the loop's summary.
+
+    Raises:
+        rlctl.config.ConfigError: a device-dependent config rule (:func:`check_device_rules`), before Ray starts.
+        SystemExit: with a message naming the actor and its last error if an actor dies (code 1), or
+            on Ctrl-C (code 130); Ray is shut down in both cases.
+    """
+    import ray
+
+    from rlctl import loop
+    from rlctl.checkpoint import Checkpointer, latest_checkpoint
+    from rlctl.colocation import Colocation
+    from rlctl.config import redact, to_dict
+    from rlctl.metrics import RunLogger, log_console
+
+    cfg = loaded.cfg
+    console = log_console()
+    _restore_ctrl_c()
+    device = resolve_device(cfg)
+    check_device_rules(cfg, device)
+    import yaml
+
+    redacted = redact(to_dict(cfg))
+    run_dir = Path(cfg.run_dir)
+    logger = RunLogger(run_dir, yaml.safe_dump(redacted, sort_keys=False), _loggers(cfg),
+                       project=cfg.trainer.project_name, run_name=cfg.trainer.run_name, redacted_config=redacted,
+                       console=console)
+    notes: list[str] = []
+    generators = None
+    ckpt = None
+    started_ray = False
+    clean = False
+    try:
+        tokenizer, stops = _load_tokenizer_and_stops(cfg)
+        train_data = _load_prompts(cfg.data.train_data, tokenizer, cfg.trainer.max_prompt_length)
+        val_data = _load_prompts(cfg.data.val_data, tokenizer, cfg.trainer.max_prompt_length) if cfg.data.val_data else None
+        if train_data.dropped_too_long:
+            console.log(f"note: dropped {train_data.dropped_too_long} training prompts longer than "
+                        f"trainer.max_prompt_length={cfg.trainer.max_prompt_length} tokens")
+        t0 = time.perf_counter()
+        started_ray = init_ray(cfg, device)
+        trainers, generators = build_groups(cfg, device)
+        console.log(f"Ray job up in {time.perf_counter() - t0:.1f} s: {trainers.world_size} trainer worker(s), "
+                    f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {redact(str(run_dir))}")
+        ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
+                            cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
+        colo = Colocation(trainers, generators, shared_gpu=cfg.trainer.placement.colocate_all and device == "cuda",
+                          engine_sleeps=cfg.trainer.placement.colocate_all, engine_state=generators.initial_state())
+        summary = loop.run(cfg, colo, tokenizer, train_data, val_data, logger, ckpt, stops)
+        last = summary["last_step"]
+        latest = latest_checkpoint(Path(cfg.ckpt_dir))
+        console.log(redact(f"done: {last} step{'s' if last != 1 else ''} ({summary['stopped_because']}); metrics in "
+                           f"{run_dir / 'metrics.jsonl'}" + (f"; checkpoint {latest}" if latest else "")))
+        clean = True
+        return summary
+    except ray.exceptions.RayError as e:
+        console.print("[red]error:[/red] " + _escape(_describe_ray_error(e)) + "\n  completed checkpoints in "
+                      + _escape(redact(str(cfg.ckpt_dir))) + " are kept (resume with trainer.resume_mode=latest)")
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/yellow] stopping the Ray job; completed checkpoints are kept")
+        raise SystemExit(130) from None
+    finally:
+        # Order matters: kill the actors first (one may still be writing a checkpoint), then delete this
+        # process's partial checkpoint folder, then stop the local cluster. A second Ctrl-C while
+        # cleaning up is ignored so that the cleanup finishes.
+        import signal
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean and main else None
+        try:
+            logger.close()
+            if generators is not None:
+                generators.shutdown(timeout=60 if clean else 10)
+            if ckpt is not None:
+                ckpt.discard_partial()
+            shutdown_ray(started_ray)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+
+
+def evaluate(loaded) -> dict[str, float]:
+    """Greedy pass@1 (strict and flexible) of ``trainer.policy.model.path`` on ``data.val_data``
+    without training (``rlctl eval``). Returns the ``eval/*`` metrics."""
+    from rlctl import loop
+
+    cfg = loaded.cfg
+    device = resolve_device(cfg)
+    tokenizer, stops = _load_tokenizer_and_stops(cfg)
+    val = _load_prompts(cfg.data.val_data, tokenizer, cfg.trainer.max_prompt_length)
+    started_ray = init_ray(cfg, device)
+    generators = None
+    try:
+        _, generators = build_groups(cfg, device, with_trainer=False)
+        sampling = loop.eval_sampling_from(cfg, stops)
+        return loop.evaluate(generators.generate, val, tokenizer, sampling, cfg.trainer.eval_batch_size)
+    finally:
+        if generators is not None:
+            generators.shutdown()
+        shutdown_ray(started_ray)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _loggers(cfg) -> list[str]:
+    lg = cfg.trainer.logger
+    return [lg] if isinstance(lg, str) else list(lg)
+
