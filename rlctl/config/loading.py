@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rlctl.config.compat import VLLM_GENERATOR_KEYS, VLLM_SAMPLING_KEYS, _normalize
+from rlctl.config.compat import COMPAT_TABLES, _normalize
 from rlctl.config.errors import ConfigError, _Collector, _rewrite_error, _short_label
 from rlctl.config.paths import expand_path
 from rlctl.config.redact import REDACTED, _fmt, _is_secret_path, _kv, _redact_override, _redact_text
@@ -232,11 +232,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_EXTRA_NAMES: dict[str, dict[str, str]] = {
-    "generator": VLLM_GENERATOR_KEYS,
-    "generator.sampling_params": VLLM_SAMPLING_KEYS,
-    "generator.eval_sampling_params": VLLM_SAMPLING_KEYS,
-}
 _ALL_LEAVES = list(LEAF_DEFAULTS)
 
 
@@ -297,7 +292,7 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
     """Drop (and report) keys that are neither schema fields nor handled vLLM names."""
     out = _LineDict()
     out.key_lines = getattr(d, "key_lines", {})  # kept for errors that name file:line
-    extra = _EXTRA_NAMES.get(prefix.rstrip("."), {})
+    extra = COMPAT_TABLES.get(prefix.rstrip("."), {})
     names = list(model.model_fields) + list(extra)
     for k, v in d.items():
         if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
