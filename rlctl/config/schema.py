@@ -13,7 +13,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -40,25 +40,57 @@ class _Model(BaseModel):
 PosInt = Annotated[int, Field(ge=1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
+# What each leaf does, declared next to the field (``json_schema_extra={"effect": ...}``):
+#   runtime(default)                  a runtime module reads it (tests/unit/test_config_leaves.py checks that
+#                                     the attribute name is read outside rlctl/config/)
+#   runtime(default, via="name")      read through ``name`` (e.g. the RunConfig property num_policy_workers)
+#   no_effect(default, why="...")     accepted; check-config notes "has no effect: <why>" when it is set
+#   rule(default, rejects="...")      a rule or the field's type rejects every other value
+# ``factory=`` replaces the default for mutable values (a list). LEAF_EFFECT collects them per key path.
+
+
+def _leaf(effect: str, default: Any, factory: Optional[Callable[[], Any]]) -> Any:
+    extra = {"effect": effect}
+    if factory is not None:
+        return Field(default_factory=factory, json_schema_extra=extra)
+    return Field(default, json_schema_extra=extra)
+
+
+def runtime(default: Any = None, *, via: Optional[str] = None, factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A leaf read at run time (directly, or through the attribute / property ``via``)."""
+    return _leaf(f"runtime:{via}" if via else "runtime", default, factory)
+
+
+def no_effect(default: Any = None, *, why: str, factory: Optional[Callable[[], Any]] = None) -> Any:
+    """An accepted leaf that changes nothing; ``why`` ends the "has no effect" note check-config prints."""
+    return _leaf(f"no-effect:{why}", default, factory)
+
+
+def rule(default: Any = None, *, rejects: str, factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A leaf with one accepted value; ``rejects`` says which rule refuses the others."""
+    return _leaf(f"rule:{rejects}", default, factory)
+
 
 class DataConfig(_Model):
     # Parquet files written by `rlctl prepare-data gsm8k` (a single string is read as a 1-item list).
-    train_data: PathList = Field(default_factory=lambda: ["$HOME/data/gsm8k/train.parquet"])
-    val_data: PathList = Field(default_factory=lambda: ["$HOME/data/gsm8k/validation.parquet"])
+    train_data: PathList = runtime(factory=lambda: ["$HOME/data/gsm8k/train.parquet"])
+    val_data: PathList = runtime(factory=lambda: ["$HOME/data/gsm8k/validation.parquet"])
 
 
 class ModelConfig(_Model):
     # A Hugging Face hub name or a local folder (~ and $VARS expanded).
-    path: ExpandedPath = "Qwen/Qwen2.5-1.5B-Instruct"
+    path: ExpandedPath = runtime("Qwen/Qwen2.5-1.5B-Instruct")
 
 
 class OptimizerConfig(_Model):
-    lr: Annotated[float, Field(gt=0)] = 1.0e-6
-    adam_betas: list[Annotated[float, Field(ge=0, lt=1)]] = Field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: NonNegFloat = 0.01
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    offload_after_step: bool = True  # optimizer state to CPU after each step; only with colocate_all
-    num_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    lr: Annotated[float, Field(gt=0)] = runtime(1.0e-6)
+    adam_betas: list[Annotated[float, Field(ge=0, lt=1)]] = runtime(factory=lambda: [0.9, 0.999])
+    weight_decay: NonNegFloat = runtime(0.01)
+    max_grad_norm: Annotated[float, Field(gt=0)] = runtime(1.0)
+    # SkyRL: optimizer state to CPU after each step; only with colocate_all
+    offload_after_step: bool = no_effect(
+        True, why="colocated GPU trainers always offload parameters and optimizer state while the engine runs")
+    num_warmup_steps: Annotated[int, Field(ge=0)] = no_effect(0, why="rlctl uses a constant learning rate (no warmup yet)")
 
     @field_validator("adam_betas")
     @classmethod
@@ -68,14 +100,21 @@ class OptimizerConfig(_Model):
         return v
 
 
+_REF_LIKE_POLICY = "the reference model is sharded and offloaded like the policy"
+
+
 class FSDPConfig(_Model):
-    cpu_offload: bool = False
-    reshard_after_forward: bool = True
-    fsdp_size: int = -1  # -1 = shard over all policy workers; else must divide them (hybrid sharding)
+    cpu_offload: bool = no_effect(
+        False, why="FSDP CPU offload is not implemented; colocated trainers offload between phases instead")
+    reshard_after_forward: bool = runtime(True)
+    # -1 = shard over all policy workers; else must divide them (hybrid sharding)
+    fsdp_size: int = no_effect(-1, why="the policy is always sharded over all policy workers (fsdp_size=-1)")
 
 
 class RefFSDPConfig(FSDPConfig):
-    cpu_offload: bool = True
+    cpu_offload: bool = no_effect(True, why=_REF_LIKE_POLICY)
+    reshard_after_forward: bool = no_effect(True, why=_REF_LIKE_POLICY)
+    fsdp_size: int = no_effect(-1, why=_REF_LIKE_POLICY)
 
 
 class PolicyConfig(_Model):
@@ -90,70 +129,70 @@ class RefConfig(_Model):
 
 
 class PlacementConfig(_Model):
-    colocate_all: bool = True
-    colocate_policy_ref: bool = True  # always true in rlctl (no effect)
-    policy_num_nodes: PosInt = 1
-    policy_num_gpus_per_node: PosInt = 4
-    ref_num_nodes: PosInt = 1  # no effect: the reference lives in the policy workers
-    ref_num_gpus_per_node: PosInt = 4  # no effect: the reference lives in the policy workers
+    colocate_all: bool = runtime(True)
+    colocate_policy_ref: bool = no_effect(True, why="the reference model always runs inside the policy workers")
+    policy_num_nodes: PosInt = runtime(1, via="num_policy_workers")
+    policy_num_gpus_per_node: PosInt = runtime(4, via="num_policy_workers")
+    ref_num_nodes: PosInt = no_effect(1, why="the reference model runs inside the policy workers")
+    ref_num_gpus_per_node: PosInt = no_effect(4, why="the reference model runs inside the policy workers")
 
 
 class AlgorithmConfig(_Model):
-    advantage_estimator: Literal["grpo"] = "grpo"
-    grpo_norm_by_std: bool = True
-    eps_clip_low: NonNegFloat = 0.2
-    eps_clip_high: NonNegFloat = 0.2
-    policy_loss_type: Literal["regular", "dual_clip"] = "regular"
-    clip_ratio_c: Annotated[float, Field(gt=1)] = 3.0  # dual_clip only
-    loss_reduction: Literal["token_mean", "sequence_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    use_kl_loss: bool = True
-    kl_loss_coef: NonNegFloat = 0.001
-    kl_estimator_type: Literal["k1", "k2", "k3", "abs"] = "k3"
-    use_entropy_loss: bool = False
-    entropy_loss_coef: NonNegFloat = 0.01
-    zero_variance_filter: bool = False  # drop prompt groups whose rewards are all equal
+    advantage_estimator: Literal["grpo"] = rule("grpo", rejects="only grpo")
+    grpo_norm_by_std: bool = runtime(True)
+    eps_clip_low: NonNegFloat = runtime(0.2)
+    eps_clip_high: NonNegFloat = runtime(0.2)
+    policy_loss_type: Literal["regular", "dual_clip"] = runtime("regular")
+    clip_ratio_c: Annotated[float, Field(gt=1)] = runtime(3.0)  # dual_clip only
+    loss_reduction: Literal["token_mean", "sequence_mean", "seq_mean_token_sum_norm"] = runtime("token_mean")
+    use_kl_loss: bool = runtime(True)
+    kl_loss_coef: NonNegFloat = runtime(0.001)
+    kl_estimator_type: Literal["k1", "k2", "k3", "abs"] = runtime("k3")
+    use_entropy_loss: bool = runtime(False)
+    entropy_loss_coef: NonNegFloat = runtime(0.01)
+    zero_variance_filter: bool = runtime(False)  # drop prompt groups whose rewards are all equal
 
 
 LoggerName = Literal["wandb", "tensorboard", "console"]
 
 
 class TrainerConfig(_Model):
-    strategy: Literal["fsdp2"] = "fsdp2"  # "fsdp" accepted as an alias (note)
+    strategy: Literal["fsdp2"] = rule("fsdp2", rejects="only fsdp2 (fsdp is its alias)")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     ref: RefConfig = Field(default_factory=RefConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    epochs: PosInt = 1
-    update_epochs_per_batch: PosInt = 1
-    train_batch_size: PosInt = 1024  # prompts per step
-    policy_mini_batch_size: PosInt = 256  # prompts per optimizer step (SkyRL semantics)
-    micro_train_batch_size_per_gpu: PosInt = 1  # sequences per forward/backward per worker
-    micro_forward_batch_size_per_gpu: PosInt = 1  # sequences per no-grad forward per worker
-    max_prompt_length: PosInt = 512  # tokens; longer prompts are dropped from the data
-    eval_before_train: bool = True
-    eval_interval: int = 5  # every N steps and after the last step; -1 disables
-    eval_batch_size: PosInt = 1024
-    ckpt_interval: int = 10  # every N steps and after the last step; -1 disables (rlctl addition)
-    ckpt_path: ExpandedPath = "$HOME/ckpts/"
-    max_ckpts_to_keep: int = -1  # -1 keeps all
-    resume_mode: Literal["none", "latest", "from_path"] = "latest"  # null is read as "none"
-    resume_path: Optional[ExpandedPath] = None  # only with resume_mode=from_path
+    gradient_checkpointing: bool = runtime(True)
+    seed: int = runtime(42)
+    epochs: PosInt = runtime(1)
+    update_epochs_per_batch: PosInt = runtime(1)
+    train_batch_size: PosInt = runtime(1024)  # prompts per step
+    policy_mini_batch_size: PosInt = runtime(256)  # prompts per optimizer step (SkyRL semantics)
+    micro_train_batch_size_per_gpu: PosInt = runtime(1)  # sequences per forward/backward per worker
+    micro_forward_batch_size_per_gpu: PosInt = runtime(1)  # sequences per no-grad forward per worker
+    max_prompt_length: PosInt = runtime(512)  # tokens; longer prompts are dropped from the data
+    eval_before_train: bool = runtime(True)
+    eval_interval: int = runtime(5)  # every N steps and after the last step; -1 disables
+    eval_batch_size: PosInt = runtime(1024)
+    ckpt_interval: int = runtime(10)  # every N steps and after the last step; -1 disables (rlctl addition)
+    ckpt_path: ExpandedPath = runtime("$HOME/ckpts/", via="ckpt_dir")
+    max_ckpts_to_keep: int = runtime(-1)  # -1 keeps all
+    resume_mode: Literal["none", "latest", "from_path"] = runtime("latest")  # null is read as "none"
+    resume_path: Optional[ExpandedPath] = runtime(None)  # only with resume_mode=from_path
     # DIVERGENCE: SkyRL has no log_path; rlctl writes metrics, rollouts and config.yaml there.
-    log_path: ExpandedPath = "$HOME/rlctl_runs"
+    log_path: ExpandedPath = runtime("$HOME/rlctl_runs", via="run_dir")
     # DIVERGENCE: SkyRL defaults to "wandb"; wandb is an optional extra, so rlctl defaults to tensorboard.
-    logger: Union[LoggerName, list[LoggerName]] = "tensorboard"
-    project_name: str = "skyrl"
+    logger: Union[LoggerName, list[LoggerName]] = runtime("tensorboard")
+    project_name: str = runtime("skyrl", via="run_dir")
     # DIVERGENCE: SkyRL defaults to "test_run"; rlctl fills "<preset or custom>-seed<seed>" at load
     # time, so `resume_mode=latest` finds the previous run of the same command.
-    run_name: Optional[str] = None
-    max_steps: Optional[PosInt] = None  # None = until the epochs end
-    max_wall_time_s: Optional[Annotated[float, Field(gt=0)]] = None
+    run_name: Optional[str] = runtime(None, via="run_dir")
+    max_steps: Optional[PosInt] = runtime(None)  # None = until the epochs end
+    max_wall_time_s: Optional[Annotated[float, Field(gt=0)]] = runtime(None)
     # rlctl additions:
-    max_bad_steps: PosInt = 3  # stop after this many consecutive steps with a NaN/inf loss or grad norm
-    rollout_dump_interval: int = 1  # write sampled rollouts every N steps; -1 disables
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_bad_steps: PosInt = runtime(3)  # stop after this many consecutive steps with a NaN/inf loss or grad norm
+    rollout_dump_interval: int = runtime(1)  # write sampled rollouts every N steps; -1 disables
+    device: Literal["auto", "cpu", "cuda"] = runtime("auto")
 
     @field_validator("eval_interval", "ckpt_interval", "rollout_dump_interval")
     @classmethod
@@ -193,13 +232,13 @@ class TrainerConfig(_Model):
 
 class SamplingParams(_Model):
     # SGLang names. vLLM names (max_generate_length, min_tokens, ...) are handled by VLLM_SAMPLING_KEYS.
-    max_new_tokens: PosInt = 1024  # always sent explicitly (SGLang's own default, 128, truncates)
-    temperature: NonNegFloat = 1.0  # 0 = greedy
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: int = -1  # -1 = no cut
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = None  # None = the model's generation-config stops
-    seed: Optional[int] = None  # per-request sampling seed (SGLang sampling_seed); None = engine RNG
+    max_new_tokens: PosInt = runtime(1024)  # always sent explicitly (SGLang's own default, 128, truncates)
+    temperature: NonNegFloat = runtime(1.0)  # 0 = greedy
+    top_p: Annotated[float, Field(gt=0, le=1)] = runtime(1.0)
+    top_k: int = runtime(-1)  # -1 = no cut
+    min_p: Annotated[float, Field(ge=0, le=1)] = runtime(0.0)
+    stop_token_ids: Optional[list[Annotated[int, Field(ge=0)]]] = runtime(None)  # None = the model's generation-config stops
+    seed: Optional[int] = runtime(None)  # per-request sampling seed (SGLang sampling_seed); None = engine RNG
 
     @field_validator("top_k")
     @classmethod
@@ -212,57 +251,57 @@ class SamplingParams(_Model):
 class EvalSamplingParams(SamplingParams):
     # DIVERGENCE: SkyRL's ppo_base_config used temperature 1.0 for eval (newer versions 0.0);
     # rlctl evaluates greedy pass@1.
-    temperature: NonNegFloat = 0.0
+    temperature: NonNegFloat = runtime(0.0)
     # None = same as generator.sampling_params.max_new_tokens (filled at load time)
-    max_new_tokens: Optional[PosInt] = None
+    max_new_tokens: Optional[PosInt] = runtime(None)
 
 
 class SGLangConfig(_Model):
     """SGLang engine arguments (``sglang.Engine(**kwargs)``); only with ``generator.backend=sglang``."""
 
-    attention_backend: Literal["triton", "flashinfer", "fa3", "torch_native"] = "triton"
-    sampling_backend: Literal["pytorch", "flashinfer"] = "pytorch"
-    disable_cuda_graph: bool = False
-    cuda_graph_max_bs_decode: Optional[PosInt] = None  # None = SGLang's default capture sizes
+    attention_backend: Literal["triton", "flashinfer", "fa3", "torch_native"] = runtime("triton")
+    sampling_backend: Literal["pytorch", "flashinfer"] = runtime("pytorch")
+    disable_cuda_graph: bool = runtime(False)
+    cuda_graph_max_bs_decode: Optional[PosInt] = runtime(None)  # None = SGLang's default capture sizes
     # rlctl: capture decode graphs only (SGLang cuda_graph_backend_prefill="disabled"): engine start
     # 34 s instead of 125 s on the H200 for about the same rollout speed (shared sglang_notes.md)
-    prefill_cuda_graph: bool = False
-    disable_radix_cache: bool = False
-    max_running_requests: Optional[PosInt] = None
-    enable_memory_saver: bool = True  # needed to release memory while colocated
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "error"
+    prefill_cuda_graph: bool = runtime(False)
+    disable_radix_cache: bool = runtime(False)
+    max_running_requests: Optional[PosInt] = runtime(None)
+    enable_memory_saver: bool = runtime(True)  # needed to release memory while colocated
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = runtime("error")
 
 
 class HFConfig(_Model):
     """transformers ``generate`` backend; only with ``generator.backend=hf``."""
 
-    max_batch_size: PosInt = 64  # sequences per generate() call
-    dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None  # None: float32 on CPU, model_dtype on CUDA
+    max_batch_size: PosInt = runtime(64)  # sequences per generate() call
+    dtype: Optional[Literal["bfloat16", "float16", "float32"]] = runtime(None)  # None: float32 on CPU, model_dtype on CUDA
 
 
 class GeneratorConfig(_Model):
     # DIVERGENCE: SkyRL defaults to vllm; rlctl runs sglang (GPU) or hf (CPU, tests).
-    backend: Literal["sglang", "hf"] = "sglang"
+    backend: Literal["sglang", "hf"] = runtime("sglang")
     # DIVERGENCE: SkyRL defaults to true; rlctl's engines are synchronous (true is an error).
-    async_engine: bool = False
-    batched: bool = True  # always batched in rlctl (no effect)
-    run_engines_locally: bool = True  # must be true (remote engines are not supported)
+    async_engine: bool = rule(False, rejects="must be false")
+    batched: bool = no_effect(True, why="rlctl always generates the whole batch in one call")
+    run_engines_locally: bool = rule(True, rejects="must be true (remote engines are not supported)")
     # DIVERGENCE: SkyRL defaults to 1 engine x tensor parallel 4; rlctl to 4 engines x tensor parallel 1
     # (one engine per GPU: data-parallel engines suit the small models rlctl targets). Both fill the
     # default 4 policy GPUs, so SkyRL command lines that set neither key still validate.
-    num_inference_engines: PosInt = 4
-    inference_engine_tensor_parallel_size: PosInt = 1  # alias: generator.tensor_parallel_size
-    model_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    num_inference_engines: PosInt = runtime(4)
+    inference_engine_tensor_parallel_size: PosInt = runtime(1)  # alias: generator.tensor_parallel_size
+    model_dtype: Literal["bfloat16", "float16", "float32"] = runtime("bfloat16")
     # split placement: the broadcast's process-group backend (SGLang: nccl; hf on CPU: gloo).
     # Colocated engines get the weights over CUDA IPC (sglang) or Ray's object store (hf).
-    weight_sync_backend: Literal["nccl", "gloo"] = "nccl"
-    weight_sync_bucket_mb: Annotated[int, Field(gt=0)] = 512  # rlctl addition: weight push bucket size
+    weight_sync_backend: Literal["nccl", "gloo"] = runtime("nccl")
+    weight_sync_bucket_mb: Annotated[int, Field(gt=0)] = runtime(512)  # rlctl addition: weight push bucket size
     # rlctl addition: forming the weight-update group and each bucket's broadcast must finish within this
-    weight_sync_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    n_samples_per_prompt: PosInt = 5
-    gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = 0.8  # SGLang mem_fraction_static
-    apply_overlong_filtering: bool = False  # mask out truncated responses from the loss
-    max_input_length: Optional[PosInt] = None  # no effect: single-turn prompts use trainer.max_prompt_length
+    weight_sync_timeout_s: Annotated[float, Field(gt=0)] = runtime(300.0)
+    n_samples_per_prompt: PosInt = runtime(5)
+    gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = runtime(0.8)  # SGLang mem_fraction_static
+    apply_overlong_filtering: bool = runtime(False)  # mask out truncated responses from the loss
+    max_input_length: Optional[PosInt] = no_effect(None, why="single-turn prompts are limited by trainer.max_prompt_length")
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     eval_sampling_params: EvalSamplingParams = Field(default_factory=EvalSamplingParams)
     sglang: SGLangConfig = Field(default_factory=SGLangConfig)
@@ -270,13 +309,13 @@ class GeneratorConfig(_Model):
 
 
 class RewardConfig(_Model):
-    method: Literal["strict", "flexible"] = "strict"  # strict: last "#### N"; flexible: last number
-    correct_score: float = 1.0
-    format_score: float = 0.0  # a "#### N" answer that is wrong (strict) gets this
+    method: Literal["strict", "flexible"] = runtime("strict")  # strict: last "#### N"; flexible: last number
+    correct_score: float = runtime(1.0)
+    format_score: float = runtime(0.0)  # a "#### N" answer that is wrong (strict) gets this
     # rlctl addition, method=strict only: partial credit when the last number is right but the
     # "#### N" format is missing (reward shaping for models that answer in another format)
-    flexible_score: Optional[float] = None
-    custom_reward_fn: Optional[str] = None  # "module:function" or "path/to/file.py:function"
+    flexible_score: Optional[float] = runtime(None)
+    custom_reward_fn: Optional[str] = runtime(None)  # "module:function" or "path/to/file.py:function"
 
     @field_validator("custom_reward_fn")
     @classmethod
@@ -293,19 +332,19 @@ class RewardConfig(_Model):
 
 
 class EnvironmentConfig(_Model):
-    env_class: Literal["gsm8k"] = "gsm8k"
+    env_class: Literal["gsm8k"] = rule("gsm8k", rejects="only gsm8k")
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
 class RayConfig(_Model):
     """rlctl addition: how the Ray job starts (``ray.init``)."""
 
-    address: Optional[str] = None  # None = start a local cluster; also --ray-address / RAY_ADDRESS
-    num_cpus: Optional[PosInt] = None
-    num_gpus: Optional[Annotated[int, Field(ge=0)]] = None
-    include_dashboard: bool = False
-    dashboard_host: str = "127.0.0.1"
-    placement_group_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    address: Optional[str] = runtime(None)  # None = start a local cluster; also --ray-address / RAY_ADDRESS
+    num_cpus: Optional[PosInt] = runtime(None)
+    num_gpus: Optional[Annotated[int, Field(ge=0)]] = runtime(None)
+    include_dashboard: bool = runtime(False)
+    dashboard_host: str = runtime("127.0.0.1")
+    placement_group_timeout_s: Annotated[float, Field(gt=0)] = runtime(120.0)
 
 
 class RunConfig(_Model):
@@ -389,114 +428,9 @@ def _leaf_default(info: Any) -> Any:
 
 LEAF_DEFAULTS: dict[str, Any] = {path: _leaf_default(info) for path, info in iter_leaves()}
 
-_R = "runtime"
-# Every schema leaf: "runtime" (a runtime module reads it: the attribute name appears there),
-# "runtime:<name>" (read through <name>, e.g. a RunConfig property), "no-effect:<why>" (accepted,
-# check-config notes it when set), or "rule:<which rule rejects values>". tests/unit/test_config_leaves.py
-# walks RunConfig and checks that this table is complete.
-LEAF_EFFECT: dict[str, str] = {
-    "data.train_data": _R,
-    "data.val_data": _R,
-    "trainer.strategy": "rule:only fsdp2 (fsdp is its alias)",
-    "trainer.policy.model.path": _R,
-    "trainer.policy.optimizer_config.lr": _R,
-    "trainer.policy.optimizer_config.adam_betas": _R,
-    "trainer.policy.optimizer_config.weight_decay": _R,
-    "trainer.policy.optimizer_config.max_grad_norm": _R,
-    # Accepted SkyRL keys the runtime does not read (yet): check-config notes them when set.
-    "trainer.policy.optimizer_config.offload_after_step": "no-effect:colocated GPU trainers always offload parameters and optimizer state while the engine runs",
-    "trainer.policy.optimizer_config.num_warmup_steps": "no-effect:rlctl uses a constant learning rate (no warmup yet)",
-    "trainer.policy.fsdp_config.cpu_offload": "no-effect:FSDP CPU offload is not implemented; colocated trainers offload between phases instead",
-    "trainer.policy.fsdp_config.reshard_after_forward": _R,
-    "trainer.policy.fsdp_config.fsdp_size": "no-effect:the policy is always sharded over all policy workers (fsdp_size=-1)",
-    "trainer.ref.fsdp_config.cpu_offload": "no-effect:the reference model is sharded and offloaded like the policy",
-    "trainer.ref.fsdp_config.reshard_after_forward": "no-effect:the reference model is sharded and offloaded like the policy",
-    "trainer.ref.fsdp_config.fsdp_size": "no-effect:the reference model is sharded and offloaded like the policy",
-    "trainer.placement.colocate_all": _R,
-    "trainer.placement.colocate_policy_ref": "no-effect:the reference model always runs inside the policy workers",
-    "trainer.placement.policy_num_nodes": "runtime:num_policy_workers",
-    "trainer.placement.policy_num_gpus_per_node": "runtime:num_policy_workers",
-    "trainer.placement.ref_num_nodes": "no-effect:the reference model runs inside the policy workers",
-    "trainer.placement.ref_num_gpus_per_node": "no-effect:the reference model runs inside the policy workers",
-    "trainer.algorithm.advantage_estimator": "rule:only grpo",
-    "trainer.algorithm.grpo_norm_by_std": _R,
-    "trainer.algorithm.eps_clip_low": _R,
-    "trainer.algorithm.eps_clip_high": _R,
-    "trainer.algorithm.policy_loss_type": _R,
-    "trainer.algorithm.clip_ratio_c": _R,
-    "trainer.algorithm.loss_reduction": _R,
-    "trainer.algorithm.use_kl_loss": _R,
-    "trainer.algorithm.kl_loss_coef": _R,
-    "trainer.algorithm.kl_estimator_type": _R,
-    "trainer.algorithm.use_entropy_loss": _R,
-    "trainer.algorithm.entropy_loss_coef": _R,
-    "trainer.algorithm.zero_variance_filter": _R,
-    "trainer.gradient_checkpointing": _R,
-    "trainer.seed": _R,
-    "trainer.epochs": _R,
-    "trainer.update_epochs_per_batch": _R,
-    "trainer.train_batch_size": _R,
-    "trainer.policy_mini_batch_size": _R,
-    "trainer.micro_train_batch_size_per_gpu": _R,
-    "trainer.micro_forward_batch_size_per_gpu": _R,
-    "trainer.max_prompt_length": _R,
-    "trainer.eval_before_train": _R,
-    "trainer.eval_interval": _R,
-    "trainer.eval_batch_size": _R,
-    "trainer.ckpt_interval": _R,
-    "trainer.ckpt_path": "runtime:ckpt_dir",
-    "trainer.max_ckpts_to_keep": _R,
-    "trainer.resume_mode": _R,
-    "trainer.resume_path": _R,
-    "trainer.log_path": "runtime:run_dir",
-    "trainer.logger": _R,
-    "trainer.project_name": "runtime:run_dir",
-    "trainer.run_name": "runtime:run_dir",
-    "trainer.max_steps": _R,
-    "trainer.max_wall_time_s": _R,
-    "trainer.max_bad_steps": _R,
-    "trainer.rollout_dump_interval": _R,
-    "trainer.device": _R,
-    "generator.backend": _R,
-    "generator.async_engine": "rule:must be false",
-    "generator.batched": "no-effect:rlctl always generates the whole batch in one call",
-    "generator.run_engines_locally": "rule:must be true (remote engines are not supported)",
-    "generator.num_inference_engines": _R,
-    "generator.inference_engine_tensor_parallel_size": _R,
-    "generator.model_dtype": _R,
-    "generator.weight_sync_backend": _R,  # split placement only (colocated: CUDA IPC / Ray object store)
-    "generator.weight_sync_bucket_mb": _R,
-    "generator.weight_sync_timeout_s": _R,
-    "generator.n_samples_per_prompt": _R,
-    "generator.gpu_memory_utilization": _R,
-    "generator.apply_overlong_filtering": _R,
-    "generator.max_input_length": "no-effect:single-turn prompts are limited by trainer.max_prompt_length",
-    **{f"generator.{sp}.{k}": _R for sp in ("sampling_params", "eval_sampling_params")
-       for k in ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop_token_ids", "seed")},
-    "generator.sglang.attention_backend": _R,
-    "generator.sglang.sampling_backend": _R,
-    "generator.sglang.disable_cuda_graph": _R,
-    "generator.sglang.cuda_graph_max_bs_decode": _R,
-    "generator.sglang.prefill_cuda_graph": _R,
-    "generator.sglang.disable_radix_cache": _R,
-    "generator.sglang.max_running_requests": _R,
-    "generator.sglang.enable_memory_saver": _R,
-    "generator.sglang.log_level": _R,
-    "generator.hf.max_batch_size": _R,
-    "generator.hf.dtype": _R,
-    "environment.env_class": "rule:only gsm8k",
-    "environment.reward.method": _R,
-    "environment.reward.correct_score": _R,
-    "environment.reward.format_score": _R,
-    "environment.reward.flexible_score": _R,
-    "environment.reward.custom_reward_fn": _R,
-    "ray.address": _R,
-    "ray.num_cpus": _R,
-    "ray.num_gpus": _R,
-    "ray.include_dashboard": _R,
-    "ray.dashboard_host": _R,
-    "ray.placement_group_timeout_s": _R,
-}
+# Every leaf's effect, from its field metadata (see runtime / no_effect / rule above): "runtime",
+# "runtime:<name>", "no-effect:<why>" or "rule:<which rule rejects values>".
+LEAF_EFFECT: dict[str, str] = {path: (info.json_schema_extra or {}).get("effect", "") for path, info in iter_leaves()}
 
 
 def _value_at(cfg: BaseModel, path: str) -> Any:
