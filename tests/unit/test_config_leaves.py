@@ -1,4 +1,6 @@
-"""Every leaf of the schema is used at run time, reported as having no effect, or rejected by a rule."""
+"""Every leaf of the schema declares its effect next to its field (``json_schema_extra={"effect": ...}``,
+written with rlctl.config.schema's runtime / no_effect / rule): used at run time, reported as having no
+effect, or rejected by a rule; and each declaration is checked against what the code does."""
 
 from __future__ import annotations
 
@@ -8,20 +10,42 @@ from pathlib import Path
 import pytest
 
 from rlctl.config import LEAF_DEFAULTS, LEAF_EFFECT, iter_leaves, load_config
+from rlctl.config.schema import no_effect, rule, runtime
 
 RLCTL = Path(__file__).resolve().parents[2] / "rlctl"
 RUNTIME_MODULES = ["loop.py", "trainer.py", "job", "colocation.py", "checkpoint.py", "gsm8k.py", "generator"]
 LEAVES = [path for path, _ in iter_leaves()]
 
 
-def test_every_leaf_is_classified():
-    assert sorted(LEAVES) == sorted(LEAF_EFFECT), "LEAF_EFFECT must list exactly the schema's leaves"
+def test_every_leaf_declares_its_effect_in_its_field():
     assert sorted(LEAVES) == sorted(LEAF_DEFAULTS)
-    for path, effect in LEAF_EFFECT.items():
+    for path, info in iter_leaves():
+        effect = (info.json_schema_extra or {}).get("effect")
+        assert isinstance(effect, str), f"{path}: declare its effect with runtime(...), no_effect(...) or rule(...)"
         kind = effect.split(":", 1)[0]
         assert kind in ("runtime", "no-effect", "rule"), (path, effect)
         if kind in ("no-effect", "rule"):
             assert effect.split(":", 1)[1].strip(), f"{path}: say why"
+        assert LEAF_EFFECT[path] == effect
+    assert list(LEAF_EFFECT) == LEAVES
+
+
+def test_effect_helpers_write_the_metadata_and_the_default():
+    f = runtime(4, via="num_policy_workers")
+    assert f.json_schema_extra == {"effect": "runtime:num_policy_workers"} and f.default == 4
+    assert runtime("x").json_schema_extra == {"effect": "runtime"}
+    f = no_effect(True, why="the reference model runs inside the policy workers")
+    assert f.json_schema_extra == {"effect": "no-effect:the reference model runs inside the policy workers"} and f.default is True
+    f = rule(factory=lambda: [1, 2], rejects="only [1, 2]")
+    assert f.json_schema_extra == {"effect": "rule:only [1, 2]"} and f.default_factory() == [1, 2]
+
+
+def test_leaf_effects_of_shared_models_follow_the_key_path():
+    # RefFSDPConfig redeclares FSDPConfig's fields: the same field names, other effects
+    assert LEAF_EFFECT["trainer.policy.fsdp_config.reshard_after_forward"] == "runtime"
+    assert LEAF_EFFECT["trainer.ref.fsdp_config.reshard_after_forward"] == \
+        "no-effect:the reference model is sharded and offloaded like the policy"
+    assert LEAF_EFFECT["trainer.placement.policy_num_nodes"] == "runtime:num_policy_workers"
 
 
 @pytest.mark.parametrize("path", [p for p, e in LEAF_EFFECT.items() if e.startswith("no-effect")])
@@ -61,8 +85,8 @@ def _runtime_sources() -> str:
         p = RLCTL / name
         files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
         texts += [f.read_text() for f in files if f.exists()]
-    for f in RLCTL.glob("*.py"):  # any other runtime module (metrics.py, weight_sync.py, ...)
-        if f.name not in ("config.py", "cli.py") and f.name not in RUNTIME_MODULES:
+    for f in RLCTL.glob("*.py"):  # any other runtime module (metrics.py, weight_sync.py, ...); not rlctl/config/
+        if f.name != "cli.py" and f.name not in RUNTIME_MODULES:
             texts.append(f.read_text())
     return "\n".join(texts)
 

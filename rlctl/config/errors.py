@@ -1,0 +1,162 @@
+"""The error type of rlctl's configuration, the collector that gathers every problem of one load, and the
+rewriting of pydantic's validation errors into rlctl's one-line messages.
+
+Each message starts with the full key path and the value given (:func:`rlctl.config.redact._kv`), says what
+is wrong and how to fix it, and names the layer (preset / file:line / command line) that set the key.
+
+Tests: ``pytest tests/unit/test_config.py tests/unit/test_config_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel
+
+from rlctl.config.redact import _kv
+from rlctl.config.schema import RunConfig, _submodel
+from rlctl.config.yamlio import safe_load
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str] | str):
+        self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+
+def _short_label(label: str) -> str:
+    """``preset gsm8k (/path/gsm8k.yaml:3)`` -> ``preset gsm8k``; other labels as they are."""
+    return label.split(" (")[0]
+
+
+
+class _Collector:
+    def __init__(self, explicit: set[str], sources: dict[str, str], source_group: dict[str, int] | None = None):
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.notes: list[str] = []
+        self.explicit = explicit
+        self.sources = sources
+        self.reported: set[str] = set()  # key paths already reported as errors
+        self.given_as: dict[str, str] = {}  # canonical key -> the alias / vLLM name the user wrote
+        # key path -> the layer that set it last, all command-line overrides counting as one layer
+        self.source_group: dict[str, int] = source_group or {}
+
+    def src(self, path: str) -> str:
+        label = self.sources.get(path)
+        where = f"{label}" if label and not label.startswith("override") else ""
+        if path in self.given_as:
+            where = f"given as {self.given_as[path]}" + (f" in {where}" if where else "")
+        return f" [{where}]" if where else ""
+
+    def error(self, path: str, value: Any, msg: str, also: tuple[str, ...] = ()) -> None:
+        """An error on ``path``; ``also``: the other keys the rule involves, whose sources are named too
+        when they differ (``[trainer.policy_mini_batch_size: preset gsm8k-cpu; trainer.train_batch_size:
+        command line]``)."""
+        self.reported.add(path)
+        where = self.src(path)
+        if also:
+            def name(label: str) -> str:
+                return "command line" if label.startswith("override") else _short_label(label)
+
+            names = {k: name(self.sources[k]) for k in (path, *also) if self.sources.get(k)}
+            if len(set(names.values())) > 1:
+                where = " [" + "; ".join(f"{k}: {v}" for k, v in names.items()) + "]"
+        self.errors.append(f"{_kv(path, value)}: {msg}{where}")
+
+    def note(self, path: str, msg: str) -> None:
+        self.notes.append(f"{path}: {msg}")
+
+    def warn(self, path: str, msg: str) -> None:
+        self.warnings.append(f"{path}: {msg}")
+
+    def no_effect(self, path: str, value: Any, why: str) -> None:
+        self.notes.append(f"{_kv(path, value)} has no effect: {why}")
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Pydantic error rewriting
+# --------------------------------------------------------------------------------------------------
+
+_TYPE_WORDS = {
+    "string_type": "expected a string (quote it in YAML)",
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+    "list_type": "expected a list, e.g. [a, b]",
+    "dict_type": "expected a mapping of keys",
+    "model_type": "expected a mapping of keys",
+    "model_attributes_type": "expected a mapping of keys",
+    "finite_number": "expected a finite number",
+    "int_from_float": "expected an integer",
+    "none_required": "expected null",
+}
+
+
+def _loc_to_path(loc: tuple) -> str:
+    model: Optional[type[BaseModel]] = RunConfig
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+            continue
+        if model is not None and item in model.model_fields:
+            parts.append(item)
+            model = _submodel(model.model_fields[item].annotation)
+        elif model is not None and not model.model_fields:
+            break
+        elif model is not None:
+            parts.append(str(item))  # unknown key (should have been caught earlier)
+            model = None
+        # else: union member tags such as 'str' / 'list[str]' / 'literal[...]'
+    return ".".join(parts)
+
+
+
+def _is_quoted_scalar(value: Any, typ: str) -> bool:
+    """A string that would have been the expected number / boolean without its quotes (``"5"``)."""
+    if not isinstance(value, str) or typ not in ("int_type", "float_type", "bool_type", "int_from_float"):
+        return False
+    if len(value) > 64:
+        return False
+    try:
+        loaded = safe_load(value)
+    except (yaml.YAMLError, ValueError, RecursionError, OverflowError):
+        return False
+    if typ == "bool_type":
+        return isinstance(loaded, bool)
+    if isinstance(loaded, bool) or not isinstance(loaded, (int, float)) or loaded != loaded or loaded in (float("inf"), float("-inf")):
+        return False
+    return isinstance(loaded, int) if typ in ("int_type", "int_from_float") else True
+
+
+def _rewrite_error(err: dict) -> tuple[str, Any, str]:
+    path = _loc_to_path(err["loc"]) or "(top level)"
+    typ = err["type"]
+    ctx = err.get("ctx") or {}
+    if typ == "literal_error":
+        msg = f"must be one of {ctx.get('expected', '')}"
+    elif typ in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[typ]
+        key = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}[typ]
+        msg = f"must be {op} {ctx.get(key)}"
+    elif typ == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+    elif typ == "extra_forbidden":
+        msg = "unknown key; remove it"
+    elif typ in _TYPE_WORDS:
+        msg = _TYPE_WORDS[typ]
+        if _is_quoted_scalar(err.get("input"), typ):
+            msg += f", got the string {json.dumps(err['input'])} (quoted in YAML?); remove the quotes"
+    else:
+        msg = err["msg"]
+    return path, err.get("input"), msg

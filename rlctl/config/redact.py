@@ -1,0 +1,95 @@
+"""Secret redaction, and values as shown in messages.
+
+A secret-looking key (``hf_token``, ``*_api_key``, ``password``, ``secrets.*``) has its value replaced by
+:data:`REDACTED`; so do the values of ``$WANDB_API_KEY`` / ``$HF_TOKEN`` / ``$HUGGING_FACE_HUB_TOKEN``
+and passwords in URLs, wherever they appear in a config, a message or a source label.
+
+Tests: ``pytest tests/unit/test_config.py -k redact tests/unit/test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+REDACTED = "***REDACTED***"
+
+
+_SECRET_ANY = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "credential", "credentials",
+               "authorization", "bearer"}
+_SECRET_LAST = {"token", "key", "apikey", "auth"}
+_ENV_SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# scheme://[user]:password@host -- the password may itself hold '@' (the last '@' before the path ends it)
+_URL_CRED_RE = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s]+@")
+
+
+def is_secret_key(key: Any) -> bool:
+    """Secret-looking key: a segment secret/password/..., or a last segment token/key/apikey.
+
+    ``hf_token``, ``wandb_api_key``, ``password`` and ``client_secret`` are secrets;
+    ``max_new_tokens`` and ``stop_token_ids`` are not.
+    """
+    if not isinstance(key, str):
+        return False
+    s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key)  # camelCase -> camel_Case
+    segs = [x for x in re.split(r"[^A-Za-z0-9]+", s.lower()) if x]
+    if not segs:
+        return False
+    return any(x in _SECRET_ANY for x in segs) or segs[-1] in _SECRET_LAST
+
+
+def _redact_override(item: Any) -> Any:
+    """``key=value`` as shown in messages and source labels: a secret-looking key's value redacted."""
+    if isinstance(item, str) and "=" in item:
+        key, _, value = item.partition("=")
+        if _is_secret_path(key.strip()) and value:
+            return f"{key}={REDACTED}"
+        return _redact_text(item)
+    return _redact_text(item) if isinstance(item, str) else item
+
+
+def _redact_text(text: str) -> str:
+    for name in _ENV_SECRETS:
+        val = os.environ.get(name)
+        if val and len(val) >= 4:
+            text = text.replace(val, REDACTED)
+    return _URL_CRED_RE.sub(rf"\1{REDACTED}@", text)
+
+
+def redact(d: Any) -> Any:
+    """A copy of ``d`` with secret-looking keys' values and the environment's secret values replaced."""
+    if isinstance(d, dict):
+        return {k: (REDACTED if is_secret_key(k) and v is not None else redact(v)) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return type(d)(redact(v) for v in d)
+    if isinstance(d, str):
+        return _redact_text(d)
+    return d
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str):
+        if v == "" or v != v.strip() or any(c in v for c in " ,:#[]{}\n'\""):
+            return json.dumps(v)
+        return v
+    try:
+        text = json.dumps(v, default=str)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _is_secret_path(path: str) -> bool:
+    """Any segment of a dotted key path looks secret (``hf_token``, ``secrets.github``, ``wandb.api_key``)."""
+    return any(is_secret_key(part) for part in str(path).split("."))
+
+
+def _kv(path: str, value: Any) -> str:
+    """``path=value`` for messages; the value under a secret-looking key (``hf_token``, ``*_api_key``,
+    ``secrets.*``, ...) is shown as ``***REDACTED***``, whether or not the key exists in the schema, and
+    so are secret-looking keys inside a mapping value and the environment's secret values."""
+    if value is not None and _is_secret_path(path):
+        return f"{path}={REDACTED}"
+    return f"{path}={_fmt(redact(value))}"

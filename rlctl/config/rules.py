@@ -1,0 +1,171 @@
+"""Cross-field rules on the validated config (backend, layout, batch sizes, resume, files) and the
+"has no effect" notes for keys the user set. Every problem goes to the collector, so one
+:class:`~rlctl.config.errors.ConfigError` lists them all.
+
+Tests: ``pytest tests/unit/test_config.py tests/unit/test_config_leaves.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from rlctl.config.errors import _Collector
+from rlctl.config.paths import _exists, _looks_like_local_path
+from rlctl.config.schema import LEAF_DEFAULTS, LEAF_EFFECT, RunConfig, _value_at
+
+def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
+    t, g, a, pl = cfg.trainer, cfg.generator, cfg.trainer.algorithm, cfg.trainer.placement
+    ex = c.explicit
+    sg = g.backend == "sglang"
+
+    # --- backend rules
+    if g.async_engine:
+        engine = "SGLang engines" if sg else "the hf generator"
+        c.error("generator.async_engine", True, f"{engine} in rlctl run synchronously (no async engine); set generator.async_engine=false")
+    if not g.run_engines_locally:
+        c.error("generator.run_engines_locally", False, "remote inference engines are not supported; set generator.run_engines_locally=true")
+    if sg and t.device == "cpu":
+        c.error("trainer.device", "cpu", "SGLang needs CUDA GPUs; use generator.backend=hf (--backend hf) for CPU runs, or trainer.device=auto")
+    if not pl.colocate_all and g.weight_sync_backend == "gloo" and sg:
+        c.error("generator.weight_sync_backend", "gloo", "SGLang engines receive split-placement weights over NCCL "
+                "(GPU to GPU); set generator.weight_sync_backend=nccl")
+    if not pl.colocate_all and g.weight_sync_backend == "nccl" and not sg and t.device == "cpu":
+        c.error("generator.weight_sync_backend", "nccl", "NCCL needs CUDA GPUs; with trainer.device=cpu split "
+                "placement broadcasts weights over gloo: set generator.weight_sync_backend=gloo")
+    if sg and g.inference_engine_tensor_parallel_size > 1:
+        c.error("generator.inference_engine_tensor_parallel_size", g.inference_engine_tensor_parallel_size,
+                "tensor-parallel SGLang engines are not supported by this rlctl version yet; use 1 and one engine per GPU "
+                "(generator.num_inference_engines = trainer.placement.policy_num_gpus_per_node)")
+    if sg and pl.colocate_all and not g.sglang.enable_memory_saver:
+        c.error("generator.sglang.enable_memory_saver", False, "colocated engines must release their GPU memory for the trainer; set generator.sglang.enable_memory_saver=true or trainer.placement.colocate_all=false")
+    if g.sampling_params.temperature == 0:
+        c.warn("generator.sampling_params.temperature", "0 is greedy: all samples of a prompt are identical, so every GRPO advantage is 0 and nothing is learned; use e.g. 1.0")
+    if pl.colocate_all:
+        ne_why = ("while colocated (trainer.placement.colocate_all=true) weights go to the engine over CUDA IPC on the same GPU"
+                  if sg else "colocated hf generators get the weights through Ray's object store")
+        for leaf in ("generator.weight_sync_backend", "generator.weight_sync_timeout_s"):
+            if leaf in ex:
+                c.no_effect(leaf, getattr(g, leaf.split(".")[-1]), ne_why)
+    if g.gpu_memory_utilization > 0.9 and pl.colocate_all and sg:
+        c.warn("generator.gpu_memory_utilization", f"{g.gpu_memory_utilization} leaves little GPU memory for the trainer's activations when colocated; 0.8 or lower is safer")
+
+    # --- layout
+    workers = cfg.num_policy_workers
+    if pl.colocate_all:
+        gen_gpus = g.num_inference_engines * g.inference_engine_tensor_parallel_size
+        if gen_gpus != workers:
+            c.error(
+                "generator.num_inference_engines",
+                g.num_inference_engines,
+                f"colocated layout needs generator.num_inference_engines ({g.num_inference_engines}) x "
+                f"generator.inference_engine_tensor_parallel_size ({g.inference_engine_tensor_parallel_size}) = {gen_gpus} "
+                f"to equal the policy workers trainer.placement.policy_num_nodes x policy_num_gpus_per_node "
+                f"({pl.policy_num_nodes} x {pl.policy_num_gpus_per_node} = {workers}); change one of the three keys",
+            )
+    fs = t.policy.fsdp_config.fsdp_size
+    if fs != -1 and (fs < 1 or workers % fs):
+        c.error("trainer.policy.fsdp_config.fsdp_size", fs, f"must be -1 (all {workers} policy workers) or a divisor of {workers}")
+    if t.device == "cpu" and not sg and workers > 1 and "trainer.placement.policy_num_gpus_per_node" in ex:
+        c.note("trainer.placement.policy_num_gpus_per_node", f"on CPU each of the {workers} policy workers is a process (gloo)")
+
+    # --- batch sizes (SkyRL semantics: train and mini batches in prompts, micro batches in sequences)
+    n = g.n_samples_per_prompt
+    if n < 2:
+        c.error("generator.n_samples_per_prompt", n, "GRPO compares samples of the same prompt, it needs at least 2; e.g. generator.n_samples_per_prompt=5")
+    mini_seqs = t.policy_mini_batch_size * n
+    step_seqs = t.micro_train_batch_size_per_gpu * workers
+    if t.train_batch_size % t.policy_mini_batch_size:
+        # suggest mini-batches that also satisfy the micro-batch rule below, and train batches that fit
+        divisors = [d for d in range(1, min(t.train_batch_size, 10**5) + 1)
+                    if t.train_batch_size % d == 0 and (d * n) % step_seqs == 0][-4:]
+        lower = t.train_batch_size - t.train_batch_size % t.policy_mini_batch_size
+        multiples = [m for m in (lower, lower + t.policy_mini_batch_size) if m > 0]
+        c.error(
+            "trainer.policy_mini_batch_size",
+            t.policy_mini_batch_size,
+            f"trainer.train_batch_size={t.train_batch_size} prompts must be a multiple of trainer.policy_mini_batch_size="
+            f"{t.policy_mini_batch_size} prompts; set trainer.train_batch_size to a multiple of {t.policy_mini_batch_size}"
+            f" (e.g. {' or '.join(map(str, multiples))})"
+            + (f", or trainer.policy_mini_batch_size to a divisor of {t.train_batch_size} that also fits the micro-batches"
+               f" (e.g. {', '.join(map(str, divisors))})" if divisors else ""),
+            also=("trainer.train_batch_size",),
+        )
+    if mini_seqs % step_seqs:
+        fits = [m for m in range(1, mini_seqs + 1) if mini_seqs % (m * workers) == 0]
+        micros = sorted(sorted(fits, key=lambda m: abs(m - t.micro_train_batch_size_per_gpu))[:3])
+        c.error(
+            "trainer.micro_train_batch_size_per_gpu",
+            t.micro_train_batch_size_per_gpu,
+            f"a mini-batch of trainer.policy_mini_batch_size={t.policy_mini_batch_size} prompts x generator.n_samples_per_prompt={n} "
+            f"= {mini_seqs} sequences must split evenly into trainer.micro_train_batch_size_per_gpu={t.micro_train_batch_size_per_gpu} "
+            f"x {workers} policy workers = {step_seqs} sequences per micro-step; change one of these keys"
+            + (f" (e.g. trainer.micro_train_batch_size_per_gpu={' or '.join(map(str, micros))})" if micros else ""),
+            also=("trainer.policy_mini_batch_size", "generator.n_samples_per_prompt"),
+        )
+
+    # --- resume / algorithm / eval
+    if t.resume_mode == "from_path" and not t.resume_path:
+        c.error("trainer.resume_mode", "from_path", "needs trainer.resume_path=<checkpoint folder>")
+    if cfg.environment.reward.format_score > cfg.environment.reward.correct_score:
+        c.warn("environment.reward.format_score", f"{cfg.environment.reward.format_score} is higher than environment.reward.correct_score={cfg.environment.reward.correct_score}")
+
+    # --- no-effect notes (explicitly set keys only)
+    def ne(path: str, cond: bool, why: str) -> None:
+        if cond and path in ex:
+            c.no_effect(path, _value_at(cfg, path), why)
+
+    ne("trainer.algorithm.kl_loss_coef", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
+    ne("trainer.algorithm.kl_estimator_type", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
+    ne("trainer.algorithm.entropy_loss_coef", not a.use_entropy_loss, "trainer.algorithm.use_entropy_loss=false")
+    ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
+    ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
+    ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",
+       "only used with environment.reward.method=strict")
+    ne("generator.run_engines_locally", g.run_engines_locally, "engines always run inside the Ray job")
+    for leaf, eff in LEAF_EFFECT.items():
+        if eff.startswith("no-effect:") and leaf != "generator.max_input_length":
+            ne(leaf, True, eff.split(":", 1)[1])
+    if "generator.max_input_length" in ex and g.max_input_length not in (None, t.max_prompt_length):
+        c.no_effect("generator.max_input_length", g.max_input_length, f"single-turn prompts are limited by trainer.max_prompt_length={t.max_prompt_length}")
+    ne("generator.gpu_memory_utilization", not sg, "only used by SGLang (mem_fraction_static)")
+    for leaf in LEAF_DEFAULTS:
+        if leaf.startswith("generator.sglang."):
+            ne(leaf, not sg, "only used with generator.backend=sglang")
+        elif leaf.startswith("generator.hf."):
+            ne(leaf, sg, "only used with generator.backend=hf")
+    if "trainer.logger" in ex and "wandb" in t.loggers and importlib.util.find_spec("wandb") is None:
+        msg = "wandb is not installed; pip install 'rlctl[wandb]' or use trainer.logger=tensorboard"
+        if for_training:
+            c.error("trainer.logger", t.logger, msg)
+        else:
+            c.warn("trainer.logger", msg)
+
+    # --- files
+    for key in ("data.train_data", "data.val_data"):
+        for i, p in enumerate(getattr(cfg.data, key.split(".")[1])):
+            if not _exists(p):
+                fix = "run `rlctl prepare-data gsm8k` or fix the path"
+                if for_training:
+                    c.error(f"{key}[{i}]", p, f"file does not exist; {fix}")
+                else:
+                    c.warn(f"{key}[{i}]", f"file {p} does not exist; {fix}")
+    mp = t.policy.model.path
+    if _looks_like_local_path(mp) and not _exists(mp, "any"):
+        if "smollm2" in mp.lower():
+            fix = (f"run `rlctl prepare-model smollm2 --output-dir {mp}` (writes SmolLM2-135M-Instruct there) or give a "
+                   "hub name like Qwen/Qwen2.5-1.5B-Instruct")
+        else:
+            fix = "point it at a folder with a Hugging Face model (config.json + weights) or give a hub name like Qwen/Qwen2.5-1.5B-Instruct"
+        if for_training:
+            c.error("trainer.policy.model.path", mp, f"local model folder does not exist; {fix}")
+        else:
+            c.warn("trainer.policy.model.path", f"local model folder {mp} does not exist; {fix}")
+    fn = cfg.environment.reward.custom_reward_fn
+    if fn:
+        left = fn.rpartition(":")[0]
+        if (left.endswith(".py") or "/" in left) and not _exists(os.path.expanduser(left)):
+            if for_training:
+                c.error("environment.reward.custom_reward_fn", fn, f"file {left} does not exist")
+            else:
+                c.warn("environment.reward.custom_reward_fn", f"file {left} does not exist")
