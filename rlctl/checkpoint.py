@@ -118,7 +118,7 @@ class Checkpointer:
     def discard_partial(self) -> list[Path]:
         """Delete this process's unfinished checkpoint folders (``.tmp-global_step_*-<pid>``).
 
-        Called by ``rlctl.ray_job.train`` on the way out, after the actors are gone (a failed or
+        Called by ``rlctl.job.entry.train`` on the way out, after the actors are gone (a failed or
         interrupted run leaves no partial files). Other processes' temporary folders are left alone
         (a concurrent run may own them); ``prune`` removes stale ones after the next save.
         """

@@ -6,7 +6,7 @@ tokens, and trains with the GRPO loss of :mod:`rlctl.grpo` over mini-batches spl
 (gradient accumulation), AdamW and gradient clipping. When colocated with a generator on the same GPU
 it offloads parameters and optimizer state to CPU between phases (``offload`` / ``onload``).
 
-It knows nothing about Ray: ``rlctl/ray_job.py`` wraps it in an actor. Every rank must call the
+It knows nothing about Ray: ``rlctl/job/actors.py`` wraps it in an actor. Every rank must call the
 collective methods (``compute_logprobs`` is local, ``train_step``, ``iter_weight_buckets``,
 ``save_checkpoint`` are collective).
 
