@@ -167,6 +167,79 @@ def matmul_tflops_subprocess(n: int, timeout: float = 300) -> dict[str, Any]:
     raise RuntimeError(f"matmul benchmark failed (rc {r.returncode}): {r.stderr[-2000:]}")
 
 
+def bare_model_rates(model_path: str, seq_len: int, train_seqs: int, forward_seqs: int, repeats: int = 5) -> dict[str, Any]:
+    """What the card does for this model with no rlctl around it: a plain bf16 ``AutoModelForCausalLM`` (sdpa, no
+    FSDP, no padding, no compile) on random token ids, ``seq_len`` tokens per sequence.
+
+    * ``fwd_bwd_tokens_per_s``: forward + backward of a ``[train_seqs, seq_len]`` batch (loss = mean log-prob of the
+      next token, computed in chunks so the logits never exist in fp32 for the whole batch);
+    * ``fwd_tokens_per_s``: a no-grad forward of ``[forward_seqs, seq_len]`` with the same log-prob head.
+    Medians over ``repeats`` timed iterations after one warm-up. Returns the rates (tokens/s), the shapes and the peak
+    memory (bytes). Needs CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = torch.device("cuda")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev)
+    model.config.use_cache = False
+    vocab = model.config.vocab_size
+    head = model.get_output_embeddings()
+
+    def logprob_sum(ids):
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        labels = ids[:, 1:]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        for i in range(0, flat_h.shape[0], 2048):
+            logits = head(flat_h[i:i + 2048]).float()
+            total = total + logits.log_softmax(-1).gather(1, flat_y[i:i + 2048, None]).sum()
+        return total
+
+    def timed(fn):
+        fn()
+        torch.cuda.synchronize()
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            out.append(time.perf_counter() - t0)
+        return sorted(out)[len(out) // 2]
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    ids_t = torch.randint(0, vocab, (train_seqs, seq_len), device=dev, generator=g)
+    ids_f = torch.randint(0, vocab, (forward_seqs, seq_len), device=dev, generator=g)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        (-logprob_sum(ids_t) / ids_t.numel()).backward()
+
+    def fwd():
+        with torch.no_grad():
+            logprob_sum(ids_f)
+
+    torch.cuda.reset_peak_memory_stats()
+    t_fb = timed(fwd_bwd)
+    t_f = timed(fwd)
+    return {"model": model_path, "seq_len": seq_len, "train_seqs": train_seqs, "forward_seqs": forward_seqs,
+            "fwd_bwd_s": t_fb, "fwd_s": t_f, "fwd_bwd_tokens_per_s": train_seqs * seq_len / t_fb,
+            "fwd_tokens_per_s": forward_seqs * seq_len / t_f, "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "device": torch.cuda.get_device_name()}
+
+
+def bare_model_rates_subprocess(model_path: str, seq_len: int, train_seqs: int, forward_seqs: int,
+                                timeout: float = 600) -> dict[str, Any]:
+    """:func:`bare_model_rates` in a fresh child process (the caller keeps no CUDA context)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import _common; "
+            f"print('BARE_JSON ' + json.dumps(_common.bare_model_rates({model_path!r}, {int(seq_len)}, "
+            f"{int(train_seqs)}, {int(forward_seqs)})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    for ln in r.stdout.splitlines():
+        if ln.startswith("BARE_JSON "):
+            return json.loads(ln[len("BARE_JSON "):])
+    raise RuntimeError(f"bare model benchmark failed (rc {r.returncode}): {r.stderr[-2000:]}")
+
+
 # ---------------------------------------------------------------------------------------------- data / model
 def default_data_dir() -> Path:
     """The prepared full GSM8K on the device if present, else the 64-row sample bundled with rlctl."""

@@ -20,6 +20,10 @@ steps after the first ``--skip-steps`` (step 1 carries the first onload and kern
   matmuls (all but the input embedding table); the total is in the JSON. Attention-score FLOPs are
   not counted, so this MFU is a slight underestimate.
 * the share of the step that is not generation: 1 - ``generator/generate_s`` / step (target <= 30%).
+* the bare rate of the same model on the same card in the same call (after the run, in a child process: plain bf16
+  forward + backward of one train micro-batch of the run's mean sequence length, and a no-grad forward of one forward
+  micro-batch; ``_common.bare_model_rates``), and the ratios train phase / bare fwd+bwd and old-log-prob phase / bare
+  forward; the trainer's memory metrics (``memory/*``) and the skipped (non-finite) optimizer steps.
 
 Older runs without ``train/tokens`` get it estimated as ``rollout/tokens`` + rollouts x the mean
 prompt length of the data (marked ``estimated``).
@@ -75,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-params", type=float, default=None, help="matmul parameters when the model folder is absent")
     ap.add_argument("--mean-prompt-tokens", type=float, default=None,
                     help="for runs without train/tokens when the model folder is absent (estimate)")
+    ap.add_argument("--no-bare", action="store_true", help="do not measure the bare bf16 forward(+backward) rate")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     return ap.parse_args(argv)
 
@@ -215,6 +220,10 @@ def analyze(metrics_path: Path, skip_steps: int = 1, peak_tflops: float | None =
             "engine_update_s": r.get("generator/update_weights_s"),
             "rollout_tokens": r.get("rollout/tokens"), "train_tokens": tokens, "train_tokens_estimated": estimated,
             "train_padded_tokens": r.get("train/padded_tokens"),
+            "trainer_peak_reserved_bytes": r.get("memory/trainer_peak_reserved_bytes"),
+            "trainer_reserved_bytes_offloaded": r.get("memory/trainer_reserved_bytes_offloaded"),
+            "trainer_bytes_at_kv_wake": r.get("memory/trainer_reserved_bytes_at_kv_wake"),
+            "skipped_steps": r.get("policy/skipped_steps"),
         })
     m = lambda k: C.median([s[k] for s in per_step if s.get(k) is not None])  # noqa: E731
     step_s = m("step_s")
@@ -229,8 +238,18 @@ def analyze(metrics_path: Path, skip_steps: int = 1, peak_tflops: float | None =
     mfu = 6.0 * n_matmul * train_tps / (peak_tflops * 1e12) if n_matmul and train_tps and peak_tflops else None
     mfu_total = (6.0 * n_params["total"] * train_tps / (peak_tflops * 1e12)
                  if n_params and n_params.get("total") and train_tps and peak_tflops else None)
+    kl = bool(_get(cfg, "trainer.algorithm.use_kl_loss", False))
+    lp_tps = C.median([s["train_tokens"] * (2 if kl else 1) / s["logprobs"] for s in per_step
+                       if s.get("train_tokens") and s.get("logprobs")])
+    mx = lambda k: max((s[k] for s in per_step if s.get(k) is not None), default=None)  # noqa: E731
     summary = {
         "steps_used": [s["step"] for s in per_step], "rollouts_per_step": rollouts,
+        "logprobs_tokens_per_s": lp_tps, "kl_reference_forward": kl,
+        "mfu_train_vs_989": 6.0 * n_matmul * train_tps / 989e12 if n_matmul and train_tps else None,
+        "trainer_peak_reserved_bytes_max": mx("trainer_peak_reserved_bytes"),
+        "trainer_reserved_bytes_offloaded_max": mx("trainer_reserved_bytes_offloaded"),
+        "trainer_bytes_at_kv_wake_max": mx("trainer_bytes_at_kv_wake"),
+        "skipped_optimizer_steps_all_steps": sum(r.get("policy/skipped_steps", 0.0) or 0.0 for r in rows),
         "step_s": step_s,
         "phases_s": {p: m(p) for p in PHASES},
         "engine_generate_s": gen_engine, "sleep_s": m("sleep_s"), "wake_s": m("wake_s"),
@@ -293,6 +312,12 @@ def print_report(res: dict, title: str) -> None:
         row("step (w/o eval, ckpt)", s["step_s"], f"{C.fmt(s['samples_per_s'])} samples/s"),
         ["MFU (train phase)", "", "", (f"{100 * s['mfu_train']:.1f}% of {C.fmt(s['peak_bf16_tflops'], 0 if s['peak_bf16_tflops'] >= 10 else 3)} TFLOP/s "
                                       f"{s.get('peak_source') or ''}" if s["mfu_train"] is not None else "n/a")],
+        ["train / bare fwd+bwd", "", C.fmt(s.get("train_vs_bare")), f"bare {C.fmt(s.get('bare_fwd_bwd_tokens_per_s'), 0)} tok/s"],
+        ["old log-probs / bare fwd", "", C.fmt(s.get("logprobs_vs_bare")),
+         f"{C.fmt(s.get('logprobs_tokens_per_s'), 0)} vs bare {C.fmt(s.get('bare_fwd_tokens_per_s'), 0)} tok/s"],
+        ["trainer peak reserved", "", C.fmt((s.get("trainer_peak_reserved_bytes_max") or 0) / 2**30), "GiB (max over steps)"],
+        ["trainer reserved offloaded", "", C.fmt((s.get("trainer_reserved_bytes_offloaded_max") or 0) / 2**30), "GiB (max)"],
+        ["skipped optimizer steps", "", C.fmt(s.get("skipped_optimizer_steps_all_steps"), 0), "all steps"],
         ["non-generation share", "", (f"{100 * s['non_generation_share']:.0f}%"
                                       if s["non_generation_share"] is not None else "n/a"),
          f"target <= 30%: {'met' if s['meets_target'] else 'NOT met'}"],
@@ -341,6 +366,25 @@ def main(argv=None) -> int:
         print(f"step_breakdown: {e}", flush=True)
         return rc or 1
     res["summary"]["peak_source"] = "measured" if "matmul" in result else ("given" if peak else None)
+    sm, c = res["summary"], res["config"]
+    if not args.no_bare and not args.from_metrics and model and Path(model).expanduser().is_dir() and C.visible_gpus() > 0 \
+            and sm.get("train_tokens") and sm.get("rollouts_per_step"):
+        seq_len = max(8, round(sm["train_tokens"] / sm["rollouts_per_step"]))
+        micro_t = c.get("micro_train_batch_size_per_gpu") or 1
+        micro_f = c.get("micro_forward_batch_size_per_gpu") or 1
+        C.log(f"bare bf16 rates of {model}: {micro_t} x {seq_len} fwd+bwd, {micro_f} x {seq_len} fwd")
+        try:
+            bare = C.bare_model_rates_subprocess(str(Path(model).expanduser()), seq_len, micro_t, micro_f)
+            result["bare"] = bare
+            sm["bare_fwd_bwd_tokens_per_s"] = bare["fwd_bwd_tokens_per_s"]
+            sm["bare_fwd_tokens_per_s"] = bare["fwd_tokens_per_s"]
+            sm["train_vs_bare"] = sm["train_tokens_per_s"] / bare["fwd_bwd_tokens_per_s"] if sm["train_tokens_per_s"] else None
+            sm["logprobs_vs_bare"] = sm["logprobs_tokens_per_s"] / bare["fwd_tokens_per_s"] if sm["logprobs_tokens_per_s"] else None
+            C.log(f"bare: fwd+bwd {bare['fwd_bwd_tokens_per_s']:,.0f} tok/s, fwd {bare['fwd_tokens_per_s']:,.0f} tok/s; "
+                  f"train/bare {C.fmt(sm['train_vs_bare'])}, logprobs/bare {C.fmt(sm['logprobs_vs_bare'])}")
+        except Exception as e:  # noqa: BLE001 - the run's numbers stay useful without it
+            result["bare_error"] = f"{type(e).__name__}: {e}"
+            C.log(f"bare rate failed: {result['bare_error']}")
     result.update(res)
     C.write_json(args.out, result)
     c = res["config"]
