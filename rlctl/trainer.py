@@ -2,7 +2,8 @@
 
 ``PolicyTrainer`` loads a Hugging Face causal LM, shards it with ``torch.distributed.fsdp.fully_shard``
 per decoder block (gloo on CPU, NCCL on CUDA), computes per-token log-probabilities of response
-tokens, and trains with the GRPO loss of :mod:`rlctl.grpo` over mini-batches split into micro-batches
+tokens (straight from the LM head's input in fp32 chunks, :mod:`rlctl.logprobs`: no [N, T, V] logits
+tensor), and trains with the GRPO loss of :mod:`rlctl.grpo` over mini-batches split into micro-batches
 (gradient accumulation), AdamW and gradient clipping. When colocated with a generator on the same GPU
 it offloads parameters and optimizer state to CPU between phases (``offload`` / ``onload``).
 
