@@ -2,7 +2,8 @@
 
 ``PolicyTrainer`` loads a Hugging Face causal LM, shards it with ``torch.distributed.fsdp.fully_shard``
 per decoder block (gloo on CPU, NCCL on CUDA), computes per-token log-probabilities of response
-tokens, and trains with the GRPO loss of :mod:`rlctl.grpo` over mini-batches split into micro-batches
+tokens (straight from the LM head's input in fp32 chunks, :mod:`rlctl.logprobs`: no [N, T, V] logits
+tensor), and trains with the GRPO loss of :mod:`rlctl.grpo` over mini-batches split into micro-batches
 (gradient accumulation), AdamW and gradient clipping. When colocated with a generator on the same GPU
 it offloads parameters and optimizer state to CPU between phases (``offload`` / ``onload``).
 
@@ -86,7 +87,8 @@ def load_and_shard(model_path: str, *, mesh, device: torch.device, param_dtype: 
 
 def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             response_len: int) -> torch.Tensor:
-    """Logits predicting the response tokens.
+    """Logits predicting the response tokens (the full-vocabulary path; the trainer uses
+    :func:`response_logprobs_forward`, which never builds them).
 
     Args:
         input_ids, attention_mask: [N, P+T] (left-padded prompt, right-padded response).
@@ -110,6 +112,74 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     vocabulary (V is 151,936 for Qwen2.5 against H = 896; the logits are the largest tensors of the
     step). Only the last ``T + max_left_pad + 1`` hidden positions reach the head (``logits_to_keep``).
     """
+    return _packed_head_forward(model, input_ids, attention_mask, response_len, None, "V",
+                                "response_logits_forward").float()
+
+
+def response_logprobs_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              response_len: int, temperature: float, *, with_entropy: bool = False,
+                              entropy_grad: bool = False,
+                              chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropy) of the response tokens, without any [N, T, V] tensor.
+
+    The same right-packed forward and response-position picking as :func:`response_logits_forward`
+    (read its docstring), but for the duration of the call the LM head's ``forward`` is replaced by
+    :func:`rlctl.logprobs.linear_logprobs` on the picked hidden states [N, T, H], with the response
+    tokens as labels: the head still runs inside the model's (FSDP2 root's) forward, where FSDP2 has
+    unsharded its weight (bf16 under ``MixedPrecisionPolicy(param_dtype=bf16)``), and the weight's
+    gradient flows back to the FSDP2 parameter. Tied and untied heads both work (the head reads its
+    ``weight`` at call time). The log-softmax runs in fp32 chunks of
+    :data:`rlctl.logprobs.CHUNK_POSITIONS` positions (the backward recomputes each chunk's logits).
+
+    Args:
+        model: a Hugging Face causal LM whose forward calls ``get_output_embeddings()`` (a linear head,
+            ``weight`` [V, H], optional ``bias`` [V]) on the final hidden states and returns that as
+            ``logits`` unchanged (Llama, Qwen2, Mistral; not Gemma's soft-capped logits).
+        input_ids, attention_mask: [N, P+T] (left-padded prompt, right-padded response).
+        response_len: T.
+        temperature: sampling temperature; logits are divided by it; 0 (greedy) means 1.
+        with_entropy: also return the entropy (nats) of ``softmax(logits / temperature)``.
+        entropy_grad: the entropy is differentiable (an entropy loss); else a detached metric.
+        chunk_size: positions per chunk; None: :data:`rlctl.logprobs.CHUNK_POSITIONS`.
+    Returns:
+        ``(logp, entropy)``: [N, T] float32 each (entropy None without ``with_entropy``); position t
+        is the log-prob of ``input_ids[:, P + t]``.
+    Raises:
+        ValueError: a row has an empty prompt, the model has no output embedding, or the head has no
+            2-D ``weight``.
+        RuntimeError: the model did not return the head's output as its ``logits``.
+    """
+    from rlctl.logprobs import CHUNK_POSITIONS, linear_logprobs
+
+    t = response_len
+    labels = input_ids[:, input_ids.shape[1] - t:]  # [N, T]: the response tokens
+    chunk = CHUNK_POSITIONS if chunk_size is None else chunk_size
+
+    def head_forward(head, hidden):  # hidden [N, T, H] -> [N, T, 1 or 2] (log-prob, entropy)
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"response_logprobs_forward: the LM head {type(head).__name__} has no 2-D weight "
+                             "(only linear heads are supported)")
+        logp, ent = linear_logprobs(hidden, weight, labels.to(hidden.device), bias=getattr(head, "bias", None),
+                                    temperature=temperature, with_entropy=with_entropy,
+                                    entropy_grad=entropy_grad, chunk_size=chunk)
+        # a new tensor, not a view: FSDP2 hooks the root's outputs for its pre-backward all-gather
+        return torch.stack((logp, ent) if ent is not None else (logp,), -1)
+
+    out = _packed_head_forward(model, input_ids, attention_mask, t, head_forward, "2" if with_entropy else "1",
+                               "response_logprobs_forward")
+    if not with_entropy:
+        return out[..., 0], None
+    # stacked with logp the entropy column requires grad even as a metric; its gradient is dropped anyway
+    return out[..., 0], (out[..., 1] if entropy_grad else out[..., 1].detach())
+
+
+def _packed_head_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         response_len: int, head_forward, width: str, caller: str) -> torch.Tensor:
+    """Right-packed forward whose LM head sees only the response positions (see
+    :func:`response_logits_forward`); ``head_forward(head, hidden [N, T, H])``, if given, replaces the
+    head's own forward during the call. Returns the model's ``logits`` [N, T, width]; raises as
+    :func:`response_logprobs_forward`, errors prefixed with ``caller``."""
     n, length = input_ids.shape
     t = response_len
     left = (attention_mask[:, :length - t] == 0).sum(1)  # [N] left pads (contiguous, from build_batch)
@@ -120,16 +190,16 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     left_max = int(left.max()) if n else 0
     left_min = int(left.min()) if n else 0
     if left_max >= length - t:
-        raise ValueError("response_logits_forward: a row has an empty prompt (no token before its response)")
+        raise ValueError(f"{caller}: a row has an empty prompt (no token before its response)")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        raise ValueError(f"response_logits_forward: {type(model).__name__} has no output embedding (LM head)")
+        raise ValueError(f"{caller}: {type(model).__name__} has no output embedding (LM head)")
 
     def pick_response_positions(_module, args):
         hidden = args[0]  # [N, K, H]: the last K positions of the packed rows
         k = hidden.shape[1]
         if k < t + left_max + 1:
-            raise RuntimeError(f"response_logits_forward: the LM head got {k} positions, fewer than the "
+            raise RuntimeError(f"{caller}: the LM head got {k} positions, fewer than the "
                                f"{t + left_max + 1} asked for with logits_to_keep")
         # response token j of row i sits at packed column length - t + j - left_i, predicted by the hidden
         # state one column earlier, i.e. index k - t - 1 - left_i + j of the last k positions
@@ -140,16 +210,25 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
         return (hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
 
     handle = head.register_forward_pre_hook(pick_response_positions)
+    # an instance attribute shadows the class's forward for nn.Module.__call__ (hooks still run)
+    own_forward = head.__dict__.get("forward")
+    if head_forward is not None:
+        head.forward = lambda hidden, *_a, **_k: head_forward(head, hidden)
     try:
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                     logits_to_keep=t + left_max + 1)
     finally:
         handle.remove()
-    if out.logits.shape[:2] != (n, t):
-        raise RuntimeError(f"response_logits_forward: the LM head gave logits of shape {tuple(out.logits.shape)}, "
-                           f"expected ({n}, {t}, V): {type(model).__name__} does not call get_output_embeddings() on the "
-                           "final hidden states")
-    return out.logits.float()
+        if head_forward is not None:
+            if own_forward is None:
+                del head.forward
+            else:
+                head.forward = own_forward
+    if out.logits.shape[:2] != (n, t) or (head_forward is not None and out.logits.shape[2:] != (int(width),)):
+        raise RuntimeError(f"{caller}: the LM head gave logits of shape {tuple(out.logits.shape)}, "
+                           f"expected ({n}, {t}, {width}): {type(model).__name__} does not call get_output_embeddings() "
+                           "on the final hidden states")
+    return out.logits
 
 
 RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [N, T] tensors aligned with the response
@@ -263,20 +342,13 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ forward
     def _logprobs_entropy(self, model, mb: dict[str, torch.Tensor], temperature: float, with_entropy: bool):
+        """Log-probs [n, T'] fp32 (and entropy [n, T'] fp32 or None) of a trimmed micro-batch's response
+        tokens, from :func:`response_logprobs_forward` (no [n, T', V] tensor). The entropy is
+        differentiable only with ``trainer.algorithm.use_entropy_loss``; otherwise it is a metric."""
         T = mb["response_mask"].shape[1]
-        input_ids = mb["input_ids"].to(self.device)
-        attn = mb["attention_mask"].to(self.device)
-        logits = response_logits_forward(model, input_ids, attn, T)
-        labels = input_ids[:, -T:]
-        if temperature and temperature > 0:
-            logits = logits / temperature
-        logp = grpo.logprobs_from_logits(logits, labels)
-        ent = None
-        if with_entropy:
-            # entropy is a metric unless trainer.algorithm.use_entropy_loss: then no graph through it
-            with torch.enable_grad() if self.algo.use_entropy_loss else torch.no_grad():
-                ent = grpo.entropy_from_logits(logits)
-        return logp, ent
+        return response_logprobs_forward(model, mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                                          T, temperature, with_entropy=with_entropy,
+                                          entropy_grad=bool(self.algo.use_entropy_loss))
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict[str, torch.Tensor], temperature: float, which: str = "policy") -> torch.Tensor:
