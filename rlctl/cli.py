@@ -124,6 +124,32 @@ def _load(preset, config, overrides, backend, for_training: bool = False, extra:
         raise typer.Exit(2) from None
 
 
+def _preflight(loaded: "LoadedConfig", command: str, *, dry_run: bool = False) -> None:
+    """The environment preflight (:mod:`rlctl.preflight`), before Ray starts or a folder is written.
+
+    Every problem is printed in one message and the command exits 2 (a dry run only warns: it may be
+    prepared on another machine). A checkpoint that already completes the run prints a note and exits 0.
+    """
+    from rlctl import preflight
+    from rlctl.config import redact
+
+    result = preflight.check(loaded.cfg, command)
+    if result.errors:
+        if dry_run:
+            for line in result.errors:
+                _err(redact(f"warning: on this machine: {line}"))
+        else:
+            n = len(result.errors)
+            _err(f"rlctl {command}: this machine cannot run this configuration ({n} problem{'s' if n != 1 else ''}):")
+            for line in result.errors:
+                _err(redact(f"  - {line}"))
+            raise typer.Exit(2)
+    if result.finished:
+        _err(redact(f"note: {result.finished}"))
+        if not dry_run:
+            raise typer.Exit(0)
+
+
 def _print_notes(loaded: "LoadedConfig") -> None:
     for note in loaded.notes:
         _err(f"note: {note}")
@@ -198,6 +224,7 @@ def train(
     extra = [f"ray.address={ray_address}"] if ray_address else []
     loaded = _load(preset, config, overrides, backend, for_training=True, extra=extra)
     _print_notes(loaded)
+    _preflight(loaded, "train", dry_run=dry_run)
     run_dir = loaded.cfg.run_dir
     if dry_run:
         from rlctl.config import redact
@@ -243,6 +270,7 @@ def eval_(
     if missing:
         _err(f"rlctl: data.val_data: file(s) do not exist: {', '.join(missing)}; run `rlctl prepare-data gsm8k`")
         raise typer.Exit(2)
+    _preflight(loaded, "eval")
     ray_job = _import_runtime("rlctl.ray_job")
     from rlctl.models import ModelSourceError
 
