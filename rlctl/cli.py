@@ -54,7 +54,8 @@ def _main(
     """GRPO fine-tuning of LLMs on GSM8K: FSDP2 policy + colocated SGLang rollouts in one Ray job."""
 
 
-CONFIG_PANEL = "Configuration (precedence: defaults < --preset < --config < key=value / --backend)"
+# the panel title of the shared options; short enough for an 80-column terminal (rich cuts a long title)
+CONFIG_PANEL = "Configuration (defaults < --preset < --config < key=value, --backend)"
 
 
 class Backend(str, enum.Enum):
@@ -82,7 +83,7 @@ PresetOpt = Annotated[
 ]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML config file (may list `defaults: [preset, ...]`).", rich_help_panel=CONFIG_PANEL),
+    typer.Option("--config", "-c", help="YAML config file (may list `defaults: \\[preset, ...]`).", rich_help_panel=CONFIG_PANEL),
 ]
 BackendOpt = Annotated[
     Optional[str],
@@ -92,6 +93,12 @@ BackendOpt = Annotated[
 OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="key=value overrides, e.g. trainer.seed=1 generator.n_samples_per_prompt=8", show_default=False),
+]
+EvalOverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="key=value overrides, e.g. data.val_data=\\[FILE.parquet] trainer.eval_batch_size=64. "
+                        "Greedy, one sample per problem: generation follows generator.eval_sampling_params "
+                        "(not n_samples_per_prompt).", show_default=False),
 ]
 RayAddressOpt = Annotated[
     Optional[str],
@@ -255,7 +262,7 @@ def train(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder or hub name to evaluate (sets trainer.policy.model.path).")],
-    overrides: OverridesArg = None,
+    overrides: EvalOverridesArg = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     backend: BackendOpt = None,

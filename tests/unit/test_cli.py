@@ -50,6 +50,34 @@ def test_help_lists_commands():
         assert cmd in res.stdout
 
 
+@pytest.mark.parametrize("columns", ["80", "100"])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["check-config"]], ids=lambda c: " ".join(c) or "rlctl")
+def test_help_panels_are_not_cut(command, columns):
+    """Every panel title is whole at 80 and 100 columns, and help text keeps its [brackets]."""
+    import re
+
+    from rlctl.cli import CONFIG_PANEL
+
+    res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": columns})
+    assert res.exit_code == 0, res.output
+    titles = [re.fullmatch(r"╭─ (.*?) ─+╮", ln.strip()) for ln in res.stdout.splitlines() if ln.strip().startswith("╭")]
+    assert titles and all(titles), res.stdout
+    expected = {"Options", "Commands", "Arguments", CONFIG_PANEL}
+    assert {t.group(1) for t in titles} <= expected, res.stdout
+    flat = " ".join(res.stdout.replace("│", " ").split())
+    if command:
+        assert CONFIG_PANEL in [t.group(1) for t in titles]
+        assert "(may list `defaults: [preset, ...]`)" in flat
+    assert "…" not in res.stdout  # no word cut with an ellipsis
+
+
+def test_eval_help_suggests_overrides_that_apply_to_greedy_eval():
+    res = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "100"})
+    flat = " ".join(res.stdout.replace("│", " ").split())
+    assert "e.g. data.val_data=[FILE.parquet] trainer.eval_batch_size=64." in flat
+    assert "n_samples_per_prompt=" not in flat and "generator.eval_sampling_params" in flat
+
+
 def test_check_config_tree(home):
     res = runner.invoke(app, ["check-config", "--backend", "sglang", "--preset", "gsm8k"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
