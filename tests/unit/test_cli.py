@@ -379,3 +379,25 @@ def test_plot(monkeypatch, tmp_path):
     fake_module(monkeypatch, "rlctl.plot", plot_run=lambda d: [Path(d) / "reward.png"])
     res = runner.invoke(app, ["plot", str(tmp_path)])
     assert res.exit_code == 0 and str(tmp_path / "reward.png") in res.stdout
+
+
+def test_messages_name_commands_that_exist():
+    """Every `rlctl <command>` written in rlctl/ (messages, docstrings, presets) and the README is a real
+    command (e.g. `rlctl prepare-data gsm8k`, not `rlctl data gsm8k`)."""
+    import re
+
+    import typer.main
+
+    root = Path(__file__).resolve().parents[2]
+    commands = set(typer.main.get_command(app).commands)
+    assert {"prepare-data", "train", "eval"} <= commands
+    named = {}
+    files = [*sorted((root / "rlctl").rglob("*.py")), *sorted((root / "rlctl" / "presets").glob("*.yaml")),
+             root / "README.md"]
+    for f in files:
+        # a command as written in messages and docs: after a backtick or "run / with / use / try"
+        for m in re.finditer(r"(?:`|\b(?:run|with|use|try) )rlctl ([a-z][a-z-]*)", f.read_text(encoding="utf-8")):
+            named.setdefault(m.group(1), f"{f.relative_to(root)}")
+    assert {"prepare-data", "prepare-model", "check-config"} <= set(named)  # the pattern does find them
+    unknown = {c: f for c, f in named.items() if c not in commands}
+    assert unknown == {}, unknown
