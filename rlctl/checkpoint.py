@@ -39,6 +39,24 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a complete checkpoint folder ``global_step_<N>`` (its ``COMPLETE`` marker's
+    ``step``, else ``N`` from the name), or None when ``path`` is not a complete checkpoint.
+    Reads no tensors (no torch)."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        step = json.loads(marker.read_text(encoding="utf-8")).get("step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    except (OSError, ValueError, AttributeError):
+        pass
+    m = STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     found = complete_checkpoints(ckpt_dir)

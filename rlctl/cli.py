@@ -54,7 +54,8 @@ def _main(
     """GRPO fine-tuning of LLMs on GSM8K: FSDP2 policy + colocated SGLang rollouts in one Ray job."""
 
 
-CONFIG_PANEL = "Configuration (precedence: defaults < --preset < --config < key=value / --backend)"
+# the panel title of the shared options; short enough for an 80-column terminal (rich cuts a long title)
+CONFIG_PANEL = "Configuration (defaults < --preset < --config < key=value, --backend)"
 
 
 class Backend(str, enum.Enum):
@@ -82,7 +83,7 @@ PresetOpt = Annotated[
 ]
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="YAML config file (may list `defaults: [preset, ...]`).", rich_help_panel=CONFIG_PANEL),
+    typer.Option("--config", "-c", help="YAML config file (may list `defaults: \\[preset, ...]`).", rich_help_panel=CONFIG_PANEL),
 ]
 BackendOpt = Annotated[
     Optional[str],
@@ -92,6 +93,12 @@ BackendOpt = Annotated[
 OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="key=value overrides, e.g. trainer.seed=1 generator.n_samples_per_prompt=8", show_default=False),
+]
+EvalOverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="key=value overrides, e.g. data.val_data=\\[FILE.parquet] trainer.eval_batch_size=64. "
+                        "Greedy, one sample per problem: generation follows generator.eval_sampling_params "
+                        "(not n_samples_per_prompt).", show_default=False),
 ]
 RayAddressOpt = Annotated[
     Optional[str],
@@ -122,6 +129,32 @@ def _load(preset, config, overrides, backend, for_training: bool = False, extra:
         for line in exc.errors:
             _err(f"  - {line}")
         raise typer.Exit(2) from None
+
+
+def _preflight(loaded: "LoadedConfig", command: str, *, dry_run: bool = False) -> None:
+    """The environment preflight (:mod:`rlctl.preflight`), before Ray starts or a folder is written.
+
+    Every problem is printed in one message and the command exits 2 (a dry run only warns: it may be
+    prepared on another machine). A checkpoint that already completes the run prints a note and exits 0.
+    """
+    from rlctl import preflight
+    from rlctl.config import redact
+
+    result = preflight.check(loaded.cfg, command)
+    if result.errors:
+        if dry_run:
+            for line in result.errors:
+                _err(redact(f"warning: on this machine: {line}"))
+        else:
+            n = len(result.errors)
+            _err(f"rlctl {command}: this machine cannot run this configuration ({n} problem{'s' if n != 1 else ''}):")
+            for line in result.errors:
+                _err(redact(f"  - {line}"))
+            raise typer.Exit(2)
+    if result.finished:
+        _err(redact(f"note: {result.finished}"))
+        if not dry_run:
+            raise typer.Exit(0)
 
 
 def _print_notes(loaded: "LoadedConfig") -> None:
@@ -198,6 +231,7 @@ def train(
     extra = [f"ray.address={ray_address}"] if ray_address else []
     loaded = _load(preset, config, overrides, backend, for_training=True, extra=extra)
     _print_notes(loaded)
+    _preflight(loaded, "train", dry_run=dry_run)
     run_dir = loaded.cfg.run_dir
     if dry_run:
         from rlctl.config import redact
@@ -228,7 +262,7 @@ def train(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option("--model", "-m", help="Model folder or hub name to evaluate (sets trainer.policy.model.path).")],
-    overrides: OverridesArg = None,
+    overrides: EvalOverridesArg = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     backend: BackendOpt = None,
@@ -243,6 +277,7 @@ def eval_(
     if missing:
         _err(f"rlctl: data.val_data: file(s) do not exist: {', '.join(missing)}; run `rlctl prepare-data gsm8k`")
         raise typer.Exit(2)
+    _preflight(loaded, "eval")
     job = _import_runtime("rlctl.job")
     from rlctl.models import ModelSourceError
 

@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 #: Appended to every GSM8K question to form the user prompt.
 PROMPT_SUFFIX = ' Let\'s think step by step and output the final answer after "####".'
-#: Where ``rlctl data gsm8k`` writes by default (``~`` is expanded by :func:`prepare_gsm8k`).
+#: Where ``rlctl prepare-data gsm8k`` writes by default (``~`` is expanded by :func:`prepare_gsm8k`).
 DEFAULT_OUTPUT_DIR = "~/data/gsm8k"
 #: Bundled sample: ``train.parquet`` (first 64 train rows), ``validation.parquet`` (first 32 test rows).
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "gsm8k_sample"
@@ -639,7 +639,7 @@ def read_prompts(parquet_paths: list[str] | list[Path] | str | Path) -> list[dic
     for path in paths:
         if not path.is_file():
             raise DataPrepError(
-                f"{path}: prompt file not found (prepare it with `rlctl data gsm8k` or pass a "
+                f"{path}: prompt file not found (prepare it with `rlctl prepare-data gsm8k` or pass a "
                 f"path to a .parquet file)"
             )
         try:

@@ -21,11 +21,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # (metric, label, unit) shown on the console line of each step
@@ -99,13 +101,33 @@ def _clean(v: Any) -> Any:
     return v
 
 
+class LogConsole(Console):
+    """A rich Console whose :meth:`log` writes ``[HH:MM:SS] message`` as one soft-wrapped line.
+
+    rich's own ``log`` lays out a full-width table (time, message, ``file.py:line``): padded with
+    spaces to the console width in a file or pipe, and in a terminal the source-location column
+    squeezes the message so step lines wrap. Here the message is never padded, hard-wrapped or
+    followed by a source location; a terminal folds a long line at its own width. Log messages are
+    plain text (``markup`` defaults to False: paths or notes with ``[...]`` are printed as written).
+    """
+
+    def log(self, *objects: Any, sep: str = " ", end: str = "\n", style: Any = None, justify: Any = None,
+            emoji: bool | None = None, markup: bool | None = None, highlight: bool | None = None,
+            log_locals: bool = False, _stack_offset: int = 1) -> None:
+        """Print ``objects`` after the time of day (``[HH:MM:SS]``); arguments as ``Console.print``."""
+        stamp = Text(datetime.now().strftime("[%X]"), style="log.time")
+        self.print(stamp, *objects, sep=sep, end=end, style=style, justify=justify, emoji=emoji,
+                   markup=False if markup is None else markup,
+                   highlight=highlight, soft_wrap=True)
+
+
 def log_console() -> Console:
-    """The run's console on stderr. Lines are never wrapped into a log file or pipe (rich would cut paths
-    at 80 columns there); a terminal keeps its own width."""
+    """The run's console on stderr (:class:`LogConsole`): one unpadded line per message in a log file or
+    pipe (no 80-column cuts, no padding); a terminal keeps its own width."""
     import sys
 
     tty = sys.stderr.isatty()
-    return Console(stderr=True, soft_wrap=True, width=None if tty else 4096, log_path=tty)
+    return LogConsole(stderr=True, soft_wrap=True, width=None if tty else 4096, log_path=False)
 
 
 class RunLogger:

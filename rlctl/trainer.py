@@ -514,7 +514,9 @@ class PolicyTrainer:
         """Write the policy in Hugging Face format (safetensors) and the trainer state (collective).
 
         Rank 0 writes; other ranks only take part in the gathers. ``extra`` (step, data position, ...)
-        is stored in the trainer state with the optimizer and RNG states.
+        is stored in the trainer state with the optimizer and RNG states. ``extra`` must hold only
+        str/int/float/bool/None, lists, tuples, dicts and tensors: the state is loaded with
+        ``torch.load(weights_only=True)``, which refuses other objects.
         """
         sd = self.full_state_dict()
         osd = get_optimizer_state_dict(self.model, self.optimizer,
@@ -535,7 +537,8 @@ class PolicyTrainer:
                 GenerationConfig.from_pretrained(tokenizer_src).save_pretrained(policy_dir)
             except OSError:
                 pass
-            torch.save({"optimizer": osd, "global_step": self.global_step, "extra": extra,
+            # only tensors and plain containers/scalars: load_checkpoint reads it with weights_only=True
+            torch.save({"format": STATE_FORMAT, "optimizer": osd, "global_step": self.global_step, "extra": extra,
                         "bad_steps_in_a_row": self.bad_steps_in_a_row, "rng": _rng_state()}, state_path)
         if self.world_size > 1:
             dist.barrier()
@@ -543,8 +546,19 @@ class PolicyTrainer:
     def load_checkpoint(self, policy_dir: Path, state_path: Path) -> dict:
         """Restore policy weights, optimizer and RNG states saved by :meth:`save_checkpoint`.
 
+        The trainer state is read with ``torch.load(weights_only=True)``: tensors, plain containers and
+        scalars only, so a replaced ``trainer_state.pt`` cannot run code when unpickled. States written
+        before format 2 (numpy RNG state as an ``ndarray``) load too: numpy's array reconstruction is the
+        one extra global allowed.
+
         Returns the ``extra`` dict saved with it.
+
+        Raises:
+            pickle.UnpicklingError: the state file holds another Python object (the message names the
+                file and the refused global).
         """
+        import pickle
+
         from safetensors.torch import load_file
 
         sd: dict[str, torch.Tensor] = {}
@@ -552,7 +566,21 @@ class PolicyTrainer:
             sd.update(load_file(str(f)))
         opts = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.model, sd, options=opts)
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:
+            with torch.serialization.safe_globals(_legacy_numpy_globals()):
+                state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            import re
+
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            why = (f"refused global {found.group(1)}" if found else
+                   next((ln.strip().split(". ")[0] for ln in str(exc).splitlines() if "WeightsUnpickler" in ln),
+                        type(exc).__name__))
+            raise pickle.UnpicklingError(
+                f"{state_path}: refused to load the trainer state: it holds a Python object other than tensors, "
+                f"plain containers and numbers ({why}); rlctl never writes one, so the file was not written by "
+                "rlctl's save_checkpoint. Resume from another checkpoint (trainer.resume_path) or start "
+                "fresh (trainer.resume_mode=none)") from None
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         self.global_step = state["global_step"]
         self.bad_steps_in_a_row = state.get("bad_steps_in_a_row", 0)
@@ -561,15 +589,44 @@ class PolicyTrainer:
 
 
 def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors, ints, floats and tuples only (loadable with ``weights_only=True``).
+
+    ``python``: ``random.getstate()`` (a tuple of ints); ``numpy``: the legacy MT19937 state with its
+    624 uint32 keys as an int64 tensor ``[624]``; ``torch`` / ``cuda``: ``ByteTensor`` states.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
+          "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                    "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    """Restore :func:`_rng_state`'s states (also the older layout with numpy's own state tuple)."""
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = st["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                npst["cached_gaussian"])
+    np.random.set_state(npst)
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+STATE_FORMAT = 2  # 2: RNG states without numpy objects (1: np.random.get_state()'s tuple with an ndarray)
+
+
+def _legacy_numpy_globals() -> list:
+    """What unpickling a format-1 state's numpy RNG array needs (``ndarray``, ``dtype``, the uint32
+    dtype class, ``_reconstruct`` under its numpy 1 and 2 module names): array constructors only."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct,
+            (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]

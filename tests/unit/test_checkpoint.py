@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from rlctl.checkpoint import MARKER, Checkpointer, complete_checkpoints, latest_checkpoint, prune
+from rlctl.checkpoint import MARKER, Checkpointer, checkpoint_step, complete_checkpoints, latest_checkpoint, prune
 
 
 def _ckpt(root, step, complete=True):
@@ -95,3 +95,17 @@ def test_interrupted_save_leaves_no_partial_folder_and_discard_is_per_process(tm
     other.mkdir()
     assert c.discard_partial() == [mine]
     assert sorted(os.listdir(tmp_path)) == [other.name]
+
+
+def test_checkpoint_step_reads_the_marker_without_torch(tmp_path):
+    d = tmp_path / "global_step_7"
+    d.mkdir()
+    assert checkpoint_step(d) is None  # no marker: not complete
+    (d / MARKER).write_text('{"step": 9, "time": 1.0}')
+    assert checkpoint_step(d) == 9  # the marker wins over the name
+    (d / MARKER).write_text("not json")
+    assert checkpoint_step(d) == 7  # an old or damaged marker: the folder name
+    other = tmp_path / "renamed"
+    other.mkdir()
+    (other / MARKER).write_text("")
+    assert checkpoint_step(other) is None

@@ -22,6 +22,16 @@ def home(gsm8k_home):
     return gsm8k_home
 
 
+@pytest.fixture(autouse=True)
+def gpu_machine(monkeypatch):
+    """The environment preflight sees one GPU and sglang installed (tests that need otherwise patch it)."""
+    from rlctl import preflight
+
+    monkeypatch.setattr(preflight, "sglang_installed", lambda: True)
+    monkeypatch.setattr(preflight, "visible_gpu_count", lambda: 1)
+    return preflight
+
+
 def fake_module(monkeypatch, name: str, **attrs) -> types.ModuleType:
     mod = types.ModuleType(name)
     for k, v in attrs.items():
@@ -38,6 +48,34 @@ def test_help_lists_commands():
     assert res.exit_code == 0
     for cmd in ("check-config", "train", "eval", "prepare-data", "prepare-model", "plot", "presets"):
         assert cmd in res.stdout
+
+
+@pytest.mark.parametrize("columns", ["80", "100"])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["check-config"]], ids=lambda c: " ".join(c) or "rlctl")
+def test_help_panels_are_not_cut(command, columns):
+    """Every panel title is whole at 80 and 100 columns, and help text keeps its [brackets]."""
+    import re
+
+    from rlctl.cli import CONFIG_PANEL
+
+    res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": columns})
+    assert res.exit_code == 0, res.output
+    titles = [re.fullmatch(r"╭─ (.*?) ─+╮", ln.strip()) for ln in res.stdout.splitlines() if ln.strip().startswith("╭")]
+    assert titles and all(titles), res.stdout
+    expected = {"Options", "Commands", "Arguments", CONFIG_PANEL}
+    assert {t.group(1) for t in titles} <= expected, res.stdout
+    flat = " ".join(res.stdout.replace("│", " ").split())
+    if command:
+        assert CONFIG_PANEL in [t.group(1) for t in titles]
+        assert "(may list `defaults: [preset, ...]`)" in flat
+    assert "…" not in res.stdout  # no word cut with an ellipsis
+
+
+def test_eval_help_suggests_overrides_that_apply_to_greedy_eval():
+    res = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "100"})
+    flat = " ".join(res.stdout.replace("│", " ").split())
+    assert "e.g. data.val_data=[FILE.parquet] trainer.eval_batch_size=64." in flat
+    assert "n_samples_per_prompt=" not in flat and "generator.eval_sampling_params" in flat
 
 
 def test_check_config_tree(home):
@@ -141,10 +179,12 @@ def test_train_calls_ray_job_with_ray_address(monkeypatch):
     assert seen["cfg"].ray.address == "auto"
 
 
-def test_split_placement_on_a_cpu_only_machine_stops_before_ray(monkeypatch, tmp_path):
+def test_split_placement_on_a_cpu_only_machine_stops_before_ray(monkeypatch, tmp_path, gpu_machine):
     """trainer.device=auto passes check-config; once train resolves it to the CPU, split placement with
     the default nccl broadcast is refused (exit 2, the key and the fix named) before Ray starts."""
     import rlctl.job.entry as rj
+
+    monkeypatch.setattr(gpu_machine, "visible_gpu_count", lambda: 0)
     from rlctl.testing import build_tiny_llama
 
     model = build_tiny_llama(tmp_path / "tiny", seed=0)
@@ -159,6 +199,53 @@ def test_split_placement_on_a_cpu_only_machine_stops_before_ray(monkeypatch, tmp
             "run is on the CPU; split placement broadcasts weights over gloo there: set "
             "generator.weight_sync_backend=gloo") in res.stderr
     assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def _never(*a, **k):
+    pytest.fail("the runtime must not start")
+
+
+def test_preflight_problems_one_message_exit_2_before_anything(monkeypatch, home, gpu_machine):
+    """sglang missing and no GPU: one message listing both, exit 2, no run folder, rlctl.job untouched."""
+    monkeypatch.setattr(gpu_machine, "sglang_installed", lambda: False)
+    monkeypatch.setattr(gpu_machine, "visible_gpu_count", lambda: 0)
+    fake_module(monkeypatch, "rlctl.job", train=_never, evaluate=_never)
+    res = runner.invoke(app, ["train", "--preset", "gsm8k", "trainer.device=cuda"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.splitlines()
+    assert lines[0] == "rlctl train: this machine cannot run this configuration (3 problems):"
+    assert [ln.split(":")[0] for ln in lines[1:]] == ["  - generator.backend=sglang", "  - trainer.device=cuda",
+                                                      "  - generator.backend=sglang"]
+    assert 'pip install "rlctl[sglang]"' in lines[1] and "Traceback" not in res.output
+    assert not (home / "rlctl_runs").exists()
+    # eval --model DIR with no preset (sglang by default) on a CPU machine: the same preflight
+    model = home / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    res = runner.invoke(app, ["eval", "--model", str(model)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines()[0] == "rlctl eval: this machine cannot run this configuration (2 problems):"
+    # a dry run only warns (the config may be prepared on another machine) and still writes config.yaml
+    res = runner.invoke(app, ["train", "--dry-run", "--preset", "gsm8k"])
+    assert res.exit_code == 0, res.output
+    assert "warning: on this machine: generator.backend=sglang: SGLang is not installed" in res.stderr
+
+
+def test_train_with_a_checkpoint_that_completes_the_run_exits_0_at_once(monkeypatch, home):
+    fake_module(monkeypatch, "rlctl.job", train=_never)
+    cfg = RunConfig.model_validate(yaml.safe_load(runner.invoke(
+        app, ["check-config", "--preset", "gsm8k", "--format", "yaml", "trainer.max_steps=5"]).stdout))
+    done = Path(cfg.ckpt_dir) / "global_step_5"
+    done.mkdir(parents=True)
+    (done / "COMPLETE").write_text('{"step": 5}')
+    res = runner.invoke(app, ["train", "--preset", "gsm8k", "trainer.max_steps=5"])
+    assert res.exit_code == 0, res.output
+    assert f"note: the checkpoint {done} (step 5) already completes this run's 5 steps: nothing to train" in res.stderr
+    assert not (home / "rlctl_runs").exists()
+    seen = {}
+    fake_module(monkeypatch, "rlctl.job", train=lambda loaded: seen.setdefault("ran", True))
+    res = runner.invoke(app, ["train", "--preset", "gsm8k", "trainer.max_steps=6"])
+    assert res.exit_code == 0 and seen == {"ran": True}
 
 
 def test_train_without_ray_job_module(monkeypatch):
@@ -292,3 +379,25 @@ def test_plot(monkeypatch, tmp_path):
     fake_module(monkeypatch, "rlctl.plot", plot_run=lambda d: [Path(d) / "reward.png"])
     res = runner.invoke(app, ["plot", str(tmp_path)])
     assert res.exit_code == 0 and str(tmp_path / "reward.png") in res.stdout
+
+
+def test_messages_name_commands_that_exist():
+    """Every `rlctl <command>` written in rlctl/ (messages, docstrings, presets) and the README is a real
+    command (e.g. `rlctl prepare-data gsm8k`, not `rlctl data gsm8k`)."""
+    import re
+
+    import typer.main
+
+    root = Path(__file__).resolve().parents[2]
+    commands = set(typer.main.get_command(app).commands)
+    assert {"prepare-data", "train", "eval"} <= commands
+    named = {}
+    files = [*sorted((root / "rlctl").rglob("*.py")), *sorted((root / "rlctl" / "presets").glob("*.yaml")),
+             root / "README.md"]
+    for f in files:
+        # a command as written in messages and docs: after a backtick or "run / with / use / try"
+        for m in re.finditer(r"(?:`|\b(?:run|with|use|try) )rlctl ([a-z][a-z-]*)", f.read_text(encoding="utf-8")):
+            named.setdefault(m.group(1), f"{f.relative_to(root)}")
+    assert {"prepare-data", "prepare-model", "check-config"} <= set(named)  # the pattern does find them
+    unknown = {c: f for c, f in named.items() if c not in commands}
+    assert unknown == {}, unknown

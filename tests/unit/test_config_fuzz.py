@@ -117,9 +117,9 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import test_config_fuzz as m
 
-class Factory:  # stands in for pytest's tmp_path_factory
+class Factory:  # stands in for pytest's tmp_path_factory: folders under the test's tmp_path (argv[2])
     def mktemp(self, name):
-        return Path(tempfile.mkdtemp(prefix=name))
+        return Path(tempfile.mkdtemp(prefix=name, dir=sys.argv[2]))
 
 m.test_fuzz_overrides()
 m.test_fuzz_yaml_documents(Factory())
@@ -130,12 +130,14 @@ sys.exit(1 if heavy else 0)
 """
 
 
-def test_fuzz_in_fresh_interpreter_imports_nothing_heavy():
+def test_fuzz_in_fresh_interpreter_imports_nothing_heavy(tmp_path):
     """In this pytest process torch may already be imported by another test module, which would make
-    check()'s per-call import test vacuous; a fresh interpreter proves nothing heavy gets imported."""
-    r = subprocess.run([sys.executable, "-c", FRESH, str(Path(__file__).parent)], capture_output=True, text=True,
-                       timeout=600, env={**os.environ, "RLCTL_FUZZ_EXAMPLES": "40"})
+    check()'s per-call import test vacuous; a fresh interpreter proves nothing heavy gets imported.
+    Its YAML files go under tmp_path (pytest prunes it), not loose /tmp/fuzz* folders."""
+    r = subprocess.run([sys.executable, "-c", FRESH, str(Path(__file__).parent), str(tmp_path)], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "RLCTL_FUZZ_EXAMPLES": "40"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert any(p.name.startswith("fuzz") for p in tmp_path.iterdir())  # the documents were written here
     assert "heavy []" in r.stdout, r.stdout
     COUNTS["fresh interpreter"] = int(r.stdout.split("examples", 1)[1].split()[0])
 

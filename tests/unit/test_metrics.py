@@ -54,3 +54,43 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_text_atomic(tmp_path / "f.txt", "data")
     assert os.listdir(tmp_path) == []
+
+
+STEP_METRICS = {"reward/mean": 0.1875, "reward/accuracy_strict": 0.0, "reward/accuracy_flexible": 0.0625,
+                "response_length/mean": 127.5, "policy/grad_norm": 1.2345, "groups/zero_variance_fraction": 0.5,
+                "timing/step": 62.31}
+STEP_LINE = ("step 1: reward=0.1875  acc_strict=0  acc_flex=0.0625  resp_len=127.5 tok  grad_norm=1.234  "
+             "flat_groups=0.5  step_time=62.31 s")
+
+
+def test_step_line_in_a_pipe_is_one_unpadded_line_without_source_location(tmp_path, capsys):
+    """log_console() on a non-terminal stderr: `[HH:MM:SS] step 1: ...` exactly, not padded to 4096
+    columns, no `metrics.py:NNN` column."""
+    import re
+
+    from rlctl.metrics import log_console
+
+    lg = RunLogger(tmp_path / "run", "a: 1\n", [], project="p", run_name="r", redacted_config={},
+                   console=log_console())
+    lg.log(1, STEP_METRICS)
+    lg.console.log("note: a path [not markup] /x/y.py:12")
+    err = capsys.readouterr().err
+    lines = err.split("\n")
+    assert len(lines) == 3 and lines[2] == ""
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] " + re.escape(STEP_LINE), lines[0]), lines[0]
+    assert lines[1].endswith("note: a path [not markup] /x/y.py:12")
+    assert "metrics.py" not in err
+
+
+def test_step_line_in_a_100_column_terminal_is_not_hard_wrapped(tmp_path):
+    import io
+
+    from rlctl.metrics import LogConsole
+
+    out = io.StringIO()
+    console = LogConsole(file=out, force_terminal=True, width=100, color_system=None, log_path=False)
+    lg = RunLogger(tmp_path / "run", "a: 1\n", [], project="p", run_name="r", redacted_config={}, console=console)
+    lg.log(1, STEP_METRICS)
+    text = out.getvalue()
+    assert len(STEP_LINE) + 11 > 100  # longer than the terminal: the terminal folds it, rich does not
+    assert text.count("\n") == 1 and text.endswith(STEP_LINE + "\n") and ".py:" not in text

@@ -288,3 +288,56 @@ def test_checkpoint_roundtrip(pg, tiny, tmp_path):
     s1, s2 = tr.full_state_dict(), tr2.full_state_dict()
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], atol=0, rtol=0)
+
+
+class _Touch:
+    """Unpickling this object would create ``path`` (an arbitrary callable run by pickle)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+def test_checkpoint_state_loads_weights_only_and_refuses_other_objects(pg, tiny, tmp_path):
+    """The trainer state holds only tensors/containers/numbers (weights_only=True loads it as is), restores
+    the python/numpy/torch RNG streams, a state with a pickled callable is refused before it runs, and a
+    format-1 state (numpy's RNG tuple with an ndarray) still loads."""
+    import pickle
+    import random
+
+    import numpy as np
+
+    tr = PolicyTrainer(tiny, _tcfg(), rank=0, world_size=1, device="cpu", max_response_len=8)
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    tr.save_checkpoint(tmp_path / "policy", tmp_path / "state.pt", tiny, {"step": 2, "note": ("a", 1.5, None)})
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # no safe globals needed
+    assert state["format"] == 2 and state["rng"]["numpy"]["keys"].shape == (624,)
+    assert state["rng"]["numpy"]["keys"].dtype == torch.int64 and state["rng"]["numpy"]["name"] == "MT19937"
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    assert tr.load_checkpoint(tmp_path / "policy", tmp_path / "state.pt") == {"step": 2, "note": ("a", 1.5, None)}
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+    # a state carrying an arbitrary object: refused, and the object's callable never ran
+    bad = dict(state, extra={"step": 2, "x": _Touch(tmp_path / "pwned")})
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(pickle.UnpicklingError) as err:
+        tr.load_checkpoint(tmp_path / "policy", tmp_path / "bad.pt")
+    assert not (tmp_path / "pwned").exists()
+    assert str(err.value).startswith(f"{tmp_path / 'bad.pt'}: refused to load the trainer state: it holds a Python "
+                                     "object other than tensors, plain containers and numbers (refused global ")
+    assert "trainer.resume_mode=none" in str(err.value)
+
+    # format 1 (before weights_only): numpy's own state tuple
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    old = dict(state, rng={"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()})
+    del old["format"]
+    torch.save(old, tmp_path / "old.pt")
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    assert tr.load_checkpoint(tmp_path / "policy", tmp_path / "old.pt")["step"] == 2
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
