@@ -107,6 +107,18 @@ RayAddressOpt = Annotated[
 ]
 
 
+GpuMemOpt = Annotated[
+    Optional[float],
+    typer.Option("--gpu-memory-gb", min=1, help="Plan GPU memory for GPUs of this size (GiB) instead of the local "
+                 "GPU (read with nvidia-smi).", rich_help_panel=CONFIG_PANEL),
+]
+IgnorePlanOpt = Annotated[
+    bool,
+    typer.Option("--ignore-memory-plan", help="Run even when the GPU memory plan says the layout does not fit.",
+                 rich_help_panel=CONFIG_PANEL),
+]
+
+
 def _err(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -155,6 +167,45 @@ def _preflight(loaded: "LoadedConfig", command: str, *, dry_run: bool = False) -
         _err(redact(f"note: {result.finished}"))
         if not dry_run:
             raise typer.Exit(0)
+
+
+def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_address: Optional[str],
+                 ignore: bool, fmt: Optional[str] = None) -> None:
+    """The GPU memory plan (:mod:`rlctl.memory_plan`): printed as ``fmt`` (``tree`` / ``yaml`` / ``json`` on stdout)
+    when given, then checked against ``--gpu-memory-gb`` or the local GPU (not assumed under a Ray address; no
+    GPU: no check). Over the GPU by more than the estimator's error: exit 2 naming the keys that would make it fit
+    (``--ignore-memory-plan`` turns that into a warning); within the error: a warning."""
+    from rlctl import memory_plan as mp
+    from rlctl.config import redact
+
+    remote = ray_address or loaded.cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    gpu = mp.gpu_bytes_from_gb(gpu_memory_gb) if gpu_memory_gb else (None if remote else mp.local_gpu_bytes())
+    plan, notes = mp.plan_for_config(loaded.cfg, gpu)
+    for note in notes:
+        _err(redact(f"note: {note}"))
+    if plan is None:
+        return
+    if fmt == "tree":
+        mp.print_plan_tree(plan)
+    elif fmt in ("yaml", "json"):
+        import yaml
+
+        data = mp.plan_as_dict(plan)
+        typer.echo(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False), nl=False)
+    if gpu is None:
+        _err(f"note: memory plan: peak {mp.gib(plan.peak_bytes)} GiB per GPU; no GPU size to check it against "
+             "(pass --gpu-memory-gb N)")
+        return
+    verdict = mp.check_fit(plan, gpu, allow_over=ignore)
+    if verdict is None:
+        return
+    level, text = verdict
+    if level == "error":
+        _err("rlctl: the GPU memory plan does not fit:")
+        for line in text.splitlines():
+            _err(f"  {line}")
+        raise typer.Exit(2)
+    _err(f"warning: {text}")
 
 
 def _print_notes(loaded: "LoadedConfig") -> None:
@@ -208,14 +259,24 @@ def check_config(
     config: ConfigOpt = None,
     backend: BackendOpt = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output: rich tree, or yaml/json for machines.")] = Format.tree,
+    memory: Annotated[bool, typer.Option("--memory-plan", help="Print the GPU memory plan (in --format) instead of "
+                                         "the config.")] = False,
+    gpu_memory_gb: GpuMemOpt = None,
+    ray_address: RayAddressOpt = None,
+    ignore_memory_plan: IgnorePlanOpt = False,
 ) -> None:
-    """Validate a configuration and print it resolved, with notes and warnings (on stderr)."""
+    """Validate a configuration and print it resolved, with notes and warnings (on stderr), then check the GPU
+    memory plan (per GPU: trainer, reference model, SGLang engine) against the GPU."""
     loaded = _load(preset, config, overrides, backend)
-    if fmt is Format.tree:
-        _print_tree(loaded)
-    else:
-        typer.echo(_rendered(loaded, fmt.value), nl=False)
+    if not memory:
+        if fmt is Format.tree:
+            _print_tree(loaded)
+        else:
+            typer.echo(_rendered(loaded, fmt.value), nl=False)
     _print_notes(loaded)
+    # the tree output shows the plan after the config; yaml/json keep stdout to the config unless --memory-plan
+    _memory_plan(loaded, gpu_memory_gb, ray_address, ignore_memory_plan,
+                 fmt.value if memory else ("tree" if fmt is Format.tree else None))
 
 
 @app.command()
@@ -226,12 +287,15 @@ def train(
     backend: BackendOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate, write <run dir>/config.yaml, and stop.")] = False,
     ray_address: RayAddressOpt = None,
+    gpu_memory_gb: GpuMemOpt = None,
+    ignore_memory_plan: IgnorePlanOpt = False,
 ) -> None:
     """Train with GRPO. The run folder is <trainer.log_path>/<trainer.project_name>/<trainer.run_name>."""
     extra = [f"ray.address={ray_address}"] if ray_address else []
     loaded = _load(preset, config, overrides, backend, for_training=True, extra=extra)
     _print_notes(loaded)
     _preflight(loaded, "train", dry_run=dry_run)
+    _memory_plan(loaded, gpu_memory_gb, ray_address, ignore_memory_plan or dry_run)
     run_dir = loaded.cfg.run_dir
     if dry_run:
         from rlctl.config import redact

@@ -117,9 +117,7 @@ def train(loaded) -> dict[str, Any]:
 
     redacted = redact(to_dict(cfg))
     run_dir = Path(cfg.run_dir)
-    logger = RunLogger(run_dir, yaml.safe_dump(redacted, sort_keys=False), _loggers(cfg),
-                       project=cfg.trainer.project_name, run_name=cfg.trainer.run_name, redacted_config=redacted,
-                       console=console)
+    logger = None  # the run folder is written once the Ray job is up: a failed start leaves nothing behind
     notes: list[str] = []
     generators = None
     ckpt = None
@@ -135,6 +133,9 @@ def train(loaded) -> dict[str, Any]:
         t0 = time.perf_counter()
         started_ray = init_ray(cfg, device)
         trainers, generators = build_groups(cfg, device)
+        logger = RunLogger(run_dir, yaml.safe_dump(redacted, sort_keys=False), _loggers(cfg),
+                           project=cfg.trainer.project_name, run_name=cfg.trainer.run_name, redacted_config=redacted,
+                           console=console)
         console.log(f"Ray job up in {time.perf_counter() - t0:.1f} s: {trainers.world_size} trainer worker(s), "
                     f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {redact(str(run_dir))}")
         ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
@@ -149,11 +150,15 @@ def train(loaded) -> dict[str, Any]:
         clean = True
         return summary
     except ray.exceptions.RayError as e:
-        console.print("[red]error:[/red] " + _escape(_describe_ray_error(e)) + "\n  completed checkpoints in "
-                      + _escape(redact(str(cfg.ckpt_dir))) + " are kept (resume with trainer.resume_mode=latest)")
+        latest = latest_checkpoint(Path(cfg.ckpt_dir))
+        kept = (f"completed checkpoints in {redact(str(cfg.ckpt_dir))} are kept (latest: {latest.name}; resume with "
+                "trainer.resume_mode=latest)" if latest else "no checkpoint was completed")
+        console.print("[red]error:[/red] " + _escape(_describe_ray_error(e)) + "\n  " + _escape(kept))
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted:[/yellow] stopping the Ray job; completed checkpoints are kept")
+        latest = latest_checkpoint(Path(cfg.ckpt_dir))
+        console.print("[yellow]interrupted:[/yellow] stopping the Ray job; "
+                      + (_escape(f"completed checkpoints are kept (latest: {latest.name})") if latest else "no checkpoint was completed"))
         raise SystemExit(130) from None
     finally:
         # Order matters: kill the actors first (one may still be writing a checkpoint), then delete this
@@ -165,7 +170,8 @@ def train(loaded) -> dict[str, Any]:
         main = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean and main else None
         try:
-            logger.close()
+            if logger is not None:
+                logger.close()
             if generators is not None:
                 generators.shutdown(timeout=60 if clean else 10)
             if ckpt is not None:

@@ -290,3 +290,30 @@ def test_no_heavy_imports():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_check_config_refuses_at_24_gib_and_prints_the_plan_at_141(tmp_path):
+    """The issue's example through the CLI: Qwen2.5-1.5B-Instruct (its config.json in a local folder), preset
+    gsm8k (KL on), --gpu-memory-gb 24 is refused naming the keys; 141 passes and prints the plan."""
+    from typer.testing import CliRunner
+
+    from rlctl.cli import app
+
+    model = tmp_path / "qwen15"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_15B))
+    runner = CliRunner()
+    args = ["check-config", "--backend", "sglang", "--preset", "gsm8k", f"trainer.policy.model.path={model}"]
+    res = runner.invoke(app, [*args, "--gpu-memory-gb", "24"])
+    assert res.exit_code == 2, res.output
+    assert "rlctl: the GPU memory plan does not fit:" in res.stderr
+    assert "exceeds the GPU's 24.0 GiB by more than the estimate's 20% error" in res.stderr
+    assert "trainer.micro_train_batch_size_per_gpu=8 -> " in res.stderr and "--ignore-memory-plan" in res.stderr
+    res = runner.invoke(app, [*args, "--gpu-memory-gb", "24", "--ignore-memory-plan"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*args, "--gpu-memory-gb", "141"])
+    assert res.exit_code == 0, res.output
+    assert "<- peak" in res.stdout and "KV cache" in res.stdout
+    res = runner.invoke(app, [*args, "--gpu-memory-gb", "141", "--memory-plan", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["peak"]["gib"] > 24

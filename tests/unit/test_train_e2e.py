@@ -198,3 +198,23 @@ def test_placement_group_timeout_names_the_keys(ray_cluster, tiny, tmp_path):
     for key in ("trainer.placement.policy_num_gpus_per_node", "generator.num_inference_engines", "ray.num_cpus",
                 "ray.placement_group_timeout_s"):
         assert key in msg
+
+
+def test_failed_start_leaves_no_run_folder_and_claims_no_checkpoint(ray_cluster, tiny, tmp_path, capsys):
+    """An engine that cannot load its model: exit 1 with the actor named, no run folder (config.yaml,
+    TensorBoard files) left behind, and no claim about checkpoints that do not exist."""
+    import shutil
+
+    from rlctl.job import train
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    loaded = load_config(overrides=_overrides(str(bad), tmp_path, "badstart", 1, workers=1), backend="hf")
+    with pytest.raises(SystemExit) as exc:
+        train(loaded)
+    assert exc.value.code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: generator-0" in err or "error: trainer-0" in err, err[-2000:]
+    assert "no checkpoint was completed" in err and "are kept" not in err
+    assert not Path(loaded.cfg.run_dir).exists()
