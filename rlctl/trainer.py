@@ -337,11 +337,35 @@ class PolicyTrainer:
         self.global_step += 1
         return metrics
 
+    def _global_counts(self, mini: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """Valid response tokens and sequences of the *global* mini-batch: this rank's counts summed over
+        the data-parallel group (collective). Returns ``(num_tokens, num_sequences)``."""
+        counts = torch.tensor([float(mini["response_mask"].sum()), float(mini["input_ids"].shape[0])],
+                              dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        num_tokens, num_seqs = counts.tolist()
+        return num_tokens, int(num_seqs)
+
     def _optimizer_step(self, mini: dict[str, torch.Tensor], temperature: float, micro: int) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch (collective: every rank calls it with
+        the same number of micro-batches).
+
+        The loss is the GRPO objective of the *global* mini-batch (all ranks' sequences): every
+        :func:`grpo.masked_reduce` divides by the global valid-token count (``token_mean``) or sequence
+        count (``sequence_mean``, ``seq_mean_token_sum_norm``), so each rank's loss is its share of one
+        global sum and the global gradient is the SUM over ranks of the ranks' gradients. FSDP2 reduces
+        gradients with an AVG over the group, so each rank back-propagates ``world_size * loss``: the
+        reduced gradient is then ``(1/W) * sum_r W * grad_r = sum_r grad_r``. (The alternative,
+        ``set_gradient_divide_factor(1.0)`` on every FSDP module, reduces with ``PREMUL_SUM``, which gloo
+        lacks.) ``clip_grad_norm_`` runs after that reduction, so it clips the global gradient. Reported
+        loss metrics are summed over ranks, i.e. means over the global mini-batch.
+
+        Returns: per-step metrics (floats) and ``skipped`` (the update was skipped: non-finite loss on
+        some rank or non-finite grad norm).
+        """
         algo = self.algo
-        mask_all = mini["response_mask"]
-        num_tokens = float(mask_all.sum().item())
-        num_seqs = mini["input_ids"].shape[0]
+        num_tokens, num_seqs = self._global_counts(mini)
         totals = {"policy/pg_loss": 0.0, "policy/kl": 0.0, "policy/entropy": 0.0, "policy/loss": 0.0}
         clip_tokens = 0.0
         self.optimizer.zero_grad(set_to_none=True)
@@ -366,19 +390,23 @@ class PolicyTrainer:
             if algo.use_entropy_loss:
                 loss = loss - algo.entropy_loss_coef * ent_red
             totals["policy/entropy"] += float(ent_red.detach())
-            loss.backward()
+            (loss * self.world_size).backward()  # FSDP2 averages over ranks: see the docstring
             totals["policy/pg_loss"] += float(pg_loss.detach())
             totals["policy/loss"] += float(loss.detach())
             clip_tokens += pg_m["clip_fraction"] * float(mask.sum().item())
+        # this rank's shares -> global mini-batch values; a non-finite loss on any rank makes the sum
+        # non-finite, so every rank agrees on skipping
+        keys = ("policy/pg_loss", "policy/kl", "policy/entropy", "policy/loss")
+        shares = torch.tensor([totals[k] for k in keys] + [clip_tokens], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(shares)
+        *vals, clip_tokens = shares.tolist()
+        totals = dict(zip(keys, vals))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.policy.optimizer_config.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
-        # every rank must agree on skipping: reduce the loss too (the grad norm is already global)
-        flag = torch.tensor([0.0 if math.isfinite(totals["policy/loss"]) else 1.0], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag)
-        finite = math.isfinite(grad_norm) and flag.item() == 0
+        finite = math.isfinite(grad_norm) and math.isfinite(totals["policy/loss"])
         if finite:
             self.optimizer.step()
             self.bad_steps_in_a_row = 0
