@@ -152,6 +152,9 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     return out.logits.float()
 
 
+# what _optimizer_step sums on the device per micro-batch (the last entry: clipped response tokens)
+_STEP_SUMS = ("policy/pg_loss", "policy/kl", "policy/entropy", "policy/loss", "clip_tokens")
+
 RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [N, T] tensors aligned with the response
 
 
@@ -337,6 +340,12 @@ class PolicyTrainer:
         self.global_step += 1
         return metrics
 
+    def _to_device(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A micro-batch's tensors on the trainer's device (through pinned memory, non-blocking, on CUDA)."""
+        if self.device.type != "cuda":
+            return mb
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in mb.items()}
+
     def _global_counts(self, mini: dict[str, torch.Tensor]) -> tuple[float, int]:
         """Valid response tokens and sequences of the *global* mini-batch: this rank's counts summed over
         the data-parallel group (collective). Returns ``(num_tokens, num_sequences)``."""
@@ -366,46 +375,47 @@ class PolicyTrainer:
         """
         algo = self.algo
         num_tokens, num_seqs = self._global_counts(mini)
-        totals = {"policy/pg_loss": 0.0, "policy/kl": 0.0, "policy/entropy": 0.0, "policy/loss": 0.0}
-        clip_tokens = 0.0
-        self.optimizer.zero_grad(set_to_none=True)
+        reduce_kw = dict(num_sequences=num_seqs, num_tokens=num_tokens, max_response_len=self.max_response_len)
         # the loss is a sum over micro-batches normalized by mini-batch totals, so their order and
-        # composition do not matter: group sequences of similar length and trim the shared padding
-        for _, mb in sorted_micro_batches(mini, micro):
-            mask = mb["response_mask"].to(self.device)
-            want_entropy = True
-            logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=want_entropy)
-            reduce_kw = dict(num_sequences=num_seqs, num_tokens=num_tokens, max_response_len=self.max_response_len)
+        # composition do not matter: group sequences of similar length and trim the shared padding. All
+        # micro-batches go to the device before the first forward, so the copies' waits all fall here.
+        mbs = [self._to_device(mb) for _, mb in sorted_micro_batches(mini, micro)]
+        # this rank's shares of pg_loss, kl, entropy, loss and clipped-token count, accumulated on the
+        # device: no host-device sync per micro-batch, one read per optimizer step
+        acc = torch.zeros(len(_STEP_SUMS), dtype=torch.float32, device=self.device)
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for mb in mbs:
+            mask = mb["response_mask"]
+            logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
             pg_loss, pg_m = grpo.policy_loss(
-                logp, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device), mask,
+                logp, mb["old_logprobs"], mb["advantages"], mask,
                 eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type,
-                clip_ratio_c=algo.clip_ratio_c, loss_reduction=algo.loss_reduction, **reduce_kw)
+                clip_ratio_c=algo.clip_ratio_c, loss_reduction=algo.loss_reduction, metrics_as_tensors=True,
+                **reduce_kw)
             loss = pg_loss
+            kl = zero
             if self.ref_model is not None:
-                kl_tok = grpo.kl_penalty(logp, mb["ref_logprobs"].to(self.device), algo.kl_estimator_type)
+                kl_tok = grpo.kl_penalty(logp, mb["ref_logprobs"], algo.kl_estimator_type)
                 kl = grpo.masked_reduce(kl_tok, mask, algo.loss_reduction, **reduce_kw)
                 loss = loss + algo.kl_loss_coef * kl
-                totals["policy/kl"] += float(kl.detach())
             ent_red = grpo.masked_reduce(ent, mask, algo.loss_reduction, **reduce_kw)
             if algo.use_entropy_loss:
                 loss = loss - algo.entropy_loss_coef * ent_red
-            totals["policy/entropy"] += float(ent_red.detach())
             (loss * self.world_size).backward()  # FSDP2 averages over ranks: see the docstring
-            totals["policy/pg_loss"] += float(pg_loss.detach())
-            totals["policy/loss"] += float(loss.detach())
-            clip_tokens += pg_m["clip_fraction"] * float(mask.sum().item())
+            # clip_fraction is over this micro-batch's valid tokens: back to a token count
+            acc += torch.stack([pg_loss.detach(), kl.detach(), ent_red.detach(), loss.detach(),
+                                pg_m["clip_fraction"] * mask.sum()]).float()
         # this rank's shares -> global mini-batch values; a non-finite loss on any rank makes the sum
         # non-finite, so every rank agrees on skipping
-        keys = ("policy/pg_loss", "policy/kl", "policy/entropy", "policy/loss")
-        shares = torch.tensor([totals[k] for k in keys] + [clip_tokens], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(shares)
-        *vals, clip_tokens = shares.tolist()
-        totals = dict(zip(keys, vals))
+            dist.all_reduce(acc)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.policy.optimizer_config.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        # the step's one device -> host read: the sums and the (global) grad norm together
+        *vals, clip_tokens, grad_norm = torch.cat([acc.double(), grad_norm.detach().reshape(1).double()]).tolist()
+        totals = dict(zip(_STEP_SUMS[:-1], vals))
         finite = math.isfinite(grad_norm) and math.isfinite(totals["policy/loss"])
         if finite:
             self.optimizer.step()

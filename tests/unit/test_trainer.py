@@ -288,3 +288,25 @@ def test_checkpoint_roundtrip(pg, tiny, tmp_path):
     s1, s2 = tr.full_state_dict(), tr2.full_state_dict()
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], atol=0, rtol=0)
+
+
+def test_host_reads_per_optimizer_step_do_not_grow_with_micro_batches(pg, tiny, monkeypatch):
+    """Loss metrics and the non-finite check are read from the device once per optimizer step: the
+    number of ``item`` / ``tolist`` / ``float(tensor)`` calls is the same for 4 micro-batches of 1 as
+    for 1 micro-batch of 4 (the old loop read 4 floats per micro-batch)."""
+    counts = []
+    for micro in (1, 4):
+        tr = PolicyTrainer(tiny, _tcfg(micro=micro, use_kl_loss=True), rank=0, world_size=1, device="cpu",
+                           max_response_len=8)
+        b = _batch()
+        b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+        b["ref_logprobs"] = tr.compute_logprobs(b, 1.0, "ref")
+        calls = []
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__float__"):
+                orig = getattr(torch.Tensor, name)
+                m.setattr(torch.Tensor, name,
+                          lambda self, *a, _orig=orig, _name=name, **kw: (calls.append(_name), _orig(self, *a, **kw))[1])
+            tr.train_step(b, 1.0, mini_batch_size=4)
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
