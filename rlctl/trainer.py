@@ -62,19 +62,26 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def load_and_shard(model_path: str, *, mesh, device: torch.device, param_dtype: torch.dtype | None,
                    gradient_checkpointing: bool, trainable: bool, reshard_after_forward: bool = True) -> torch.nn.Module:
-    """Load a causal LM in fp32 (master weights) on ``device`` and apply FSDP2 per decoder block.
+    """Load a causal LM on ``device`` and apply FSDP2 per decoder block.
 
-    ``param_dtype`` (e.g. bf16 on CUDA) is the compute dtype through ``MixedPrecisionPolicy``; None
-    keeps fp32 compute (CPU). Gradients are reduced in fp32.
+    A trainable model is stored in fp32 (master weights); ``param_dtype`` (e.g. bf16 on CUDA) is its
+    compute dtype through ``MixedPrecisionPolicy``, None keeps fp32 compute (CPU), and gradients are
+    reduced in fp32. A frozen model (``trainable=False``, the reference model) has no optimizer to
+    need fp32 master weights: it is stored directly in ``param_dtype`` (half the memory and no cast
+    per all-gather), or fp32 when that is None.
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    load_dtype = torch.float32 if trainable or param_dtype is None else param_dtype
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=load_dtype)
     model.config.use_cache = False
     if gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    if param_dtype is not None and load_dtype == torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()  # fp32 compute, or a frozen model already stored in param_dtype
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
@@ -235,8 +242,12 @@ class PolicyTrainer:
                                     reshard_after_forward=fsdp.reshard_after_forward)
         self.model.train()
         opt = tcfg.policy.optimizer_config
+        # CUDA: the fused kernel (one launch for all parameters; measured 7 ms vs 30 ms per step with
+        # foreach=False). CPU (gloo, DTensor parameters): the multi-tensor foreach path
+        # (tests/unit/test_trainer.py exercises it).
+        kind = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=tuple(opt.adam_betas),
-                                           weight_decay=opt.weight_decay, foreach=False)
+                                           weight_decay=opt.weight_decay, **kind)
         self.ref_model = None
         if self.algo.use_kl_loss:
             self.ref_model = load_and_shard(model_path, mesh=self.mesh, device=self.device, param_dtype=param_dtype,

@@ -310,3 +310,28 @@ def test_host_reads_per_optimizer_step_do_not_grow_with_micro_batches(pg, tiny, 
             tr.train_step(b, 1.0, mini_batch_size=4)
         counts.append(len(calls))
     assert counts[0] == counts[1], counts
+
+
+def test_cpu_adamw_is_foreach_on_dtensors_and_takes_the_first_adam_step(pg, tiny):
+    """CPU: the multi-tensor (foreach) AdamW works on FSDP2 DTensor parameters. Adam's first step with
+    zero weight decay moves each parameter by ``-lr * g / (|g| + eps)`` (bias corrections cancel);
+    the reference model (KL on) stays fp32 on CPU."""
+    tr = PolicyTrainer(tiny, _tcfg(lr=1e-3, use_kl_loss=True), rank=0, world_size=1, device="cpu", max_response_len=8)
+    assert tr.optimizer.defaults["foreach"] is True and not tr.optimizer.defaults.get("fused")
+    assert {p.dtype for p in tr.ref_model.parameters()} == {torch.float32}
+    b = _batch()
+    b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+    b["ref_logprobs"] = tr.compute_logprobs(b, 1.0, "ref")
+    before = {n: p.full_tensor().clone() for n, p in tr.model.named_parameters()}
+    grads = {}
+    step = tr.optimizer.step
+
+    def capture(*a, **kw):
+        grads.update({n: p.grad.full_tensor().clone() for n, p in tr.model.named_parameters()})
+        return step(*a, **kw)
+
+    tr.optimizer.step = capture
+    tr.train_step(b, 1.0, mini_batch_size=4)
+    for n, p in tr.model.named_parameters():
+        g = grads[n]
+        torch.testing.assert_close(p.full_tensor(), before[n] - 1e-3 * g / (g.abs() + 1e-8), atol=1e-7, rtol=1e-6)
