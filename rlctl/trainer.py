@@ -213,6 +213,85 @@ def sorted_micro_batches(batch: dict[str, torch.Tensor], size: int) -> Iterator[
         yield idx, mb
 
 
+OFFLOADED_RESERVE_LIMIT_BYTES = 1 << 30  # 1 GiB: CUDA memory a colocated trainer may keep reserved while offloaded
+
+
+class HostBuffers:
+    """Host (CPU) tensors allocated once per key and reused by every offload, so that moving the
+    trainer's state off the GPU neither allocates host memory each cycle nor copies from pageable
+    memory. With ``pin=True`` (CUDA) they are page-locked and the copies are non-blocking: the caller
+    synchronizes the stream before reading them.
+
+    Test: ``tests/unit/test_trainer.py::test_host_buffers_are_allocated_once_and_reused`` (``pin=False``).
+    """
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._bufs: dict[Any, torch.Tensor] = {}
+
+    def copy_in(self, key: Any, t: torch.Tensor) -> torch.Tensor:
+        """Copy ``t`` (any shape, dtype, device) into the host buffer of ``key`` and return the buffer;
+        allocated on first use and again only if ``t``'s shape or dtype changed."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
+            self._bufs[key] = buf
+        buf.copy_(t, non_blocking=self.pin)
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held, bytes."""
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this rank's data: a DTensor's local shard, else ``t``."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def to_host_buffer(buffers: HostBuffers, key: Any, t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into the host buffer of ``key``: a plain tensor, or for a DTensor (FSDP2 parameter
+    or optimizer state) a DTensor of the same mesh, placements and global shape whose local shard is
+    the buffer."""
+    from torch.distributed.tensor import DTensor
+
+    buf = buffers.copy_in(key, _local(t))
+    if isinstance(t, DTensor):
+        return DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return buf
+
+
+def move_module_to_host(model: torch.nn.Module, buffers: HostBuffers) -> None:
+    """Move every parameter and buffer of ``model`` (an FSDP2 module: parameters are DTensors, this
+    rank's shard is moved) into ``buffers`` (keyed by traversal order, which is fixed for a model), in
+    place: the ``Parameter`` objects stay the same, so an optimizer keeps pointing at them. Gradients
+    must be None (they would be moved as new tensors). Non-blocking with pinned buffers: synchronize
+    before reading them. Inverse: :func:`move_module_to_device`."""
+    index, seen = [0], {}
+
+    def to_host(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in seen:  # a tied weight (embeddings / LM head) is visited once per module holding it
+            seen[id(t)] = to_host_buffer(buffers, index[0], t)
+            index[0] += 1
+        return seen[id(t)]
+
+    model._apply(to_host)
+
+
+def move_module_to_device(model: torch.nn.Module, device: torch.device) -> None:
+    """Copy ``model``'s parameters and buffers to ``device`` (non-blocking from pinned host buffers;
+    the host buffers stay allocated for the next :func:`move_module_to_host`)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in seen:
+            seen[id(t)] = t.to(device, non_blocking=True)
+        return seen[id(t)]
+
+    model._apply(to_device)
+
+
 class PolicyTrainer:
     """One rank of the FSDP2 policy; see the module docstring for the batch layout.
 
@@ -254,6 +333,14 @@ class PolicyTrainer:
                                             gradient_checkpointing=False, trainable=False)
         self.global_step = 0
         self.bad_steps_in_a_row = 0
+        # SkyRL's trainer.policy.optimizer_config.offload_after_step: with colocation on CUDA, the
+        # optimizer state leaves the GPU after each step only when true (parameters always do)
+        self.offload_optimizer = bool(getattr(opt, "offload_after_step", True))
+        pin = self.device.type == "cuda"
+        self._host = {"policy": HostBuffers(pin), "ref": HostBuffers(pin), "optimizer": HostBuffers(pin)}
+        self.offloaded = False
+        self._opt_offloaded: list[tuple[int, str]] = []  # (state index, key) moved by the last offload
+        self.reserved_bytes_offloaded = 0  # torch.cuda.memory_reserved() after the last offload
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -326,7 +413,8 @@ class PolicyTrainer:
         Returns:
             Metrics averaged over optimizer steps: ``policy/loss``, ``policy/pg_loss``, ``policy/kl``,
             ``policy/entropy``, ``policy/clip_fraction``, ``policy/grad_norm``, ``policy/lr``,
-            ``policy/skipped_steps`` (non-finite loss or grad norm; the update is skipped).
+            ``policy/skipped_steps`` (non-finite loss or grad norm; the update is skipped), and
+            :meth:`memory_metrics` (bytes; 0 on CPU).
         Raises:
             RuntimeError: ``trainer.max_bad_steps`` non-finite optimizer steps in a row.
         """
@@ -348,6 +436,9 @@ class PolicyTrainer:
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["policy/skipped_steps"] = float(skipped)
         metrics["policy/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics.update(self.memory_metrics())
+        if self.device.type == "cuda" and not self.colocated:
+            torch.cuda.reset_peak_memory_stats()  # colocated: reset by the next step's onload
         self.global_step += 1
         return metrics
 
@@ -447,30 +538,104 @@ class PolicyTrainer:
         return totals
 
     # ------------------------------------------------------------------ colocation
-    def offload(self) -> None:
-        """Move parameters, gradients and optimizer state to CPU (colocated CUDA runs only)."""
-        if not self.colocated:
-            return
-        for m in (self.model, self.ref_model):
+    def offload(self) -> int:
+        """Free the GPU for a colocated generator (CUDA and colocated only; else a no-op returning 0).
+
+        Gradients are dropped (None); parameters of the policy and the reference model (this rank's
+        FSDP2 shards, after a reshard that frees all-gathered copies) and, if
+        ``trainer.policy.optimizer_config.offload_after_step``, the optimizer state are copied into
+        pinned host buffers allocated on the first offload and reused afterwards (non-blocking copies,
+        then one stream synchronize); the caching allocator then returns its free blocks to the driver.
+
+        Returns:
+            ``torch.cuda.memory_reserved()`` afterwards, bytes (also kept as
+            ``memory/trainer_reserved_bytes_offloaded``).
+        Raises:
+            RuntimeError: more than :data:`OFFLOADED_RESERVE_LIMIT_BYTES` (plus the optimizer state when
+                it stays on the GPU) is still reserved; the message names the allocated bytes and the
+                largest CUDA tensors still among parameters, gradients and optimizer state.
+        """
+        if not self.colocated or self.offloaded:
+            return self.reserved_bytes_offloaded if self.colocated else 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for name, m in (("policy", self.model), ("ref", self.ref_model)):
             if m is not None:
-                m.to("cpu")
-        self._move_optimizer_state("cpu")
+                move_module_to_host(m, self._host[name])
+        kept_opt_bytes = 0
+        if self.offload_optimizer:
+            self._optimizer_state_to_host()
+        else:
+            kept_opt_bytes = sum(v.numel() * v.element_size() for st in self.optimizer.state.values()
+                                 for v in st.values() if isinstance(v, torch.Tensor) and v.is_cuda)
+        torch.cuda.synchronize()  # the host buffers are complete, the GPU blocks unused
         torch.cuda.empty_cache()
+        self.offloaded = True
+        self.reserved_bytes_offloaded = int(torch.cuda.memory_reserved())
+        limit = OFFLOADED_RESERVE_LIMIT_BYTES + kept_opt_bytes
+        if self.reserved_bytes_offloaded > limit:
+            raise RuntimeError(
+                f"trainer offload left {self.reserved_bytes_offloaded / 2**30:.2f} GiB of CUDA memory reserved "
+                f"(limit {limit / 2**30:.2f} GiB = {OFFLOADED_RESERVE_LIMIT_BYTES / 2**30:.0f} GiB"
+                f"{' + the optimizer state kept on the GPU (offload_after_step=false)' if kept_opt_bytes else ''}); "
+                f"still allocated: {torch.cuda.memory_allocated() / 2**30:.2f} GiB; largest CUDA tensors of the "
+                f"trainer: {self._largest_cuda_tensors() or 'none (memory held outside its parameters, gradients and optimizer state)'}")
+        return self.reserved_bytes_offloaded
 
     def onload(self) -> None:
-        """Move parameters and optimizer state back to the GPU (inverse of :meth:`offload`)."""
-        if not self.colocated:
+        """Copy parameters (and offloaded optimizer state) back to the GPU, the inverse of :meth:`offload`
+        (the pinned host buffers stay for the next offload). On CUDA it also starts a new peak-memory
+        window (``memory/trainer_peak_reserved_bytes`` of the coming train step)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if not self.colocated or not self.offloaded:
             return
         for m in (self.model, self.ref_model):
             if m is not None:
-                m.to(self.device)
-        self._move_optimizer_state(self.device)
+                move_module_to_device(m, self.device)
+        states = list(self.optimizer.state.values())
+        for i, k in self._opt_offloaded:  # exactly what offload moved (a CPU `step` count stays on the CPU)
+            states[i][k] = states[i][k].to(self.device, non_blocking=True)
+        self._opt_offloaded = []
+        self.offloaded = False
 
-    def _move_optimizer_state(self, device) -> None:
-        for state in self.optimizer.state.values():
+    def _optimizer_state_to_host(self) -> None:
+        self._opt_offloaded = []
+        for i, state in enumerate(self.optimizer.state.values()):
             for k, v in state.items():
-                if isinstance(v, torch.Tensor):
-                    state[k] = v.to(device, non_blocking=True)
+                if isinstance(v, torch.Tensor) and v.is_cuda:
+                    state[k] = to_host_buffer(self._host["optimizer"], (i, k), v)
+                    self._opt_offloaded.append((i, k))
+
+    def _largest_cuda_tensors(self, top: int = 5) -> str:
+        """``name (MiB), ...`` of the biggest CUDA tensors among parameter shards, gradients and optimizer state."""
+        found: list[tuple[int, str]] = []
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for tag, m in (("policy", self.model), ("ref", self.ref_model)):
+            for n, p in (m.named_parameters() if m is not None else ()):
+                for what, t in (("", p), (".grad", p.grad)):
+                    if t is not None and _local(t).is_cuda:
+                        found.append((_local(t).numel() * _local(t).element_size(), f"{tag}:{n}{what}"))
+        for p, state in self.optimizer.state.items():
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and _local(v).is_cuda:
+                    found.append((_local(v).numel() * _local(v).element_size(),
+                                  f"optimizer:{names.get(id(p), '?')}.{k}"))
+        found.sort(reverse=True)
+        return ", ".join(f"{n} ({b / 2**20:.1f} MiB)" for b, n in found[:top])
+
+    def memory_metrics(self) -> dict[str, float]:
+        """CUDA memory of this rank, bytes (0.0 on CPU):
+
+        * ``memory/trainer_reserved_bytes_offloaded``: ``torch.cuda.memory_reserved()`` after the last
+          :meth:`offload` (in the loop: the one before this step's rollouts, i.e. what the trainer
+          kept while the generator ran);
+        * ``memory/trainer_peak_reserved_bytes``: ``torch.cuda.max_memory_reserved()`` since the last
+          :meth:`onload` (colocated) or train step (log-probs and training of this step).
+        """
+        if self.device.type != "cuda":
+            return {"memory/trainer_reserved_bytes_offloaded": 0.0, "memory/trainer_peak_reserved_bytes": 0.0}
+        return {"memory/trainer_reserved_bytes_offloaded": float(self.reserved_bytes_offloaded),
+                "memory/trainer_peak_reserved_bytes": float(torch.cuda.max_memory_reserved())}
 
     # ------------------------------------------------------------------ weights out
     def iter_weight_buckets(self, bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[list[tuple[str, torch.Tensor]]]:

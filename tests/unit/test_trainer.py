@@ -335,3 +335,42 @@ def test_cpu_adamw_is_foreach_on_dtensors_and_takes_the_first_adam_step(pg, tiny
     for n, p in tr.model.named_parameters():
         g = grads[n]
         torch.testing.assert_close(p.full_tensor(), before[n] - 1e-3 * g / (g.abs() + 1e-8), atol=1e-7, rtol=1e-6)
+
+
+def test_host_buffers_are_allocated_once_and_reused():
+    from rlctl.trainer import HostBuffers
+
+    hb = HostBuffers(pin=False)
+    a = hb.copy_in("w", torch.tensor([1.0, 2.0]))
+    b = hb.copy_in("w", torch.tensor([3.0, 4.0]))
+    assert a.data_ptr() == b.data_ptr() and b.tolist() == [3.0, 4.0] and hb.nbytes == 8
+    c = hb.copy_in("w", torch.tensor([1, 2, 3]))  # new shape / dtype: a new buffer
+    assert c.dtype == torch.int64 and c.tolist() == [1, 2, 3] and hb.nbytes == 24
+
+
+def test_module_offload_reuses_its_host_buffers_and_keeps_the_parameters(pg, tiny):
+    """move_module_to_host copies each FSDP2 shard into a buffer allocated on the first call; after the
+    parameters got fresh storage (as the onload to the GPU gives them; here a clone), the next call
+    copies into the same buffers. The Parameter objects (what the optimizer holds) never change, and
+    the tied embedding / LM head weight gets one buffer."""
+    from rlctl.trainer import HostBuffers, move_module_to_host
+
+    tr = PolicyTrainer(tiny, _tcfg(), rank=0, world_size=1, device="cpu", max_response_len=8)
+    b = _batch()
+    before = tr.compute_logprobs(b, 1.0)
+    params = list(tr.model.parameters())
+    hb = HostBuffers(pin=False)
+    move_module_to_host(tr.model, hb)
+    ptrs = [p._local_tensor.data_ptr() for p in params]
+    assert len(hb._bufs) == len(params) + 2  # + rotary inv_freq and original_inv_freq buffers
+    assert sorted(ptrs) == sorted(buf.data_ptr() for k, buf in hb._bufs.items() if k < len(params))
+    tr.model._apply(lambda t: t.clone())  # fresh storage, as after an onload
+    assert all(p._local_tensor.data_ptr() != q for p, q in zip(params, ptrs))
+    move_module_to_host(tr.model, hb)
+    assert [p._local_tensor.data_ptr() for p in params] == ptrs and list(tr.model.parameters()) == params
+    torch.testing.assert_close(tr.compute_logprobs(b, 1.0), before, atol=0, rtol=0)
+    b["old_logprobs"] = before
+    m = tr.train_step(b, 1.0, mini_batch_size=4)  # the optimizer still updates the model's parameters
+    assert not torch.equal(tr.compute_logprobs(b, 1.0), before)
+    assert m["memory/trainer_peak_reserved_bytes"] == 0.0 and m["memory/trainer_reserved_bytes_offloaded"] == 0.0
+    assert tr.offload() == 0 and not tr.offloaded  # CPU: offload is a no-op
