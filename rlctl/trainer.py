@@ -565,8 +565,8 @@ class PolicyTrainer:
         if self.offload_optimizer:
             self._optimizer_state_to_host()
         else:
-            kept_opt_bytes = sum(v.numel() * v.element_size() for st in self.optimizer.state.values()
-                                 for v in st.values() if isinstance(v, torch.Tensor) and v.is_cuda)
+            kept_opt_bytes = sum(_local(v).numel() * v.element_size() for st in self.optimizer.state.values()
+                                 for v in st.values() if isinstance(v, torch.Tensor) and v.is_cuda)  # this rank's shards
         torch.cuda.synchronize()  # the host buffers are complete, the GPU blocks unused
         torch.cuda.empty_cache()
         self.offloaded = True
