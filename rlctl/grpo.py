@@ -686,7 +686,8 @@ def policy_loss(
     num_tokens: float | None = None,
     max_response_len: int | None = None,
     token_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    metrics_as_tensors: bool = False,
+) -> tuple[Tensor, dict[str, float] | dict[str, Tensor]]:
     """PPO clipped surrogate policy loss with asymmetric clipping, dual clip or GSPO.
 
     Per token (Schulman et al. 2017, PPO; GRPO uses it with group-relative advantages)::
@@ -724,7 +725,9 @@ def policy_loss(
     through).
 
     Metrics (python floats, computed without grad over this micro-batch's valid tokens; all
-    0.0 when there is none):
+    0.0 when there is none; with ``metrics_as_tensors=True`` 0-dim float32 tensors on the
+    device of ``logprobs`` instead, so that a training loop can accumulate them without a
+    host-device synchronization per micro-batch):
 
     * ``clip_fraction``: fraction of tokens where ``pg2 > pg1`` (the clip is active); for
       ``gspo`` the fraction of *sequences* (with at least one valid token) whose clip is
@@ -748,10 +751,11 @@ def policy_loss(
         clip_ratio_c: dual-clip constant, must be ``> 1`` when ``loss_type="dual_clip"``.
         loss_reduction, num_sequences, num_tokens, max_response_len: see :func:`masked_reduce`.
         token_weights: optional ``[B, T]`` float per-token loss weights (detached).
+        metrics_as_tensors: return the metrics as 0-dim tensors (no ``.tolist()``).
 
     Returns:
         ``(loss, metrics)``: 0-dim loss tensor (differentiable w.r.t. ``logprobs``) and a
-        ``dict[str, float]`` with the keys above.
+        ``dict[str, float]`` (or ``dict[str, Tensor]``) with the keys above.
 
     Raises:
         ValueError: unknown ``loss_type`` or ``loss_reduction``, clip epsilons out of range,
@@ -850,10 +854,9 @@ def policy_loss(
         approx_kl = torch.where(valid, (old - logprobs.detach()).float(), 0.0).sum() / nf
         stats = torch.stack(
             [clip_frac * has, dual_frac * has, ratio_mean, ratio_max.float(), approx_kl]
-        ).tolist()
-    metrics = dict(
-        zip(("clip_fraction", "dual_clip_fraction", "ratio_mean", "ratio_max", "approx_kl"), stats)
-    )
+        ).float()
+    names = ("clip_fraction", "dual_clip_fraction", "ratio_mean", "ratio_max", "approx_kl")
+    metrics = dict(zip(names, stats.unbind() if metrics_as_tensors else stats.tolist()))
     return loss, metrics
 
 

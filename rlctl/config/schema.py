@@ -87,9 +87,9 @@ class OptimizerConfig(_Model):
     adam_betas: list[Annotated[float, Field(ge=0, lt=1)]] = runtime(factory=lambda: [0.9, 0.999])
     weight_decay: NonNegFloat = runtime(0.01)
     max_grad_norm: Annotated[float, Field(gt=0)] = runtime(1.0)
-    # SkyRL: optimizer state to CPU after each step; only with colocate_all
-    offload_after_step: bool = no_effect(
-        True, why="colocated GPU trainers always offload parameters and optimizer state while the engine runs")
+    # SkyRL's meaning: the optimizer state goes to the CPU after each step (colocated CUDA runs); parameters and
+    # gradients always leave the GPU while the engine runs (rlctl.trainer.PolicyTrainer.offload)
+    offload_after_step: bool = runtime(True)
     num_warmup_steps: Annotated[int, Field(ge=0)] = no_effect(0, why="rlctl uses a constant learning rate (no warmup yet)")
 
     @field_validator("adam_betas")

@@ -276,6 +276,19 @@ def test_policy_loss_dual_clip_by_hand():
     assert_close(logp.grad, t([[-0.5 / 6, -1.1 / 6, 0.0], [0.0, 1.1 / 6, 0.0]]))
 
 
+def test_policy_loss_metrics_as_tensors_match_the_floats():
+    """metrics_as_tensors=True: the same values as 0-dim float32 tensors (no host sync), same loss."""
+    loss_f, mf = policy_loss(_new_logprobs(), OLD, ADV, ONES, loss_type="dual_clip", clip_ratio_c=3.0, **CLIP)
+    loss_t, mt = policy_loss(_new_logprobs(), OLD, ADV, ONES, loss_type="dual_clip", clip_ratio_c=3.0,
+                             metrics_as_tensors=True, **CLIP)
+    assert_close(loss_t, loss_f)
+    assert mt.keys() == mf.keys()
+    for k, v in mt.items():
+        assert isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad, k
+        assert v.item() == pytest.approx(mf[k], rel=1e-6), k
+    assert mt["clip_fraction"].item() == pytest.approx(2 / 6) and mt["dual_clip_fraction"].item() == pytest.approx(1 / 6)
+
+
 def test_policy_loss_symmetric_clip_and_mask():
     # eps 0.2/0.2: A=+1, r=1.5 -> max(-1.5, -1.2) = -1.2; mask out the r=4.0 token:
     # token_mean over 5 = (-0.5 - 1.1 - 1.2 + 0.8 + 1.1) / 5 = -0.9 / 5 = -0.18

@@ -154,7 +154,6 @@ def test_forward_refuses_a_model_whose_head_it_cannot_hook():
 def test_packed_forward_equals_unpadded_rows_with_checkpointing_untied(pg, tmp_path, lefts):
     """Logits and parameter gradients of the right-packed forward (FSDP2, gradient checkpointing, untied
     LM head) equal those of each row's own unpadded forward; the head hook is gone afterwards."""
-    import copy
 
     from rlctl.trainer import load_and_shard
 
@@ -341,3 +340,89 @@ def test_checkpoint_state_loads_weights_only_and_refuses_other_objects(pg, tiny,
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     assert tr.load_checkpoint(tmp_path / "policy", tmp_path / "old.pt")["step"] == 2
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+
+def test_host_reads_per_optimizer_step_do_not_grow_with_micro_batches(pg, tiny, monkeypatch):
+    """Loss metrics and the non-finite check are read from the device once per optimizer step: the
+    number of ``item`` / ``tolist`` / ``float(tensor)`` calls is the same for 4 micro-batches of 1 as
+    for 1 micro-batch of 4 (the old loop read 4 floats per micro-batch)."""
+    counts = []
+    for micro in (1, 4):
+        tr = PolicyTrainer(tiny, _tcfg(micro=micro, use_kl_loss=True), rank=0, world_size=1, device="cpu",
+                           max_response_len=8)
+        b = _batch()
+        b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+        b["ref_logprobs"] = tr.compute_logprobs(b, 1.0, "ref")
+        calls = []
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__float__"):
+                orig = getattr(torch.Tensor, name)
+                m.setattr(torch.Tensor, name,
+                          lambda self, *a, _orig=orig, _name=name, **kw: (calls.append(_name), _orig(self, *a, **kw))[1])
+            tr.train_step(b, 1.0, mini_batch_size=4)
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
+
+
+def test_cpu_adamw_is_foreach_on_dtensors_and_takes_the_first_adam_step(pg, tiny):
+    """CPU: the multi-tensor (foreach) AdamW works on FSDP2 DTensor parameters. Adam's first step with
+    zero weight decay moves each parameter by ``-lr * g / (|g| + eps)`` (bias corrections cancel);
+    the reference model (KL on) stays fp32 on CPU."""
+    tr = PolicyTrainer(tiny, _tcfg(lr=1e-3, use_kl_loss=True), rank=0, world_size=1, device="cpu", max_response_len=8)
+    assert tr.optimizer.defaults["foreach"] is True and not tr.optimizer.defaults.get("fused")
+    assert {p.dtype for p in tr.ref_model.parameters()} == {torch.float32}
+    b = _batch()
+    b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+    b["ref_logprobs"] = tr.compute_logprobs(b, 1.0, "ref")
+    before = {n: p.full_tensor().clone() for n, p in tr.model.named_parameters()}
+    grads = {}
+    step = tr.optimizer.step
+
+    def capture(*a, **kw):
+        grads.update({n: p.grad.full_tensor().clone() for n, p in tr.model.named_parameters()})
+        return step(*a, **kw)
+
+    tr.optimizer.step = capture
+    tr.train_step(b, 1.0, mini_batch_size=4)
+    for n, p in tr.model.named_parameters():
+        g = grads[n]
+        torch.testing.assert_close(p.full_tensor(), before[n] - 1e-3 * g / (g.abs() + 1e-8), atol=1e-7, rtol=1e-6)
+
+
+def test_host_buffers_are_allocated_once_and_reused():
+    from rlctl.trainer import HostBuffers
+
+    hb = HostBuffers(pin=False)
+    a = hb.copy_in("w", torch.tensor([1.0, 2.0]))
+    b = hb.copy_in("w", torch.tensor([3.0, 4.0]))
+    assert a.data_ptr() == b.data_ptr() and b.tolist() == [3.0, 4.0] and hb.nbytes == 8
+    c = hb.copy_in("w", torch.tensor([1, 2, 3]))  # new shape / dtype: a new buffer
+    assert c.dtype == torch.int64 and c.tolist() == [1, 2, 3] and hb.nbytes == 24
+
+
+def test_module_offload_reuses_its_host_buffers_and_keeps_the_parameters(pg, tiny):
+    """move_module_to_host copies each FSDP2 shard into a buffer allocated on the first call; after the
+    parameters got fresh storage (as the onload to the GPU gives them; here a clone), the next call
+    copies into the same buffers. The Parameter objects (what the optimizer holds) never change, and
+    the tied embedding / LM head weight gets one buffer."""
+    from rlctl.trainer import HostBuffers, move_module_to_host
+
+    tr = PolicyTrainer(tiny, _tcfg(), rank=0, world_size=1, device="cpu", max_response_len=8)
+    b = _batch()
+    before = tr.compute_logprobs(b, 1.0)
+    params = list(tr.model.parameters())
+    hb = HostBuffers(pin=False)
+    move_module_to_host(tr.model, hb)
+    ptrs = [p._local_tensor.data_ptr() for p in params]
+    assert len(hb._bufs) == len(params) + 2  # + rotary inv_freq and original_inv_freq buffers
+    assert sorted(ptrs) == sorted(buf.data_ptr() for k, buf in hb._bufs.items() if k < len(params))
+    tr.model._apply(lambda t: t.clone())  # fresh storage, as after an onload
+    assert all(p._local_tensor.data_ptr() != q for p, q in zip(params, ptrs))
+    move_module_to_host(tr.model, hb)
+    assert [p._local_tensor.data_ptr() for p in params] == ptrs and list(tr.model.parameters()) == params
+    torch.testing.assert_close(tr.compute_logprobs(b, 1.0), before, atol=0, rtol=0)
+    b["old_logprobs"] = before
+    m = tr.train_step(b, 1.0, mini_batch_size=4)  # the optimizer still updates the model's parameters
+    assert not torch.equal(tr.compute_logprobs(b, 1.0), before)
+    assert m["memory/trainer_peak_reserved_bytes"] == 0.0 and m["memory/trainer_reserved_bytes_offloaded"] == 0.0
+    assert tr.offload() == 0 and not tr.offloaded  # CPU: offload is a no-op
