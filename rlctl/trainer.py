@@ -411,6 +411,8 @@ class PolicyTrainer:
             self.ref_model = load_and_shard(model_path, mesh=self.mesh, device=self.device, param_dtype=param_dtype,
                                             gradient_checkpointing=False, trainable=False)
         self.global_step = 0
+        # where a non-finite optimizer step's diagnosis is written (the Ray actor sets <run dir>/nonfinite)
+        self.diagnosis_dir: Path | None = None
         self.bad_steps_in_a_row = 0
         # SkyRL's trainer.policy.optimizer_config.offload_after_step: with colocation on CUDA, the
         # optimizer state leaves the GPU after each step only when true (parameters always do)
@@ -596,6 +598,7 @@ class PolicyTrainer:
             self.bad_steps_in_a_row = 0
         else:
             self.bad_steps_in_a_row += 1
+            totals["policy/nonfinite_diagnosis"] = self._diagnose_nonfinite(mbs, temperature, reduce_kw)
             if self.bad_steps_in_a_row >= self.tcfg.max_bad_steps:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise RuntimeError(
@@ -608,6 +611,84 @@ class PolicyTrainer:
         totals["policy/clip_fraction"] = clip_tokens / max(num_tokens, 1.0)
         totals["skipped"] = not finite
         return totals
+
+    def _diagnose_nonfinite(self, mbs: list[dict[str, torch.Tensor]], temperature: float, reduce_kw: dict) -> float:
+        """Find where a non-finite optimizer step came from: re-run its micro-batches one at a time (collective:
+        every rank runs this, since all ranks agree the step is non-finite) with a forward hook on every module
+        that records the first module whose output holds a NaN/Inf, then check the log-probs, the loss and,
+        after each micro-batch's backward, the parameter gradients (this rank's shards, in module order).
+
+        Writes ``<diagnosis_dir>/step<S>_rank<R>.json`` (what was found, per micro-batch: the first non-finite
+        module output, the log-prob / old log-prob / advantage ranges, the loss, the first parameters with
+        non-finite gradients) and ``step<S>_rank<R>_mb<k>.pt`` (the first offending micro-batch's tensors, on the
+        CPU, to reproduce it). Gradients are zeroed afterwards: the step stays skipped.
+
+        Returns: 1.0 when something non-finite was located on this rank, else 0.0 (the metric
+        ``policy/nonfinite_diagnosis``, averaged over ranks by the trainer group).
+        """
+        import json
+
+        found: dict[str, Any] = {"step": self.global_step + 1, "rank": self.rank, "micro_batches": []}
+        first_fwd: list[str] = []
+
+        def hook(name):
+            def check(_module, _inputs, output):
+                outs = output if isinstance(output, (tuple, list)) else (output,)
+                for o in outs:
+                    if isinstance(o, torch.Tensor) and o.is_floating_point() and not first_fwd:
+                        if not bool(torch.isfinite(o).all()):
+                            first_fwd.append(f"{name or type(_module).__name__} ({type(_module).__name__}, "
+                                             f"shape {tuple(o.shape)}, dtype {o.dtype})")
+            return check
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()]
+        algo = self.algo
+        saved = None
+        try:
+            for k, mb in enumerate(mbs):
+                first_fwd.clear()
+                self.optimizer.zero_grad(set_to_none=True)
+                mask = mb["response_mask"]
+                logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
+                pg_loss, _ = grpo.policy_loss(
+                    logp, mb["old_logprobs"], mb["advantages"], mask, eps_clip_low=algo.eps_clip_low,
+                    eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type, clip_ratio_c=algo.clip_ratio_c,
+                    loss_reduction=algo.loss_reduction, **reduce_kw)
+                (pg_loss * self.world_size).backward()
+                valid = mask != 0
+                bad_grads = [n for n, prm in self.model.named_parameters()
+                             if prm.grad is not None and not bool(torch.isfinite(_local(prm.grad)).all())]
+
+                def rng(t):
+                    v = t[valid] if t.shape == mask.shape else t
+                    return [float(v.min()), float(v.max())] if v.numel() else None
+                entry = {"micro_batch": k, "sequences": int(mask.shape[0]), "response_tokens": int(valid.sum()),
+                         "first_nonfinite_forward_output": first_fwd[0] if first_fwd else None,
+                         "logprobs_finite": bool(torch.isfinite(logp[valid]).all()),
+                         "logprobs_range": rng(logp.detach()), "old_logprobs_range": rng(mb["old_logprobs"]),
+                         "advantages_range": rng(mb["advantages"]), "pg_loss": float(pg_loss.detach()),
+                         "nonfinite_grad_params": bad_grads[:8], "nonfinite_grad_param_count": len(bad_grads)}
+                found["micro_batches"].append(entry)
+                bad = entry["first_nonfinite_forward_output"] or bad_grads or not entry["logprobs_finite"] \
+                    or not math.isfinite(entry["pg_loss"])
+                if bad and saved is None:
+                    saved = k
+                    found["first_bad_micro_batch"] = k
+                    if self.diagnosis_dir is not None:
+                        self.diagnosis_dir.mkdir(parents=True, exist_ok=True)
+                        torch.save({key: v.detach().cpu() for key, v in mb.items()},
+                                   self.diagnosis_dir / f"step{found['step']}_rank{self.rank}_mb{k}.pt")
+        finally:
+            for h in handles:
+                h.remove()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.diagnosis_dir is not None:
+            self.diagnosis_dir.mkdir(parents=True, exist_ok=True)
+            path = self.diagnosis_dir / f"step{found['step']}_rank{self.rank}.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(found, indent=2))
+            tmp.replace(path)
+        return 1.0 if saved is not None else 0.0
 
     # ------------------------------------------------------------------ colocation
     def offload(self) -> int:

@@ -56,6 +56,7 @@ class TrainerWorker:
             cfg.trainer.policy.model.path, cfg.trainer, rank=self.rank, world_size=self.world_size,
             device=self.device, max_response_len=cfg.generator.sampling_params.max_new_tokens,
             compute_dtype=cfg.generator.model_dtype, colocated=cfg.trainer.placement.colocate_all)
+        self.trainer.diagnosis_dir = Path(cfg.run_dir) / "nonfinite"
 
     def compute_logprobs(self, batch, temperature: float, which: str):
         return self.trainer.compute_logprobs(batch, temperature, which)

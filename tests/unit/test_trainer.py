@@ -426,3 +426,27 @@ def test_module_offload_reuses_its_host_buffers_and_keeps_the_parameters(pg, tin
     assert not torch.equal(tr.compute_logprobs(b, 1.0), before)
     assert m["memory/trainer_peak_reserved_bytes"] == 0.0 and m["memory/trainer_reserved_bytes_offloaded"] == 0.0
     assert tr.offload() == 0 and not tr.offloaded  # CPU: offload is a no-op
+
+
+def test_nonfinite_step_is_diagnosed_down_to_the_module(pg, tiny, tmp_path):
+    """A NaN planted in one weight of decoder block 1's MLP: the skipped step's diagnosis names that module's
+    output as the first non-finite activation, writes the report and the micro-batch, and the step stays skipped."""
+    import json
+
+    from rlctl.trainer import _local
+
+    tr = PolicyTrainer(tiny, _tcfg(micro=4), rank=0, world_size=1, device="cpu", max_response_len=8)
+    tr.diagnosis_dir = tmp_path / "nonfinite"
+    b = _batch()
+    b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+    with torch.no_grad():
+        _local(tr.model.model.layers[1].mlp.down_proj.weight)[0, 0] = float("nan")
+    m = tr.train_step(b, 1.0, mini_batch_size=4)
+    assert m["policy/skipped_steps"] == 1.0 and m["policy/nonfinite_diagnosis"] == 1.0
+    report = json.loads((tmp_path / "nonfinite" / "step1_rank0.json").read_text())
+    first = report["micro_batches"][0]
+    assert report["first_bad_micro_batch"] == 0 and first["sequences"] == 4 and first["response_tokens"] == 10
+    assert first["first_nonfinite_forward_output"].startswith("model.layers.1.mlp.down_proj (Linear")
+    assert first["logprobs_finite"] is False and first["nonfinite_grad_param_count"] > 0
+    saved = torch.load(tmp_path / "nonfinite" / "step1_rank0_mb0.pt", weights_only=True)
+    assert saved["input_ids"].shape[0] == 4
