@@ -100,14 +100,13 @@ COEFFICIENTS: dict[str, float] = {
     "ckpt_recomputed_layers": 2,
     # No-grad forward (log-probs): decoder layers' activations alive at once (one layer computing).
     "forward_transient_layers": 1,
-    # Logits working set of a training micro-batch, bytes per (response token x vocab entry): bf16 head
-    # output (2) + its fp32 copy (4) + the temperature-scaled copy (4) + the entropy metric's fp32
-    # softmax and product (4 + 4), or in backward the fp32 gradient and the logsumexp softmax; read
-    # from trainer.response_logits_forward / _logprobs_entropy and grpo.logprobs_from_logits /
-    # entropy_from_logits. Assumed (16), to be calibrated.
-    "logprob_train_bytes_per_token_vocab": 16,
-    # The same for the no-grad log-prob forward: bf16 output + fp32 copy + scaled copy (2 + 4 + 4).
-    "logprob_forward_bytes_per_token_vocab": 10,
+    # Log-prob working set (rlctl/logprobs.py): logits exist for at most logprob_chunk_positions response
+    # positions at a time (rlctl.logprobs.CHUNK_POSITIONS), bytes per (position x vocab entry): the bf16 chunk (2)
+    # + its fp32 log-softmax (4) + the softmax / gradient of the chunk (4) in training; + the fp32 [V, H]
+    # gradient of the LM head accumulated over chunks. Assumed (10 / 6), to be calibrated.
+    "logprob_chunk_positions": 1024,
+    "logprob_train_bytes_per_token_vocab": 10,
+    "logprob_forward_bytes_per_token_vocab": 6,
     # Weight sync: a flattened bucket of generator.weight_sync_bucket_mb plus the gathered tensors it
     # is copied from (rlctl/weight_sync.py iter_weight_buckets).
     "weight_sync_bucket_copies": 2,
@@ -458,6 +457,7 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
         per_token = L * layer_act
         act_detail = f"{m_train} x {seq} tokens x {L} layers x {layer_act:,.0f} B/token/layer; checkpointing off"
     copies = int((C["fsdp_unsharded_blocks"] * shape.block_parameters + shape.root_parameters) * dt)
+    chunk = C["logprob_chunk_positions"]
     bucket = int(x["generator.weight_sync_bucket_mb"] * MiB * C["weight_sync_bucket_copies"])
     trainer = [
         LineItem("cuda_context", "CUDA context", ctx, "cuda_context_bytes"),
@@ -466,18 +466,22 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
         LineItem("adamw_state", "AdamW moments, fp32", math.ceil(8 * P / workers), f"2 x 4 B x {P:,} / {workers} shards"),
     ]
     if kl:
-        trainer.append(LineItem("reference_weights", "reference model, fp32", math.ceil(4 * P / workers),
-                                f"4 B x {P:,} / {workers} shards (KL on; loaded in fp32 like the policy)"))
+        trainer.append(LineItem("reference_weights", f"reference model, {x['generator.model_dtype']}",
+                                math.ceil(dt * P / workers),
+                                f"{dt} B x {P:,} / {workers} shards (KL on; stored in the compute dtype, never trained)"))
     trainer += [
         LineItem("compute_copies", "unsharded compute copies", copies,
                  f"{dt} B x ({C['fsdp_unsharded_blocks']:g} blocks x {shape.block_parameters:,} + root {shape.root_parameters:,})"),
         LineItem("train_activations", "activations, train micro-batch", int(train_tokens * per_token), act_detail),
-        LineItem("train_logits", "logits working set, train micro-batch", int(m_train * T * V * C["logprob_train_bytes_per_token_vocab"]),
-                 f"{m_train} x {T} response tokens x {V:,} vocab x {C['logprob_train_bytes_per_token_vocab']:g} B"),
+        LineItem("train_logits", "log-prob working set, train micro-batch",
+                 int(min(m_train * T, chunk) * V * C["logprob_train_bytes_per_token_vocab"] + 4 * V * h),
+                 f"min({m_train} x {T}, {chunk:g}) positions x {V:,} vocab x {C['logprob_train_bytes_per_token_vocab']:g} B "
+                 f"+ fp32 LM-head gradient 4 B x {V:,} x {h}"),
         LineItem("forward_activations", "activations, log-prob forward", int(fwd_tokens * C["forward_transient_layers"] * layer_act),
                  f"{m_fwd} x {seq} tokens x {C['forward_transient_layers']:g} layer x {layer_act:,.0f} B"),
-        LineItem("forward_logits", "logits working set, log-prob forward", int(m_fwd * T * V * C["logprob_forward_bytes_per_token_vocab"]),
-                 f"{m_fwd} x {T} response tokens x {V:,} vocab x {C['logprob_forward_bytes_per_token_vocab']:g} B"),
+        LineItem("forward_logits", "log-prob working set, log-prob forward",
+                 int(min(m_fwd * T, chunk) * V * C["logprob_forward_bytes_per_token_vocab"]),
+                 f"min({m_fwd} x {T}, {chunk:g}) positions x {V:,} vocab x {C['logprob_forward_bytes_per_token_vocab']:g} B"),
         LineItem("weight_sync_buckets", "weight-sync buckets", bucket,
                  f"{C['weight_sync_bucket_copies']:g} x generator.weight_sync_bucket_mb={x['generator.weight_sync_bucket_mb']} MiB"),
     ]
