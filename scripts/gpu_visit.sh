@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU visit of the trainer-speed work, in stages (each stage well under a device call's 10 minutes; several
+# stages in one call run in order). After the devkit with qwen05 (calls 1-13 of ../shared/devkit/README.md), every
+# call with carry ["gpu_data", "gpu_base"] (gpu_data/gsm8k: the GSM8K jsonl; gpu_base: `git archive` of the baseline
+# commit with this checkout's benchmarks/_common.py and step_breakdown.py copied in):
+#   bash scripts/gpu_visit.sh check       # GPU tests: colocated 2-step, checkpoint every step, trainer offload (~6 min)
+#   bash scripts/gpu_visit.sh step-new    # step_breakdown.py on this checkout, Qwen2.5-Coder-0.5B, 32 x 8 (~4 min)
+#   bash scripts/gpu_visit.sh step-base   # the same on gpu_base (the baseline), in the same visit (~4 min)
+#   bash scripts/gpu_visit.sh real 330    # scripts/gpu_real_run.sh 330: the real run (~8 min)
+# Each stage writes into /tmp/visit/<stage> and packs it into $OUT/<stage>.tgz (the device returns at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
+DATA=/tmp/rlctl/data/gsm8k
+QWEN=/tmp/models/qwen2.5-coder-0.5b-instruct
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
+gpu_env gpu_visit "$OUT/visit.log"
+export TQDM_DISABLE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/visit.log"
+if [ ! -f $DATA/validation.parquet ] && [ -f gpu_data/gsm8k/train.jsonl ]; then
+  python3 -m rlctl prepare-data gsm8k --source-dir gpu_data/gsm8k --output-dir $DATA >> "$OUT/visit.log" 2>&1
+fi
+step() {  # $1 repo root, $2 name, $3 folder: step_breakdown.py, 32 x 8, preset gsm8k-h200 (the real-run setting)
+  ( cd "$1" && PYTHONPATH="$1:$PYTHONPATH" python3 benchmarks/step_breakdown.py --model $QWEN --data $DATA \
+      --prompts 32 --samples 8 --steps "${STEPS:-6}" --skip-steps 1 --name "$2" --workdir /tmp/rlctl_bench \
+      --out "$3/$2.json" ) > "$3/$2.log" 2>&1
+  tail -32 "$3/$2.log"
+  cp "/tmp/rlctl_bench/logs/$2.log" "$3/$2.train.log" 2>/dev/null
+  cp /tmp/rlctl_bench/runs/*/"$2"/metrics.jsonl "$3/$2.metrics.jsonl" 2>/dev/null
+  cp /tmp/rlctl_bench/runs/*/"$2"/config.yaml "$3/$2.config.yaml" 2>/dev/null
+}
+while [ $# -gt 0 ]; do
+  stage=$1; shift
+  echo "== $stage $(date -u +%FT%TZ)" | tee -a "$OUT/visit.log"
+  W=/tmp/visit/$stage; mkdir -p "$W"
+  case $stage in
+    check) OUT="$W" bash scripts/gpu_check.sh -k "colocated or offload" > "$W/check.log" 2>&1; tail -25 "$W/check.log" ;;
+    step-new) step "$PWD" step_new "$W" ;;
+    step-base) step "$PWD/gpu_base" step_base "$W" ;;
+    real) wall=${1:-330}; shift || true; OUT="$W" bash scripts/gpu_real_run.sh "$wall" > "$W/real.log" 2>&1
+          tail -20 "$W/real.log" ;;
+    *) echo "gpu_visit: unknown stage $stage" | tee -a "$OUT/visit.log"; exit 2 ;;
+  esac
+  nvidia-smi --query-gpu=name,memory.used --format=csv,noheader >> "$W/nvidia_smi.txt" 2>&1
+  tar czf "$OUT/$stage.tgz" -C /tmp/visit "$stage"
+done
