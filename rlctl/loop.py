@@ -119,6 +119,27 @@ def make_reward_fn(env_cfg) -> Callable[[str, str, list[int]], dict[str, float]]
     return reward
 
 
+def compute_advantages(algo, rewards: torch.Tensor, n: int, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence advantages with ``trainer.algorithm.advantage_estimator`` (:func:`rlctl.grpo.compute_advantages`).
+
+    Args:
+        algo: the ``trainer.algorithm`` section.
+        rewards: [N] float32, group-major (``n`` samples per prompt).
+        n: ``generator.n_samples_per_prompt``.
+        response_mask: [N, T] loss mask (after the zero-variance / overlong filters); ``reinforce++``
+            weights its batch mean and std by each response's tokens in it, as SkyRL and verl do.
+    Returns:
+        [N] float32 advantages: ``grpo`` (Shao et al. 2024; ``grpo_norm_by_std=false`` is Dr. GRPO), ``rloo``
+        (Ahmadian et al. 2024), ``reinforce++`` (Hu 2025, outcome reward, batch whitening).
+    """
+    name = algo.advantage_estimator
+    if name == "grpo":
+        return grpo.compute_advantages(name, rewards, n, norm_by_std=algo.grpo_norm_by_std)
+    if name == "reinforce++":
+        return grpo.compute_advantages(name, rewards, n, response_lengths=response_mask.sum(1))
+    return grpo.compute_advantages(name, rewards, n)
+
+
 # ---------------------------------------------------------------------------------------------- timing
 @dataclass
 class PhaseTimer:
@@ -279,7 +300,6 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
 
         # 3 advantages (per sequence, broadcast over its tokens by the loss)
         with timer("advantages"):
-            advantages = grpo.grpo_advantages(rewards, n, norm_by_std=algo.grpo_norm_by_std)
             batch = build_batch(prompts, out.output_ids, pad_id)
             T = batch["response_mask"].shape[1]
             keep = torch.ones(len(prompts))
@@ -288,6 +308,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             if g_cfg.apply_overlong_filtering:
                 keep = keep * torch.tensor([0.0 if f == "length" else 1.0 for f in out.finish_reasons])
             batch["response_mask"] = batch["response_mask"] * keep[:, None]
+            advantages = compute_advantages(algo, rewards, n, batch["response_mask"])
             batch["advantages"] = advantages
             rollout_lp = pad_logprobs(out.logprobs, T)
 

@@ -71,8 +71,11 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
 
     # --- batch sizes (SkyRL semantics: train and mini batches in prompts, micro batches in sequences)
     n = g.n_samples_per_prompt
-    if n < 2:
+    if n < 2 and a.advantage_estimator == "grpo":
         c.error("generator.n_samples_per_prompt", n, "GRPO compares samples of the same prompt, it needs at least 2; e.g. generator.n_samples_per_prompt=5")
+    elif n < 2 and a.advantage_estimator == "rloo":
+        c.error("generator.n_samples_per_prompt", n, "RLOO's baseline is the mean reward of the other samples of the same prompt, "
+                "it needs at least 2; e.g. generator.n_samples_per_prompt=5 (or trainer.algorithm.advantage_estimator=reinforce++)")
     mini_seqs = t.policy_mini_batch_size * n
     step_seqs = t.micro_train_batch_size_per_gpu * workers
     if t.train_batch_size % t.policy_mini_batch_size:
@@ -118,6 +121,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     ne("trainer.algorithm.kl_loss_coef", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
     ne("trainer.algorithm.kl_estimator_type", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
     ne("trainer.algorithm.entropy_loss_coef", not a.use_entropy_loss, "trainer.algorithm.use_entropy_loss=false")
+    ne("trainer.algorithm.grpo_norm_by_std", a.advantage_estimator != "grpo", "only used with trainer.algorithm.advantage_estimator=grpo")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
     ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",

@@ -138,8 +138,10 @@ class PlacementConfig(_Model):
 
 
 class AlgorithmConfig(_Model):
-    advantage_estimator: Literal["grpo"] = rule("grpo", rejects="only grpo")
-    grpo_norm_by_std: bool = runtime(True)
+    # grpo: (r - group mean) / group std; rloo: leave-one-out group baseline; reinforce++: the reward whitened
+    # over the whole batch, token-weighted (rlctl.grpo.compute_advantages)
+    advantage_estimator: Literal["grpo", "rloo", "reinforce++"] = runtime("grpo")
+    grpo_norm_by_std: bool = runtime(True)  # advantage_estimator=grpo only
     eps_clip_low: NonNegFloat = runtime(0.2)
     eps_clip_high: NonNegFloat = runtime(0.2)
     policy_loss_type: Literal["regular", "dual_clip"] = runtime("regular")

@@ -443,7 +443,8 @@ def test_eval_max_new_tokens_follows_train_unless_set():
     ("generator.weight_sync_bucket_mb=0", "generator.weight_sync_bucket_mb=0: must be > 0"),
     ("generator.model_dtype=fp8", "generator.model_dtype=fp8: must be one of 'bfloat16', 'float16' or 'float32'"),
     ("generator.n_samples_per_prompt=1", "GRPO compares samples of the same prompt, it needs at least 2"),
-    ("trainer.algorithm.advantage_estimator=gae", "trainer.algorithm.advantage_estimator=gae: must be one of 'grpo'"),
+    ("trainer.algorithm.advantage_estimator=gae",
+     "trainer.algorithm.advantage_estimator=gae: must be one of 'grpo', 'rloo' or 'reinforce++'"),
     ("trainer.algorithm.policy_loss_type=gspo", "must be one of 'regular' or 'dual_clip'"),
     ("trainer.algorithm.loss_reduction=sum", "must be one of 'token_mean', 'sequence_mean' or 'seq_mean_token_sum_norm'"),
     ("trainer.algorithm.kl_estimator_type=k4", "must be one of 'k1', 'k2', 'k3' or 'abs'"),
@@ -477,6 +478,19 @@ def test_eval_max_new_tokens_follows_train_unless_set():
 ])
 def test_rule_errors(override, fragment):
     assert fragment in one_error(override)
+
+
+def test_advantage_estimators():
+    assert one_error("generator.n_samples_per_prompt=1", "trainer.algorithm.advantage_estimator=rloo") == (
+        "generator.n_samples_per_prompt=1: RLOO's baseline is the mean reward of the other samples of the same prompt, "
+        "it needs at least 2; e.g. generator.n_samples_per_prompt=5 (or trainer.algorithm.advantage_estimator=reinforce++)")
+    # REINFORCE++ whitens over the batch: one sample per prompt is fine
+    cfg = load_config(overrides=["generator.n_samples_per_prompt=1", "trainer.policy_mini_batch_size=4",
+                                 "trainer.algorithm.advantage_estimator=reinforce++"]).cfg
+    assert cfg.trainer.algorithm.advantage_estimator == "reinforce++"
+    assert load_config(overrides=["trainer.algorithm.advantage_estimator=rloo",
+                                  "trainer.algorithm.grpo_norm_by_std=false"]).notes == [
+        "trainer.algorithm.grpo_norm_by_std=false has no effect: only used with trainer.algorithm.advantage_estimator=grpo"]
 
 
 def test_stop_string_error_for_hf_too():

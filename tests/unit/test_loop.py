@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from rlctl.generator import GenerationOutput
-from rlctl.loop import PhaseTimer, build_batch, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
+from types import SimpleNamespace
+
+from rlctl.loop import PhaseTimer, build_batch, compute_advantages, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
 from rlctl.testing import build_tiny_tokenizer
 
 
@@ -54,3 +56,20 @@ def test_rollout_metrics_hand_numbers():
     assert m["groups/zero_variance_fraction"] == 0.5  # group 2 has rewards (0.5, 0.5)
     assert abs(m["policy/rollout_train_logprobs_abs_diff_mean"] - 0.25) < 1e-7
     assert m["rollout/tokens"] == 8.0 and m["rollout/tokens_per_s"] == 4.0
+
+
+def test_advantage_estimators_hand_numbers():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])  # 2 groups of n=2: (1, 0) and (0, 0)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])  # 2, 1, 1, 0 loss tokens
+    algo = SimpleNamespace(advantage_estimator="grpo", grpo_norm_by_std=True)
+    # GRPO: (r - 0.5) / (unbiased std sqrt(0.5) + 1e-6); the flat group gets 0
+    assert torch.allclose(compute_advantages(algo, rewards, 2, mask), torch.tensor([0.70711, -0.70711, 0.0, 0.0]), atol=1e-5)
+    algo.grpo_norm_by_std = False  # Dr. GRPO: r - group mean
+    assert compute_advantages(algo, rewards, 2, mask).tolist() == [0.5, -0.5, 0.0, 0.0]
+    algo.advantage_estimator = "rloo"  # r_i - mean of the other sample
+    assert compute_advantages(algo, rewards, 2, mask).tolist() == [1.0, -1.0, 0.0, 0.0]
+    # REINFORCE++: token-weighted batch whitening, weights 2, 1, 1, 0: mean 2/4 = 0.5,
+    # var (2 * 0.25 + 0.25 + 0.25) / (4 - 1) = 1/3, so A = (r - 0.5) * sqrt(3)
+    algo.advantage_estimator = "reinforce++"
+    got = compute_advantages(algo, rewards, 2, mask)
+    assert torch.allclose(got, torch.tensor([0.5, -0.5, -0.5, -0.5]) * 3 ** 0.5, atol=1e-5)
