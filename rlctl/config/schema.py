@@ -144,7 +144,8 @@ class AlgorithmConfig(_Model):
     grpo_norm_by_std: bool = runtime(True)  # advantage_estimator=grpo only
     eps_clip_low: NonNegFloat = runtime(0.2)
     eps_clip_high: NonNegFloat = runtime(0.2)
-    policy_loss_type: Literal["regular", "dual_clip"] = runtime("regular")
+    # gspo: sequence-level ratio (Zheng et al. 2025); use its small clips, see the gsm8k-gspo preset
+    policy_loss_type: Literal["regular", "dual_clip", "gspo"] = runtime("regular")
     clip_ratio_c: Annotated[float, Field(gt=1)] = runtime(3.0)  # dual_clip only
     loss_reduction: Literal["token_mean", "sequence_mean", "seq_mean_token_sum_norm"] = runtime("token_mean")
     use_kl_loss: bool = runtime(True)

@@ -445,7 +445,7 @@ def test_eval_max_new_tokens_follows_train_unless_set():
     ("generator.n_samples_per_prompt=1", "GRPO compares samples of the same prompt, it needs at least 2"),
     ("trainer.algorithm.advantage_estimator=gae",
      "trainer.algorithm.advantage_estimator=gae: must be one of 'grpo', 'rloo' or 'reinforce++'"),
-    ("trainer.algorithm.policy_loss_type=gspo", "must be one of 'regular' or 'dual_clip'"),
+    ("trainer.algorithm.policy_loss_type=gpo", "trainer.algorithm.policy_loss_type=gpo: must be one of 'regular', 'dual_clip' or 'gspo'"),
     ("trainer.algorithm.loss_reduction=sum", "must be one of 'token_mean', 'sequence_mean' or 'seq_mean_token_sum_norm'"),
     ("trainer.algorithm.kl_estimator_type=k4", "must be one of 'k1', 'k2', 'k3' or 'abs'"),
     ("trainer.algorithm.clip_ratio_c=1", "trainer.algorithm.clip_ratio_c=1: must be > 1"),
