@@ -1,7 +1,7 @@
 """The GRPO training loop: one function, :func:`run`, that reads top to bottom, phases numbered and timed.
 
 Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward, 3 advantages,
-4 old/ref log-probs, 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
+4 old/ref log-probs (and the truncated importance-sampling weights of ``off_policy_correction``), 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
 9 checkpoint. Who holds the GPU changes only through calls of :class:`rlctl.colocation.Colocation`, each
 one visible in :func:`run`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
 and ``sglang`` backends run the same code.
@@ -138,6 +138,30 @@ def compute_advantages(algo, rewards: torch.Tensor, n: int, response_mask: torch
     if name == "reinforce++":
         return grpo.compute_advantages(name, rewards, n, response_lengths=response_mask.sum(1))
     return grpo.compute_advantages(name, rewards, n)
+
+
+def add_tis_weights(opc, batch: dict[str, torch.Tensor], rollout_lp: torch.Tensor) -> dict[str, float]:
+    """Truncated importance-sampling weights of ``trainer.algorithm.off_policy_correction`` into ``batch``.
+
+    With ``tis_ratio_type`` null nothing happens. Otherwise ``batch["tis_weights"]`` [N, T] float32 becomes
+    :func:`rlctl.grpo.tis_weights` of ``batch["old_logprobs"]`` (the trainer's pi_old) against ``rollout_lp``
+    (the engine's log-probs of the same tokens) over ``batch["response_mask"]``, capped at
+    ``token_tis_ratio_clip_high`` or ``sequence_tis_ratio_clip_high``; the trainer multiplies each token's policy
+    loss by it (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; SkyRL
+    ``off_policy_correction``).
+
+    Returns:
+        ``off_policy/tis_ratio_mean`` / ``_max`` (ratio before the cap) and ``off_policy/tis_ratio_truncated_fraction``
+        (tokens, or sequences for ``sequence``, over the cap); ``{}`` when off.
+    """
+    if opc.tis_ratio_type is None:
+        return {}
+    cap = opc.token_tis_ratio_clip_high if opc.tis_ratio_type == "token" else opc.sequence_tis_ratio_clip_high
+    weights, m = grpo.tis_weights(batch["old_logprobs"], rollout_lp, batch["response_mask"],
+                                  ratio_type=opc.tis_ratio_type, clip_high=cap)
+    batch["tis_weights"] = weights.float()
+    return {"off_policy/tis_ratio_mean": m["tis_ratio_mean"], "off_policy/tis_ratio_max": m["tis_ratio_max"],
+            "off_policy/tis_ratio_truncated_fraction": m["tis_truncated_fraction"]}
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -318,6 +342,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
             if algo.use_kl_loss:
                 batch["ref_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "ref")
+            tis_metrics = add_tis_weights(algo.off_policy_correction, batch, rollout_lp)
 
         # 5 train: the engine's weights are stale from here on
         with timer("train"):
@@ -331,6 +356,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
 
         # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
+        metrics.update(tis_metrics)
         metrics.update(train_metrics)
         metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
         metrics.update({f"generator/{k}": float(v) for k, v in colo.push_stats.items()})

@@ -18,6 +18,7 @@ Batch layout (a dict of CPU tensors, N sequences of one rank), built by :func:`r
     advantages      [N]      float32 sequence-level GRPO advantage
     old_logprobs    [N, T]   float32 (added by the loop from compute_logprobs before training)
     ref_logprobs    [N, T]   float32 (only when KL is used)
+    tis_weights     [N, T]   float32 truncated importance-sampling weights (only with off_policy_correction)
 
 Test: ``pytest tests/unit/test_trainer.py`` (a 1- and 2-rank gloo group on CPU with a tiny Llama).
 """
@@ -152,7 +153,7 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
     return out.logits.float()
 
 
-RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [N, T] tensors aligned with the response
+RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs", "tis_weights")  # [N, T] tensors aligned with the response
 
 
 def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
@@ -355,6 +356,7 @@ class PolicyTrainer:
             pg_loss, pg_m = grpo.policy_loss(
                 logp, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device), mask,
                 eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type,
+                token_weights=mb["tis_weights"].to(self.device) if "tis_weights" in mb else None,
                 clip_ratio_c=algo.clip_ratio_c, loss_reduction=algo.loss_reduction, **reduce_kw)
             loss = pg_loss
             if self.ref_model is not None:

@@ -50,6 +50,17 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     if g.gpu_memory_utilization > 0.9 and pl.colocate_all and sg:
         c.warn("generator.gpu_memory_utilization", f"{g.gpu_memory_utilization} leaves little GPU memory for the trainer's activations when colocated; 0.8 or lower is safer")
 
+    opc = a.off_policy_correction
+    if opc.tis_ratio_type is not None:
+        sp = g.sampling_params
+        for leaf, value, on in (("top_p", sp.top_p, sp.top_p < 1), ("top_k", sp.top_k, sp.top_k != -1),
+                                ("min_p", sp.min_p, sp.min_p > 0)):
+            if on:
+                c.warn(f"generator.sampling_params.{leaf}",
+                       f"{value} truncates the distribution the engine samples from, so it is not the policy's: "
+                       f"trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} corrects only the "
+                       "engine/trainer log-prob mismatch, not the truncation; use the neutral value for unbiased TIS")
+
     # --- layout
     workers = cfg.num_policy_workers
     if pl.colocate_all:
@@ -122,6 +133,10 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     ne("trainer.algorithm.kl_estimator_type", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
     ne("trainer.algorithm.entropy_loss_coef", not a.use_entropy_loss, "trainer.algorithm.use_entropy_loss=false")
     ne("trainer.algorithm.grpo_norm_by_std", a.advantage_estimator != "grpo", "only used with trainer.algorithm.advantage_estimator=grpo")
+    ne("trainer.algorithm.off_policy_correction.token_tis_ratio_clip_high", opc.tis_ratio_type != "token",
+       "only used with trainer.algorithm.off_policy_correction.tis_ratio_type=token")
+    ne("trainer.algorithm.off_policy_correction.sequence_tis_ratio_clip_high", opc.tis_ratio_type != "sequence",
+       "only used with trainer.algorithm.off_policy_correction.tis_ratio_type=sequence")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
     ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",

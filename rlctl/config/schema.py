@@ -137,6 +137,17 @@ class PlacementConfig(_Model):
     ref_num_gpus_per_node: PosInt = no_effect(4, why="the reference model runs inside the policy workers")
 
 
+class OffPolicyCorrectionConfig(_Model):
+    """Truncated importance sampling (TIS) of the rollout engine's sampling distribution against the trainer's
+    (Yao et al. 2025; rlctl.grpo.tis_weights). SkyRL names; its older ``trainer.algorithm.use_tis`` /
+    ``tis_imp_ratio_cap`` are translated (rlctl.config.compat)."""
+
+    # null: off; token: w_t = min(pi_old / pi_rollout, cap) per token; sequence: the product over the response
+    tis_ratio_type: Optional[Literal["token", "sequence"]] = runtime(None)
+    token_tis_ratio_clip_high: Annotated[float, Field(gt=0)] = runtime(2.0)
+    sequence_tis_ratio_clip_high: Annotated[float, Field(gt=0)] = runtime(5.0)
+
+
 class AlgorithmConfig(_Model):
     # grpo: (r - group mean) / group std; rloo: leave-one-out group baseline; reinforce++: the reward whitened
     # over the whole batch, token-weighted (rlctl.grpo.compute_advantages)
@@ -154,6 +165,7 @@ class AlgorithmConfig(_Model):
     use_entropy_loss: bool = runtime(False)
     entropy_loss_coef: NonNegFloat = runtime(0.01)
     zero_variance_filter: bool = runtime(False)  # drop prompt groups whose rewards are all equal
+    off_policy_correction: OffPolicyCorrectionConfig = Field(default_factory=OffPolicyCorrectionConfig)
 
 
 LoggerName = Literal["wandb", "tensorboard", "console"]

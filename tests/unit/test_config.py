@@ -493,6 +493,37 @@ def test_advantage_estimators():
         "trainer.algorithm.grpo_norm_by_std=false has no effect: only used with trainer.algorithm.advantage_estimator=grpo"]
 
 
+def test_off_policy_correction_and_skyrl_older_names():
+    A = "trainer.algorithm."
+    O = A + "off_policy_correction."
+    loaded = load_config(overrides=[A + "use_tis=true", A + "tis_imp_ratio_cap=3.0"])
+    opc = loaded.cfg.trainer.algorithm.off_policy_correction
+    assert (opc.tis_ratio_type, opc.token_tis_ratio_clip_high, opc.sequence_tis_ratio_clip_high) == ("token", 3.0, 5.0)
+    assert loaded.notes == [f"{A}use_tis=true: SkyRL's older name; using {O}tis_ratio_type=token",
+                            f"{A}tis_imp_ratio_cap: SkyRL's older name; using {O}token_tis_ratio_clip_high=3.0"]
+    # the old "off" values are neutral
+    loaded = load_config(overrides=[A + "use_tis=false", A + "tis_imp_ratio_cap=-1"])
+    assert loaded.cfg.trainer.algorithm.off_policy_correction.tis_ratio_type is None
+    assert loaded.notes == [f"{A}use_tis=false has no effect: neutral value", f"{A}tis_imp_ratio_cap=-1 has no effect: neutral value"]
+    assert one_error(A + "tis_imp_ratio_cap=0") == (
+        f"{A}tis_imp_ratio_cap=0: expected a positive cap or -1 (unset); or set {O}token_tis_ratio_clip_high")
+    assert one_error(A + "use_tis=1") == f"{A}use_tis=1: expected true or false"
+    assert one_error(A + "use_tis=true", O + "tis_ratio_type=sequence") == (
+        f"{A}use_tis=true: conflicts with {O}tis_ratio_type=sequence; give only {O}tis_ratio_type")
+    assert one_error(O + "tis_ratio_type=tok") == f"{O}tis_ratio_type=tok: must be one of 'token' or 'sequence'; the default is null"
+    assert one_error(O + "sequence_tis_ratio_clip_high=0") == f"{O}sequence_tis_ratio_clip_high=0: must be > 0.0; the default is 5.0"
+    assert note_list(O + "sequence_tis_ratio_clip_high=4", O + "tis_ratio_type=token") == [
+        f"{O}sequence_tis_ratio_clip_high=4.0 has no effect: only used with {O}tis_ratio_type=sequence"]
+    # truncated sampling makes the sampled distribution differ from the policy's: a warning while TIS is on
+    w = load_config(overrides=[O + "tis_ratio_type=token", "generator.sampling_params.top_p=0.9",
+                               "generator.sampling_params.top_k=50", "generator.sampling_params.min_p=0.1"]).warnings
+    assert [x.split(":")[0] for x in w] == [f"generator.sampling_params.{k}" for k in ("top_p", "top_k", "min_p")]
+    assert w[0] == ("generator.sampling_params.top_p: 0.9 truncates the distribution the engine samples from, so it is "
+                    f"not the policy's: {O}tis_ratio_type=token corrects only the engine/trainer log-prob mismatch, not "
+                    "the truncation; use the neutral value for unbiased TIS")
+    assert load_config(overrides=["generator.sampling_params.top_p=0.9"]).warnings == []
+
+
 def test_stop_string_error_for_hf_too():
     assert "use generator.sampling_params.stop_token_ids" in one_error("generator.sampling_params.stop=x", "trainer.device=cpu", backend="hf")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlctl.generator import GenerationOutput
 from types import SimpleNamespace
 
-from rlctl.loop import PhaseTimer, build_batch, compute_advantages, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
+from rlctl.loop import PhaseTimer, add_tis_weights, build_batch, compute_advantages, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
 from rlctl.testing import build_tiny_tokenizer
 
 
@@ -73,3 +74,22 @@ def test_advantage_estimators_hand_numbers():
     algo.advantage_estimator = "reinforce++"
     got = compute_advantages(algo, rewards, 2, mask)
     assert torch.allclose(got, torch.tensor([0.5, -0.5, -0.5, -0.5]) * 3 ** 0.5, atol=1e-5)
+
+
+def test_tis_weights_into_the_batch_hand_numbers():
+    import math
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    rollout = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, 0.0, 0.0]])
+    batch = {"response_mask": mask, "old_logprobs": rollout + torch.tensor([[math.log(3.0), math.log(0.5), 7.0], [0.0, 0.0, 0.0]])}
+    opc = SimpleNamespace(tis_ratio_type=None, token_tis_ratio_clip_high=2.0, sequence_tis_ratio_clip_high=5.0)
+    assert add_tis_weights(opc, batch, rollout) == {} and "tis_weights" not in batch
+    opc.tis_ratio_type = "token"  # token ratios 3, 0.5 | 1: the 3 is capped at 2
+    m = add_tis_weights(opc, batch, rollout)
+    assert torch.allclose(batch["tis_weights"], torch.tensor([[2.0, 0.5, 0.0], [1.0, 0.0, 0.0]]))
+    assert m["off_policy/tis_ratio_mean"] == pytest.approx(1.5) and m["off_policy/tis_ratio_max"] == pytest.approx(3.0)
+    assert m["off_policy/tis_ratio_truncated_fraction"] == pytest.approx(1 / 3)
+    opc.tis_ratio_type = "sequence"  # sequence ratios 3 * 0.5 = 1.5 and 1, under the cap of 5
+    m = add_tis_weights(opc, batch, rollout)
+    assert torch.allclose(batch["tis_weights"], torch.tensor([[1.5, 1.5, 0.0], [1.0, 0.0, 0.0]]))
+    assert m == pytest.approx({"off_policy/tis_ratio_mean": 1.25, "off_policy/tis_ratio_max": 1.5,
+                               "off_policy/tis_ratio_truncated_fraction": 0.0})

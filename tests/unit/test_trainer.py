@@ -224,6 +224,8 @@ def test_trim_padding_keeps_only_the_micro_batch_span():
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert out["response_mask"].tolist() == [[1.0, 0.0], [1.0, 1.0]]
     assert out["old_logprobs"].tolist() == [[4.0, 5.0], [12.0, 13.0]]
+    mb["tis_weights"] = mb["old_logprobs"] + 100
+    assert trim_padding(mb)[0]["tis_weights"].tolist() == [[104.0, 105.0], [112.0, 113.0]]  # aligned like old_logprobs
     assert out["advantages"].tolist() == [-1.0, 1.0]
     # rows 0 and 2 use every prompt column and up to 4 response tokens: nothing to trim
     full, _ = trim_padding({k: v[[0, 2]] for k, v in b.items()})
@@ -249,6 +251,21 @@ def test_trimmed_sorted_micro_batches_match_one_full_forward(pg, tiny):
     mask = b["response_mask"]
     torch.testing.assert_close(lp * mask, full * mask, atol=1e-5, rtol=0)
     assert (lp[1, 2:] == 0).all()  # rows 1 and 3 share a micro-batch trimmed to 2 response columns
+
+
+def test_tis_weights_scale_the_policy_loss(pg, tiny):
+    """pi == pi_old on the first step: ratio 1, token loss -A; TIS weights multiply it (and its gradient)."""
+    for w, expected in ((None, -0.2), (0.5, -0.1), (0.0, 0.0)):
+        tr = PolicyTrainer(tiny, _tcfg(), rank=0, world_size=1, device="cpu", max_response_len=8)
+        b = _batch()
+        # advantages +1, +1, -1, +1 over 3, 1, 4, 2 loss tokens, token_mean: -(3 + 1 - 4 + 2) / 10 = -0.2
+        b["advantages"] = torch.tensor([1.0, 1.0, -1.0, 1.0])
+        b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+        if w is not None:
+            b["tis_weights"] = torch.full(b["response_mask"].shape, w)
+        m = tr.train_step(b, 1.0, mini_batch_size=4)
+        assert m["policy/pg_loss"] == pytest.approx(expected, abs=1e-6), w
+        assert (m["policy/grad_norm"] == 0.0) == (w == 0.0)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(pg, tiny):
