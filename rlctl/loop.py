@@ -1,6 +1,7 @@
 """The GRPO training loop: one function, :func:`run`, that reads top to bottom, phases numbered and timed.
 
-Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward, 3 advantages,
+Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward (plus the overlong penalty),
+3 advantages,
 4 old/ref log-probs (and the truncated importance-sampling weights of ``off_policy_correction``), 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
 9 checkpoint. Who holds the GPU changes only through calls of :class:`rlctl.colocation.Colocation`, each
 one visible in :func:`run`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
@@ -117,6 +118,24 @@ def make_reward_fn(env_cfg) -> Callable[[str, str, list[int]], dict[str, float]]
                 "correct_flexible": float(r.correct_flexible)}
 
     return reward
+
+
+def overlong_penalties(buffer_cfg, output_ids: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment of ``trainer.algorithm.overlong_buffer``, added to the rewards before the
+    advantages (Yu et al. 2025, arXiv:2503.14476 eq. 13; :func:`rlctl.grpo.overlong_penalty`).
+
+    Args:
+        buffer_cfg: the section (``len`` tokens or None = off, ``penalty_factor``).
+        output_ids: N responses (token ids); their lengths are in tokens.
+        max_new_tokens: ``generator.sampling_params.max_new_tokens``, the generation limit.
+    Returns:
+        [N] float32 penalties <= 0 (all 0 when off): 0 up to ``max_new_tokens - len`` tokens, then linearly down
+        to ``-penalty_factor`` at ``max_new_tokens``.
+    """
+    lengths = torch.tensor([len(o) for o in output_ids], dtype=torch.float32)
+    if buffer_cfg.len is None:
+        return torch.zeros_like(lengths)
+    return grpo.overlong_penalty(lengths, max_new_tokens, buffer_cfg.len, buffer_cfg.penalty_factor)
 
 
 def compute_advantages(algo, rewards: torch.Tensor, n: int, response_mask: torch.Tensor) -> torch.Tensor:
@@ -321,6 +340,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
             scored = [reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
             rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+            penalty = overlong_penalties(algo.overlong_buffer, out.output_ids, g_cfg.sampling_params.max_new_tokens)
+            rewards = rewards + penalty
 
         # 3 advantages (per sequence, broadcast over its tokens by the loss)
         with timer("advantages"):
@@ -357,6 +378,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
         metrics.update(tis_metrics)
+        if algo.overlong_buffer.len is not None:
+            metrics["reward/overlong_penalty_mean"] = penalty.mean().item()
         metrics.update(train_metrics)
         metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
         metrics.update({f"generator/{k}": float(v) for k, v in colo.push_stats.items()})

@@ -61,6 +61,12 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                        f"trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} corrects only the "
                        "engine/trainer log-prob mismatch, not the truncation; use the neutral value for unbiased TIS")
 
+    ob = a.overlong_buffer
+    if ob.len is not None and ob.len > g.sampling_params.max_new_tokens:
+        c.error("trainer.algorithm.overlong_buffer.len", ob.len,
+                f"must be at most generator.sampling_params.max_new_tokens={g.sampling_params.max_new_tokens} "
+                "(the penalty ramps over the last len tokens before that limit)")
+
     # --- layout
     workers = cfg.num_policy_workers
     if pl.colocate_all:
@@ -137,6 +143,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
        "only used with trainer.algorithm.off_policy_correction.tis_ratio_type=token")
     ne("trainer.algorithm.off_policy_correction.sequence_tis_ratio_clip_high", opc.tis_ratio_type != "sequence",
        "only used with trainer.algorithm.off_policy_correction.tis_ratio_type=sequence")
+    ne("trainer.algorithm.overlong_buffer.penalty_factor", ob.len is None, "trainer.algorithm.overlong_buffer.len is null (off)")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
     ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",

@@ -148,6 +148,14 @@ class OffPolicyCorrectionConfig(_Model):
     sequence_tis_ratio_clip_high: Annotated[float, Field(gt=0)] = runtime(5.0)
 
 
+class OverlongBufferConfig(_Model):
+    """DAPO's soft overlong punishment (rlctl.grpo.overlong_penalty), SkyRL's DAPO example names: responses longer
+    than ``max_new_tokens - len`` tokens lose up to ``penalty_factor`` reward, linearly, all of it at the limit."""
+
+    len: Optional[PosInt] = runtime(None)  # tokens; null = off
+    penalty_factor: NonNegFloat = runtime(1.0)
+
+
 class AlgorithmConfig(_Model):
     # grpo: (r - group mean) / group std; rloo: leave-one-out group baseline; reinforce++: the reward whitened
     # over the whole batch, token-weighted (rlctl.grpo.compute_advantages)
@@ -166,6 +174,7 @@ class AlgorithmConfig(_Model):
     entropy_loss_coef: NonNegFloat = runtime(0.01)
     zero_variance_filter: bool = runtime(False)  # drop prompt groups whose rewards are all equal
     off_policy_correction: OffPolicyCorrectionConfig = Field(default_factory=OffPolicyCorrectionConfig)
+    overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
 
 
 LoggerName = Literal["wandb", "tensorboard", "console"]

@@ -524,6 +524,17 @@ def test_off_policy_correction_and_skyrl_older_names():
     assert load_config(overrides=["generator.sampling_params.top_p=0.9"]).warnings == []
 
 
+def test_overlong_buffer():
+    B = "trainer.algorithm.overlong_buffer."
+    cfg = load_config(overrides=[B + "len=256", B + "penalty_factor=0.5"]).cfg
+    assert (cfg.trainer.algorithm.overlong_buffer.len, cfg.trainer.algorithm.overlong_buffer.penalty_factor) == (256, 0.5)
+    assert one_error(B + "len=2000") == (f"{B}len=2000: must be at most generator.sampling_params.max_new_tokens=1024 "
+                                         "(the penalty ramps over the last len tokens before that limit)")
+    assert one_error(B + "len=0") == f"{B}len=0: must be >= 1; the default is null"
+    assert one_error(B + "penalty_factor=-1") == f"{B}penalty_factor=-1: must be >= 0.0; the default is 1.0"
+    assert note_list(B + "penalty_factor=2") == [f"{B}penalty_factor=2.0 has no effect: {B}len is null (off)"]
+
+
 def test_stop_string_error_for_hf_too():
     assert "use generator.sampling_params.stop_token_ids" in one_error("generator.sampling_params.stop=x", "trainer.device=cpu", backend="hf")
 

@@ -8,7 +8,7 @@ import torch
 from rlctl.generator import GenerationOutput
 from types import SimpleNamespace
 
-from rlctl.loop import PhaseTimer, add_tis_weights, build_batch, compute_advantages, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
+from rlctl.loop import PhaseTimer, add_tis_weights, build_batch, compute_advantages, overlong_penalties, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
 from rlctl.testing import build_tiny_tokenizer
 
 
@@ -93,3 +93,12 @@ def test_tis_weights_into_the_batch_hand_numbers():
     assert torch.allclose(batch["tis_weights"], torch.tensor([[1.5, 1.5, 0.0], [1.0, 0.0, 0.0]]))
     assert m == pytest.approx({"off_policy/tis_ratio_mean": 1.25, "off_policy/tis_ratio_max": 1.5,
                                "off_policy/tis_ratio_truncated_fraction": 0.0})
+
+
+def test_overlong_penalty_hand_numbers():
+    # limit 10 tokens, buffer 4: no penalty up to 6 tokens, then -(L - 6) / 4 * 0.5
+    outs = [[1] * k for k in (3, 6, 7, 8, 10)]
+    cfg = SimpleNamespace(len=4, penalty_factor=0.5)
+    assert overlong_penalties(cfg, outs, 10).tolist() == [0.0, 0.0, -0.125, -0.25, -0.5]
+    cfg.len = None
+    assert overlong_penalties(cfg, outs, 10).tolist() == [0.0] * 5
