@@ -1,7 +1,8 @@
 """The GRPO training loop: one function, :func:`run`, that reads top to bottom, phases numbered and timed.
 
-Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward (plus the overlong penalty),
-3 advantages,
+Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward (plus the overlong penalty;
+with dynamic sampling ``filter`` 1-2 repeat on the next prompts until ``train_batch_size`` informative groups, see
+:func:`fill_filtered_batch`; ``replace``: :func:`replace_flat`), 3 advantages,
 4 old/ref log-probs (and the truncated importance-sampling weights of ``off_policy_correction``), 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
 9 checkpoint. Who holds the GPU changes only through calls of :class:`rlctl.colocation.Colocation`, each
 one visible in :func:`run`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
@@ -26,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlctl import grpo
-from rlctl.generator import Sampling
+from rlctl.generator import GenerationOutput, Sampling
 
 PHASES = ("weight_sync", "generate", "reward", "advantages", "logprobs", "train", "eval", "log", "checkpoint")
 
@@ -96,6 +97,122 @@ def pad_logprobs(logprobs: Sequence[Sequence[float]], T: int) -> torch.Tensor:
         if lp:
             out[i, :len(lp)] = torch.tensor(lp[:T], dtype=torch.float32)
     return out
+
+
+class PromptOrder:
+    """The training prompts in the order the loop consumes them: epoch after epoch of :func:`epoch_order`, each
+    epoch cut to ``per_epoch`` prompts (``steps_per_epoch x train_batch_size``: the last partial batch is dropped).
+
+    A position counts prompts consumed since the start of the run (the loop's ``data_position``, saved in
+    checkpoints): without dynamic sampling it is ``step x train_batch_size``; with ``filter`` it advances by
+    ``train_batch_size`` per generation, and a take may cross into the next (reshuffled) epoch.
+    """
+
+    def __init__(self, num_prompts: int, per_epoch: int, seed: int) -> None:
+        self.num_prompts, self.per_epoch, self.seed = num_prompts, per_epoch, seed
+        self._cache: dict[int, list[int]] = {}
+
+    def epoch_of(self, position: int) -> int:
+        """The epoch the prompt at ``position`` belongs to."""
+        return position // self.per_epoch
+
+    def take(self, position: int, count: int) -> list[int]:
+        """Indices into the prompts of positions ``position .. position + count - 1``."""
+        out = []
+        for p in range(position, position + count):
+            epoch, pos = divmod(p, self.per_epoch)
+            if epoch not in self._cache:
+                self._cache = {epoch: epoch_order(self.num_prompts, self.seed, epoch)}  # keep one epoch
+            out.append(self._cache[epoch][pos])
+        return out
+
+
+def rollout_seed(seed_base: int, step: int, k: int) -> int:
+    """Sampling seed of the ``k``-th generation (0, 1, ...) of ``step``: ``seed_base x 1_000_003 + step`` for the
+    first (every step has one), shifted by ``k x 1_000_000_007`` for the extra generations of dynamic sampling."""
+    return seed_base * 1_000_003 + step + k * 1_000_000_007
+
+
+@dataclass
+class Rollouts:
+    """The samples of one generation (or of a step's batch), group-major: ``n`` consecutive samples per prompt.
+
+    ``prompts`` / ``rows`` / ``out`` / ``texts`` / ``scored``: N entries each; ``rewards`` [N] float32 (task reward
+    + ``penalty``), ``penalty`` [N] the overlong penalty, ``loss_keep`` [N] 1.0 for samples that enter the loss
+    (0.0 for the padding groups of :func:`fill_filtered_batch`).
+    """
+
+    prompts: list
+    rows: list
+    out: GenerationOutput
+    texts: list
+    scored: list
+    rewards: torch.Tensor
+    penalty: torch.Tensor
+    loss_keep: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> "Rollouts":
+        """The samples at ``idx`` ([K] int64), in that order."""
+        ix = idx.tolist()
+        o = self.out
+        return Rollouts([self.prompts[i] for i in ix], [self.rows[i] for i in ix],
+                        GenerationOutput([o.output_ids[i] for i in ix], [o.logprobs[i] for i in ix],
+                                         [o.finish_reasons[i] for i in ix]),
+                        [self.texts[i] for i in ix], [self.scored[i] for i in ix], self.rewards[idx], self.penalty[idx],
+                        self.loss_keep[idx])
+
+    @staticmethod
+    def cat(parts: Sequence["Rollouts"]) -> "Rollouts":
+        """All samples of ``parts``, in order."""
+        return Rollouts([p for r in parts for p in r.prompts], [p for r in parts for p in r.rows],
+                        GenerationOutput([x for r in parts for x in r.out.output_ids],
+                                         [x for r in parts for x in r.out.logprobs],
+                                         [x for r in parts for x in r.out.finish_reasons]),
+                        [x for r in parts for x in r.texts], [x for r in parts for x in r.scored],
+                        torch.cat([r.rewards for r in parts]), torch.cat([r.penalty for r in parts]),
+                        torch.cat([r.loss_keep for r in parts]))
+
+
+def fill_filtered_batch(informative: Sequence[Rollouts], flat: Sequence[Rollouts], groups: int, n: int) -> Rollouts:
+    """The training batch of DAPO dynamic sampling (``filter``): exactly ``groups`` prompt groups of ``n`` samples.
+
+    The first ``groups`` informative groups in generation order (the rest of the last generation's are dropped).
+    When the loop gave up (``max_sample_batches`` generations without enough of them), the batch is topped up with
+    the first flat groups it generated, with ``loss_keep`` 0: they keep the batch at ``train_batch_size`` prompts,
+    so the world-size shards, mini-batches and optimizer steps stay as configured, but they add no token to the
+    loss (as ``trainer.algorithm.zero_variance_filter`` drops them). Source: Yu et al. 2025 (DAPO, arXiv:2503.14476).
+
+    Args:
+        informative / flat: per generation, its informative / flat groups (group-major).
+        groups: ``trainer.train_batch_size``; n: ``generator.n_samples_per_prompt``.
+    Returns:
+        ``groups x n`` samples.
+    """
+    good = Rollouts.cat(informative)
+    k = min(len(good.prompts), groups * n)
+    parts = [good.take(torch.arange(k))]
+    if k < groups * n:
+        pad = Rollouts.cat(flat).take(torch.arange(groups * n - k))
+        pad.loss_keep = torch.zeros(groups * n - k)
+        parts.append(pad)
+    return Rollouts.cat(parts)
+
+
+def replace_flat(ro: Rollouts, n: int, min_replace_ratio: float, seed: int) -> tuple[Rollouts, int]:
+    """POLARIS dynamic sampling (``replace``): when at least ``min_replace_ratio`` of the groups are informative,
+    every flat group is overwritten by a copy of a random informative one (:func:`rlctl.grpo.replace_flat_groups`,
+    donors drawn with ``torch.Generator().manual_seed(seed)``); otherwise the batch is kept as it is.
+    Source: An et al. 2025 (POLARIS); SkyRL ``handle_replace_sampling``.
+
+    Returns:
+        ``(batch, replaced_groups)``: the same number of samples, and how many groups were replaced (0 when kept).
+    """
+    informative = grpo.informative_groups(ro.rewards, n)
+    ratio = informative.float().mean().item()
+    if ratio < min_replace_ratio or bool(informative.all()):
+        return ro, 0
+    idx = grpo.replace_flat_groups(ro.rewards, n, generator=torch.Generator().manual_seed(seed))
+    return ro.take(idx), int((~informative).sum())
 
 
 # ---------------------------------------------------------------------------------------------- reward
@@ -284,12 +401,19 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
     eval_sampling = eval_sampling_from(cfg, stop_token_ids)
     eval_enabled = val is not None and (t_cfg.eval_interval > 0 or t_cfg.eval_before_train)
 
+    ds = algo.dynamic_sampling
+    tbs = t_cfg.train_batch_size
+    order = PromptOrder(len(train.prompt_ids), steps_per_epoch * tbs, t_cfg.seed)
+
     # 0 resume (the trainer is resident: it was just built); the engines then need the restored weights
-    done = 0  # last finished step; the data position follows from it (saved in checkpoints as "step")
+    done = 0  # last finished step
+    data_position = 0  # prompts consumed (in epoch_order); saved in checkpoints next to "step"
     colo.onload_trainer()
     restored = checkpointer.restore(trainers)
     if restored is not None:
         done = restored["step"]
+        # checkpoints written before data_position was saved: every step consumed train_batch_size prompts
+        data_position = restored.get("data_position", done * tbs)
         logger.truncate_after(done)
     for note in checkpointer.notes:
         logger.console.log(f"note: {note}")
@@ -319,29 +443,59 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
     while done < total_steps:
         step = done + 1
         timer = PhaseTimer()
-        epoch, pos = divmod((step - 1) * t_cfg.train_batch_size, steps_per_epoch * t_cfg.train_batch_size)
-        order = epoch_order(len(train.prompt_ids), t_cfg.seed, epoch)
-        idx = order[pos:pos + t_cfg.train_batch_size]
-        prompts = [train.prompt_ids[i] for i in idx for _ in range(n)]  # group-major: n samples per prompt
-        rows = [train.rows[i] for i in idx for _ in range(n)]
-        sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=seed_base * 1_000_003 + step)
+        epoch = order.epoch_of(data_position)
+        informative_parts: list[Rollouts] = []  # dynamic sampling "filter": informative groups, in generation order
+        flat_parts: list[Rollouts] = []
+        informative = sample_batches = 0
+        gave_up = False
+        while True:  # one pass without dynamic sampling "filter"; with it, until the batch is full or we give up
+            idx = order.take(data_position, tbs)
+            data_position += tbs
+            prompts = [train.prompt_ids[i] for i in idx for _ in range(n)]  # group-major: n samples per prompt
+            rows = [train.rows[i] for i in idx for _ in range(n)]
+            sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=rollout_seed(seed_base, step, sample_batches))
 
-        # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
-        # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps
-        with timer("weight_sync"):
-            colo.sync_weights()
-            colo.offload_trainer()
-        with timer("generate"), colo.rollout():
-            out = colo.generate(prompts, sampling)
-        gen_stats = generators.last_stats()
+            # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
+            # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps
+            with timer("weight_sync"):
+                colo.sync_weights()
+                colo.offload_trainer()
+            with timer("generate"), colo.rollout():
+                out = colo.generate(prompts, sampling)
+            gen_stats = generators.last_stats()
+            sample_batches += 1
 
-        # 2 reward
-        with timer("reward"):
-            texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
-            scored = [reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
-            rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
-            penalty = overlong_penalties(algo.overlong_buffer, out.output_ids, g_cfg.sampling_params.max_new_tokens)
-            rewards = rewards + penalty
+            # 2 reward (+ the overlong penalty)
+            with timer("reward"):
+                texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
+                scored = [reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
+                rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+                penalty = overlong_penalties(algo.overlong_buffer, out.output_ids, g_cfg.sampling_params.max_new_tokens)
+                ro = Rollouts(prompts, rows, out, texts, scored, rewards + penalty, penalty, torch.ones(len(prompts)))
+            if ds.type != "filter":
+                break
+            # DAPO dynamic sampling: keep the informative groups, generate the next prompts until there are enough
+            keep = grpo.select_informative(ro.rewards, n)
+            flat = torch.tensor(sorted(set(range(len(prompts))) - set(keep.tolist())), dtype=torch.long)
+            informative_parts.append(ro.take(keep))
+            flat_parts.append(ro.take(flat))
+            informative += len(keep) // n
+            if informative >= tbs:
+                break
+            if sample_batches >= ds.max_sample_batches:
+                gave_up = True
+                break
+        ds_metrics: dict[str, float] = {}
+        if ds.type == "filter":
+            ro = fill_filtered_batch(informative_parts, flat_parts, tbs, n)
+            ds_metrics = {"dynamic_sampling/sample_batches": float(sample_batches),
+                          "dynamic_sampling/gave_up": float(gave_up),
+                          "dynamic_sampling/informative_groups": float(min(informative, tbs))}
+        elif ds.type == "replace":
+            ro, replaced = replace_flat(ro, n, ds.min_replace_ratio, seed=rollout_seed(seed_base, step, 0))
+            ds_metrics = {"dynamic_sampling/replaced_groups": float(replaced)}
+        prompts, rows, out, texts, scored, rewards, penalty = (ro.prompts, ro.rows, ro.out, ro.texts, ro.scored,
+                                                               ro.rewards, ro.penalty)
 
         # 3 advantages (per sequence, broadcast over its tokens by the loss)
         with timer("advantages"):
@@ -352,6 +506,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
                 keep = keep * grpo.zero_variance_sample_mask(rewards, n)
             if g_cfg.apply_overlong_filtering:
                 keep = keep * torch.tensor([0.0 if f == "length" else 1.0 for f in out.finish_reasons])
+            keep = keep * ro.loss_keep  # dynamic sampling "filter" pads a short batch with flat groups kept out of the loss
             batch["response_mask"] = batch["response_mask"] * keep[:, None]
             advantages = compute_advantages(algo, rewards, n, batch["response_mask"])
             batch["advantages"] = advantages
@@ -378,6 +533,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
         metrics.update(tis_metrics)
+        metrics.update(ds_metrics)
         if algo.overlong_buffer.len is not None:
             metrics["reward/overlong_penalty_mean"] = penalty.mean().item()
         metrics.update(train_metrics)
@@ -386,6 +542,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         if colo.shared_gpu:
             metrics["memory/trainer_reserved_bytes_at_kv_wake"] = float(colo.take_kv_wake_bytes())
         metrics["data/epoch"] = float(epoch)
+        metrics["data/prompts_consumed"] = float(data_position)
         metrics["data/dropped_long_prompts"] = float(train.dropped_too_long)
         done = step
         out_of_time = t_cfg.max_wall_time_s is not None and time.time() - wall_start >= t_cfg.max_wall_time_s
@@ -403,7 +560,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
             with timer("checkpoint"):
                 colo.onload_trainer()
-                checkpointer.save(trainers, {"step": step})
+                checkpointer.save(trainers, {"step": step, "data_position": data_position})
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(timer.seconds.values())
         logger.log(step, metrics)

@@ -88,7 +88,13 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
 
     # --- batch sizes (SkyRL semantics: train and mini batches in prompts, micro batches in sequences)
     n = g.n_samples_per_prompt
-    if n < 2 and a.advantage_estimator == "grpo":
+    ds = a.dynamic_sampling
+    if n < 2 and ds.type is not None:
+        c.error("trainer.algorithm.dynamic_sampling.type", ds.type,
+                f"needs generator.n_samples_per_prompt >= 2 (got {n}): a group of one sample never has reward variance, "
+                "so no group would ever be informative; raise generator.n_samples_per_prompt or set "
+                "trainer.algorithm.dynamic_sampling.type=null")
+    elif n < 2 and a.advantage_estimator == "grpo":
         c.error("generator.n_samples_per_prompt", n, "GRPO compares samples of the same prompt, it needs at least 2; e.g. generator.n_samples_per_prompt=5")
     elif n < 2 and a.advantage_estimator == "rloo":
         c.error("generator.n_samples_per_prompt", n, "RLOO's baseline is the mean reward of the other samples of the same prompt, "
@@ -144,6 +150,10 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     ne("trainer.algorithm.off_policy_correction.sequence_tis_ratio_clip_high", opc.tis_ratio_type != "sequence",
        "only used with trainer.algorithm.off_policy_correction.tis_ratio_type=sequence")
     ne("trainer.algorithm.overlong_buffer.penalty_factor", ob.len is None, "trainer.algorithm.overlong_buffer.len is null (off)")
+    ne("trainer.algorithm.dynamic_sampling.max_sample_batches", ds.type != "filter",
+       "only used with trainer.algorithm.dynamic_sampling.type=filter")
+    ne("trainer.algorithm.dynamic_sampling.min_replace_ratio", ds.type != "replace",
+       "only used with trainer.algorithm.dynamic_sampling.type=replace")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
     ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",

@@ -156,6 +156,17 @@ class OverlongBufferConfig(_Model):
     penalty_factor: NonNegFloat = runtime(1.0)
 
 
+class DynamicSamplingConfig(_Model):
+    """Dynamic sampling against groups whose rewards are all equal (no learning signal), SkyRL names: ``filter``
+    (DAPO: drop them and generate the next prompts until the batch holds train_batch_size informative groups, at
+    most max_sample_batches generations per step) or ``replace`` (POLARIS: overwrite them with copies of
+    informative groups of the same batch when at least min_replace_ratio of the groups are informative)."""
+
+    type: Optional[Literal["filter", "replace"]] = runtime(None)  # null: off
+    max_sample_batches: PosInt = runtime(30)  # generations per step at most (filter)
+    min_replace_ratio: Annotated[float, Field(ge=0, le=1)] = runtime(0.3)  # informative fraction needed (replace)
+
+
 class AlgorithmConfig(_Model):
     # grpo: (r - group mean) / group std; rloo: leave-one-out group baseline; reinforce++: the reward whitened
     # over the whole batch, token-weighted (rlctl.grpo.compute_advantages)
@@ -175,6 +186,7 @@ class AlgorithmConfig(_Model):
     zero_variance_filter: bool = runtime(False)  # drop prompt groups whose rewards are all equal
     off_policy_correction: OffPolicyCorrectionConfig = Field(default_factory=OffPolicyCorrectionConfig)
     overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
 
 
 LoggerName = Literal["wandb", "tensorboard", "console"]

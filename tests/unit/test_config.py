@@ -535,6 +535,23 @@ def test_overlong_buffer():
     assert note_list(B + "penalty_factor=2") == [f"{B}penalty_factor=2.0 has no effect: {B}len is null (off)"]
 
 
+def test_dynamic_sampling():
+    D = "trainer.algorithm.dynamic_sampling."
+    ds = load_config(overrides=[D + "type=filter", D + "max_sample_batches=5"]).cfg.trainer.algorithm.dynamic_sampling
+    assert (ds.type, ds.max_sample_batches, ds.min_replace_ratio) == ("filter", 5, 0.3)
+    # one sample per prompt is fine for reinforce++, but never informative for dynamic sampling
+    assert one_error(D + "type=filter", "generator.n_samples_per_prompt=1", "trainer.policy_mini_batch_size=4",
+                     "trainer.algorithm.advantage_estimator=reinforce++") == (
+        f"{D}type=filter: needs generator.n_samples_per_prompt >= 2 (got 1): a group of one sample never has reward "
+        f"variance, so no group would ever be informative; raise generator.n_samples_per_prompt or set {D}type=null")
+    assert one_error(D + "type=drop") == f"{D}type=drop: must be one of 'filter' or 'replace'; the default is null"
+    assert one_error(D + "max_sample_batches=0") == f"{D}max_sample_batches=0: must be >= 1; the default is 30"
+    assert one_error(D + "min_replace_ratio=1.5") == f"{D}min_replace_ratio=1.5: must be <= 1.0; the default is 0.3"
+    assert note_list(D + "type=replace", D + "max_sample_batches=3") == [
+        f"{D}max_sample_batches=3 has no effect: only used with {D}type=filter"]
+    assert note_list(D + "min_replace_ratio=0.5") == [f"{D}min_replace_ratio=0.5 has no effect: only used with {D}type=replace"]
+
+
 def test_stop_string_error_for_hf_too():
     assert "use generator.sampling_params.stop_token_ids" in one_error("generator.sampling_params.stop=x", "trainer.device=cpu", backend="hf")
 
