@@ -235,6 +235,7 @@ class PolicyTrainer:
         opt = tcfg.policy.optimizer_config
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=tuple(opt.adam_betas),
                                            weight_decay=opt.weight_decay, foreach=False)
+        self.scheduler = make_scheduler(self.optimizer, tcfg)
         self.ref_model = None
         if self.algo.use_kl_loss:
             self.ref_model = load_and_shard(model_path, mesh=self.mesh, device=self.device, param_dtype=param_dtype,
@@ -326,15 +327,18 @@ class PolicyTrainer:
         for _epoch in range(tcfg.update_epochs_per_batch):
             for mstart in range(0, n, mini_batch_size):
                 mini = {k: v[mstart:mstart + mini_batch_size] for k, v in batch.items()}
+                lr = self.optimizer.param_groups[0]["lr"]  # the learning rate of this optimizer step
                 m = self._optimizer_step(mini, temperature, micro)
                 if m.pop("skipped"):
                     skipped += 1
+                else:  # the schedule counts applied optimizer steps
+                    self.scheduler.step()
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["policy/skipped_steps"] = float(skipped)
-        metrics["policy/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["policy/lr"] = lr
         self.global_step += 1
         return metrics
 
@@ -465,7 +469,7 @@ class PolicyTrainer:
                 GenerationConfig.from_pretrained(tokenizer_src).save_pretrained(policy_dir)
             except OSError:
                 pass
-            torch.save({"optimizer": osd, "global_step": self.global_step, "extra": extra,
+            torch.save({"optimizer": osd, "scheduler": self.scheduler.state_dict(), "global_step": self.global_step, "extra": extra,
                         "bad_steps_in_a_row": self.bad_steps_in_a_row, "rng": _rng_state()}, state_path)
         if self.world_size > 1:
             dist.barrier()
@@ -484,10 +488,49 @@ class PolicyTrainer:
         set_model_state_dict(self.model, sd, options=opts)
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        if "scheduler" in state:  # checkpoints from before the schedule: a constant learning rate
+            self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
         self.bad_steps_in_a_row = state.get("bad_steps_in_a_row", 0)
         _set_rng_state(state["rng"])
         return state["extra"]
+
+
+#: ``trainer.policy.optimizer_config.scheduler`` -> transformers ``SchedulerType`` name (SkyRL's names).
+SCHEDULERS = {"constant_with_warmup": "constant_with_warmup", "constant": "constant", "linear": "linear",
+              "cosine": "cosine", "cosine_with_warmup": "cosine", "cosine_with_restarts": "cosine_with_restarts",
+              "polynomial": "polynomial", "inverse_sqrt": "inverse_sqrt"}
+
+
+def optimizer_steps_per_train_step(tcfg: Any) -> int:
+    """Optimizer steps of one training step: ``update_epochs_per_batch x train_batch_size / policy_mini_batch_size``."""
+    return tcfg.update_epochs_per_batch * (tcfg.train_batch_size // tcfg.policy_mini_batch_size)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``trainer.policy.optimizer_config`` (``scheduler``, ``num_warmup_steps``), from
+    ``transformers.get_scheduler``; stepped once per applied optimizer step (a step skipped for a non-finite loss or
+    grad norm does not count), so warmup and decay count optimizer steps.
+
+    ``cosine_with_warmup`` (SkyRL's name) is transformers' ``cosine`` (linear warmup, then cosine decay to 0).
+    Decaying schedules end at ``trainer.max_steps x`` :func:`optimizer_steps_per_train_step` optimizer steps
+    (a config rule requires ``trainer.max_steps`` for them); constant ones need no horizon.
+
+    Raises:
+        ValueError: an unknown scheduler name, or a decaying one without ``trainer.max_steps``.
+    """
+    from transformers import get_scheduler
+
+    opt = tcfg.policy.optimizer_config
+    name = SCHEDULERS.get(opt.scheduler)
+    if name is None:
+        raise ValueError(f"trainer.policy.optimizer_config.scheduler={opt.scheduler!r}: one of {', '.join(SCHEDULERS)}")
+    total = None
+    if name not in ("constant", "constant_with_warmup", "inverse_sqrt"):
+        if getattr(tcfg, "max_steps", None) is None:
+            raise ValueError(f"trainer.policy.optimizer_config.scheduler={opt.scheduler} decays over trainer.max_steps; set it")
+        total = tcfg.max_steps * optimizer_steps_per_train_step(tcfg)
+    return get_scheduler(name, optimizer, num_warmup_steps=opt.num_warmup_steps, num_training_steps=total)
 
 
 def _rng_state() -> dict:

@@ -130,6 +130,20 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
             also=("trainer.policy_mini_batch_size", "generator.n_samples_per_prompt"),
         )
 
+    # --- learning-rate schedule (counted in optimizer steps)
+    oc = t.policy.optimizer_config
+    decays = oc.scheduler not in ("constant", "constant_with_warmup", "inverse_sqrt")
+    if decays and t.max_steps is None:
+        c.error("trainer.policy.optimizer_config.scheduler", oc.scheduler,
+                "decays the learning rate to 0 over the run, so it needs trainer.max_steps (the horizon); set "
+                "trainer.max_steps or use constant_with_warmup")
+    opt_steps = t.update_epochs_per_batch * max(1, t.train_batch_size // t.policy_mini_batch_size) * (t.max_steps or 0)
+    if t.max_steps is not None and oc.num_warmup_steps >= opt_steps > 0:
+        c.warn("trainer.policy.optimizer_config.num_warmup_steps",
+               f"{oc.num_warmup_steps} optimizer steps of warmup >= the run's {opt_steps} optimizer steps "
+               f"(trainer.max_steps={t.max_steps} x {opt_steps // t.max_steps} per step): the learning rate never "
+               "reaches trainer.policy.optimizer_config.lr")
+
     # --- resume / algorithm / eval
     if t.resume_mode == "from_path" and not t.resume_path:
         c.error("trainer.resume_mode", "from_path", "needs trainer.resume_path=<checkpoint folder>")
@@ -154,6 +168,8 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
        "only used with trainer.algorithm.dynamic_sampling.type=filter")
     ne("trainer.algorithm.dynamic_sampling.min_replace_ratio", ds.type != "replace",
        "only used with trainer.algorithm.dynamic_sampling.type=replace")
+    ne("trainer.policy.optimizer_config.num_warmup_steps", oc.scheduler == "constant",
+       "trainer.policy.optimizer_config.scheduler=constant has no warmup (use constant_with_warmup)")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
     ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",

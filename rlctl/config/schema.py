@@ -90,7 +90,11 @@ class OptimizerConfig(_Model):
     # SkyRL: optimizer state to CPU after each step; only with colocate_all
     offload_after_step: bool = no_effect(
         True, why="colocated GPU trainers always offload parameters and optimizer state while the engine runs")
-    num_warmup_steps: Annotated[int, Field(ge=0)] = no_effect(0, why="rlctl uses a constant learning rate (no warmup yet)")
+    # learning-rate schedule, transformers' names (cosine_with_warmup = transformers' cosine); stepped per optimizer
+    # step. Decaying ones (linear, cosine*, polynomial) end at trainer.max_steps (required for them).
+    scheduler: Literal["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_warmup",
+                       "cosine_with_restarts", "polynomial", "inverse_sqrt"] = runtime("constant_with_warmup")
+    num_warmup_steps: Annotated[int, Field(ge=0)] = runtime(0)  # optimizer steps of linear warmup from 0
 
     @field_validator("adam_betas")
     @classmethod

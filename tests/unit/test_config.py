@@ -552,6 +552,26 @@ def test_dynamic_sampling():
     assert note_list(D + "min_replace_ratio=0.5") == [f"{D}min_replace_ratio=0.5 has no effect: only used with {D}type=replace"]
 
 
+def test_lr_scheduler():
+    O = "trainer.policy.optimizer_config."
+    oc = load_config().cfg.trainer.policy.optimizer_config
+    assert (oc.scheduler, oc.num_warmup_steps) == ("constant_with_warmup", 0)
+    oc = load_config(overrides=[O + "scheduler=cosine_with_warmup", O + "num_warmup_steps=10",
+                                "trainer.max_steps=100"]).cfg.trainer.policy.optimizer_config
+    assert (oc.scheduler, oc.num_warmup_steps) == ("cosine_with_warmup", 10)
+    assert one_error(O + "scheduler=cosine") == (
+        f"{O}scheduler=cosine: decays the learning rate to 0 over the run, so it needs trainer.max_steps (the horizon); "
+        "set trainer.max_steps or use constant_with_warmup")
+    assert one_error(O + "scheduler=step").startswith(f"{O}scheduler=step: must be one of 'constant_with_warmup', 'constant'")
+    assert one_error(O + "num_warmup_steps=-1") == f"{O}num_warmup_steps=-1: must be >= 0; the default is 0"
+    # 1024 / 256 = 4 optimizer steps per training step
+    w = load_config(overrides=[O + "num_warmup_steps=8", "trainer.max_steps=2"]).warnings
+    assert w == [f"{O}num_warmup_steps: 8 optimizer steps of warmup >= the run's 8 optimizer steps (trainer.max_steps=2 x 4 "
+                 f"per step): the learning rate never reaches {O}lr"]
+    assert note_list(O + "scheduler=constant", O + "num_warmup_steps=5") == [
+        f"{O}num_warmup_steps=5 has no effect: {O}scheduler=constant has no warmup (use constant_with_warmup)"]
+
+
 def test_stop_string_error_for_hf_too():
     assert "use generator.sampling_params.stop_token_ids" in one_error("generator.sampling_params.stop=x", "trainer.device=cpu", backend="hf")
 

@@ -18,11 +18,13 @@ def _tcfg(**over):
     algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.2, policy_loss_type="regular", clip_ratio_c=3.0,
                            loss_reduction="token_mean", use_kl_loss=over.pop("use_kl_loss", False), kl_loss_coef=0.1,
                            kl_estimator_type="k3", use_entropy_loss=False, entropy_loss_coef=0.0)
-    opt = SimpleNamespace(lr=over.pop("lr", 1e-2), adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0)
+    opt = SimpleNamespace(lr=over.pop("lr", 1e-2), adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0,
+                          scheduler=over.pop("scheduler", "constant_with_warmup"), num_warmup_steps=over.pop("warmup", 0))
     policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
     t = SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=False,
                         micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=over.pop("micro", 2),
-                        update_epochs_per_batch=1, max_bad_steps=3)
+                        update_epochs_per_batch=1, max_bad_steps=3, max_steps=None, train_batch_size=2,
+                        policy_mini_batch_size=1)
     for k, v in over.items():
         setattr(t, k, v)
     return t
@@ -305,3 +307,23 @@ def test_checkpoint_roundtrip(pg, tiny, tmp_path):
     s1, s2 = tr.full_state_dict(), tr2.full_state_dict()
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], atol=0, rtol=0)
+
+
+def test_lr_schedule_counts_optimizer_steps_and_is_checkpointed(pg, tiny, tmp_path):
+    """cosine_with_warmup (transformers' cosine), 1 warmup step, max_steps 2 x (2 prompts / mini-batch 1) = 4
+    optimizer steps: lr factors 0, 1, 0.5 (1 + cos(pi/3)) = 0.75, 0.5 (1 + cos(2 pi/3)) = 0.25."""
+    tcfg = _tcfg(scheduler="cosine_with_warmup", warmup=1, max_steps=2)
+    tr = PolicyTrainer(tiny, tcfg, rank=0, world_size=1, device="cpu", max_response_len=8)
+    b = _batch()
+    b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+    m = tr.train_step(b, 1.0, mini_batch_size=2)  # 2 optimizer steps at lr 0 and 1e-2; logs the last one's
+    assert m["policy/lr"] == pytest.approx(1e-2)
+    tr.save_checkpoint(tmp_path / "policy", tmp_path / "state.pt", tiny, {"step": 1})
+    tr2 = PolicyTrainer(tiny, tcfg, rank=0, world_size=1, device="cpu", max_response_len=8)
+    assert tr2.optimizer.param_groups[0]["lr"] == 0.0  # a fresh schedule starts its warmup at 0
+    tr2.load_checkpoint(tmp_path / "policy", tmp_path / "state.pt")
+    assert tr2.optimizer.param_groups[0]["lr"] == pytest.approx(0.75e-2)
+    for t in (tr, tr2):
+        assert t.train_step(b, 1.0, mini_batch_size=2)["policy/lr"] == pytest.approx(0.25e-2)
+    with pytest.raises(ValueError, match="scheduler=linear decays over trainer.max_steps; set it"):
+        PolicyTrainer(tiny, _tcfg(scheduler="linear"), rank=0, world_size=1, device="cpu", max_response_len=8)
