@@ -335,35 +335,57 @@ def eval_sampling_from(cfg, stop_token_ids: Sequence[int]) -> Sampling:
 
 
 def evaluate(generate: Callable[[list, Sampling], Any], prompts: PromptData, tokenizer, sampling: Sampling,
-             batch_size: int) -> dict[str, float]:
-    """Greedy pass@1 on a validation split: strict and flexible accuracy, format rate, lengths.
+             batch_size: int, n_samples: int = 1) -> dict[str, float]:
+    """Accuracy on a validation split: greedy pass@1 (``n_samples=1``), or ``n_samples`` samples per problem.
 
     Args:
         generate: ``(prompt_ids, sampling) -> GenerationOutput``, e.g. :meth:`rlctl.colocation.Colocation.generate`
             inside its ``rollout()`` block, or a generator group's ``generate``.
-        batch_size: prompts per ``generate`` call (``trainer.eval_batch_size``).
-    Returns ``eval/accuracy_strict``, ``eval/accuracy_flexible``, ``eval/format_rate``,
-    ``eval/response_length_mean`` (tokens), ``eval/num_problems``.
+        sampling: ``generator.eval_sampling_params`` (:func:`eval_sampling_from`).
+        batch_size: prompts per ``generate`` call (``trainer.eval_batch_size``); each is repeated ``n_samples``
+            times in the call (group-major).
+        n_samples: ``generator.eval_n_samples_per_prompt`` (k).
+    Returns:
+        ``n_samples=1``: ``eval/accuracy_strict``, ``eval/accuracy_flexible`` (fraction of problems solved),
+        ``eval/format_rate``, ``eval/response_length_mean`` (tokens), ``eval/num_problems``.
+        ``n_samples=k > 1``: ``eval/accuracy_strict_mean`` / ``eval/accuracy_flexible_mean`` (fraction of all samples
+        correct: the pass@1 estimate), ``eval/pass@<k>_strict`` / ``eval/pass@<k>_flexible`` (mean over problems of
+        :func:`rlctl.grpo.pass_at_k` (n=k, c=correct samples, k): the fraction of problems with a correct sample;
+        Chen et al. 2021), ``eval/format_rate`` and ``eval/response_length_mean`` over samples,
+        ``eval/num_problems``, ``eval/samples_per_problem``.
     """
     from rlctl.gsm8k import score_response
 
+    k = n_samples
     strict = flexible = formatted = 0.0
+    pass_strict = pass_flexible = 0.0
     lengths = 0
     n = len(prompts.prompt_ids)
     for start in range(0, n, batch_size):
         chunk = prompts.prompt_ids[start:start + batch_size]
-        out = generate(chunk, sampling)
+        out = generate([p for p in chunk for _ in range(k)], sampling)
         texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
-        for text, row, ids in zip(texts, prompts.rows[start:start + batch_size], out.output_ids):
-            r = score_response(text, row["answer"])
-            strict += r.correct_strict
-            flexible += r.correct_flexible
-            formatted += r.formatted
-            lengths += len(ids)
+        for j, row in enumerate(prompts.rows[start:start + batch_size]):
+            c_strict = c_flexible = 0
+            for text, ids in zip(texts[j * k:(j + 1) * k], out.output_ids[j * k:(j + 1) * k]):
+                r = score_response(text, row["answer"])
+                c_strict += int(r.correct_strict)
+                c_flexible += int(r.correct_flexible)
+                formatted += r.formatted
+                lengths += len(ids)
+            strict += c_strict
+            flexible += c_flexible
+            pass_strict += grpo.pass_at_k(k, c_strict, k)
+            pass_flexible += grpo.pass_at_k(k, c_flexible, k)
     d = max(n, 1)
-    return {"eval/accuracy_strict": strict / d, "eval/accuracy_flexible": flexible / d,
-            "eval/format_rate": formatted / d, "eval/response_length_mean": lengths / d,
-            "eval/num_problems": float(n)}
+    if k == 1:
+        return {"eval/accuracy_strict": strict / d, "eval/accuracy_flexible": flexible / d,
+                "eval/format_rate": formatted / d, "eval/response_length_mean": lengths / d,
+                "eval/num_problems": float(n)}
+    return {"eval/accuracy_strict_mean": strict / (d * k), "eval/accuracy_flexible_mean": flexible / (d * k),
+            f"eval/pass@{k}_strict": pass_strict / d, f"eval/pass@{k}_flexible": pass_flexible / d,
+            "eval/format_rate": formatted / (d * k), "eval/response_length_mean": lengths / (d * k),
+            "eval/num_problems": float(n), "eval/samples_per_problem": float(k)}
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -431,7 +453,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         colo.sync_weights()
         colo.offload_trainer()
         with colo.rollout():
-            return evaluate(colo.generate, val, tokenizer, eval_sampling, t_cfg.eval_batch_size)
+            return evaluate(colo.generate, val, tokenizer, eval_sampling, t_cfg.eval_batch_size,
+                            g_cfg.eval_n_samples_per_prompt)
 
     if done == 0 and t_cfg.eval_before_train and val is not None:
         timer = PhaseTimer()

@@ -135,9 +135,6 @@ VLLM_GENERATOR_KEYS: dict[str, dict[str, Outcome]] = {
     "use_conversation_multi_turn": _both(NoEffect("rlctl runs single-turn GSM8K")),
     "max_turns": _both(NoEffect("rlctl runs single-turn GSM8K", neutral=_equals(1),
                                 otherwise="rlctl runs single-turn episodes only; remove it or set 1")),
-    "eval_n_samples_per_prompt": _both(NoEffect(
-        "evaluation is pass@1 with one sample per prompt", neutral=_equals(1),
-        otherwise="rlctl evaluates pass@1 with one (greedy) sample per prompt; remove it or set 1")),
     "zero_reward_on_non_stop": _both(NoEffect(
         "not implemented in rlctl", neutral=_is_false,
         otherwise="not supported; use generator.apply_overlong_filtering=true to drop truncated responses from the loss")),

@@ -67,6 +67,11 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                 f"must be at most generator.sampling_params.max_new_tokens={g.sampling_params.max_new_tokens} "
                 "(the penalty ramps over the last len tokens before that limit)")
 
+    if g.eval_n_samples_per_prompt > 1 and g.eval_sampling_params.temperature == 0:
+        c.warn("generator.eval_n_samples_per_prompt",
+               f"{g.eval_n_samples_per_prompt} greedy samples (generator.eval_sampling_params.temperature=0) are identical, "
+               "so pass@k equals pass@1; set generator.eval_sampling_params.temperature, e.g. 0.6 or 1.0")
+
     # --- layout
     workers = cfg.num_policy_workers
     if pl.colocate_all:

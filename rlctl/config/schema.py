@@ -339,6 +339,9 @@ class GeneratorConfig(_Model):
     # rlctl addition: forming the weight-update group and each bucket's broadcast must finish within this
     weight_sync_timeout_s: Annotated[float, Field(gt=0)] = runtime(300.0)
     n_samples_per_prompt: PosInt = runtime(5)
+    # eval samples per problem: 1 = pass@1 (greedy with the default eval temperature 0); k > 1 reports the mean
+    # accuracy and pass@k over k samples of generator.eval_sampling_params
+    eval_n_samples_per_prompt: PosInt = runtime(1)
     gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = runtime(0.8)  # SGLang mem_fraction_static
     apply_overlong_filtering: bool = runtime(False)  # mask out truncated responses from the loss
     max_input_length: Optional[PosInt] = no_effect(None, why="single-turn prompts are limited by trainer.max_prompt_length")

@@ -572,6 +572,16 @@ def test_lr_scheduler():
         f"{O}num_warmup_steps=5 has no effect: {O}scheduler=constant has no warmup (use constant_with_warmup)"]
 
 
+def test_sampled_eval():
+    g = load_config(overrides=["generator.eval_n_samples_per_prompt=4", "generator.eval_sampling_params.temperature=0.6"]).cfg.generator
+    assert (g.eval_n_samples_per_prompt, g.eval_sampling_params.temperature) == (4, 0.6)
+    assert load_config().cfg.generator.eval_n_samples_per_prompt == 1
+    assert one_error("generator.eval_n_samples_per_prompt=0") == "generator.eval_n_samples_per_prompt=0: must be >= 1; the default is 1"
+    assert load_config(overrides=["generator.eval_n_samples_per_prompt=4"]).warnings == [
+        "generator.eval_n_samples_per_prompt: 4 greedy samples (generator.eval_sampling_params.temperature=0) are identical, "
+        "so pass@k equals pass@1; set generator.eval_sampling_params.temperature, e.g. 0.6 or 1.0"]
+
+
 def test_stop_string_error_for_hf_too():
     assert "use generator.sampling_params.stop_token_ids" in one_error("generator.sampling_params.stop=x", "trainer.device=cpu", backend="hf")
 

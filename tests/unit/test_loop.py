@@ -8,7 +8,7 @@ import torch
 from rlctl.generator import GenerationOutput
 from types import SimpleNamespace
 
-from rlctl.loop import PhaseTimer, add_tis_weights, build_batch, compute_advantages, overlong_penalties, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
+from rlctl.loop import PhaseTimer, PromptData, add_tis_weights, build_batch, compute_advantages, evaluate, overlong_penalties, epoch_order, pad_logprobs, rollout_metrics, tokenize_prompts
 from rlctl.testing import build_tiny_tokenizer
 
 
@@ -102,3 +102,33 @@ def test_overlong_penalty_hand_numbers():
     assert overlong_penalties(cfg, outs, 10).tolist() == [0.0, 0.0, -0.125, -0.25, -0.5]
     cfg.len = None
     assert overlong_penalties(cfg, outs, 10).tolist() == [0.0] * 5
+
+
+def test_sampled_eval_pass_at_k_hand_numbers():
+    texts = {1: "#### 3", 2: "so 3", 3: "#### 4"}  # the answer is 3: strict + flexible, flexible only, neither
+
+    class Tok:
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [texts[o[0]] for o in ids]
+
+    script = iter([[1, 3, 2, 2], [3, 3]])  # problem 0: right, wrong; 1: flexible twice; 2: wrong twice
+    calls = []
+
+    def generate(prompt_ids, sampling):
+        calls.append([p[0] for p in prompt_ids])
+        codes = next(script)
+        return GenerationOutput([[c, c] for c in codes], [[0.0, 0.0]] * len(codes), ["stop"] * len(codes))
+
+    data = PromptData([[10], [11], [12]], [{"answer": "3"}] * 3)
+    m = evaluate(generate, data, Tok(), sampling=None, batch_size=2, n_samples=2)
+    assert calls == [[10, 10, 11, 11], [12, 12]]  # each prompt k=2 times, 2 prompts per call
+    assert m == pytest.approx({
+        "eval/accuracy_strict_mean": 1 / 6, "eval/accuracy_flexible_mean": 3 / 6,
+        "eval/pass@2_strict": 1 / 3, "eval/pass@2_flexible": 2 / 3,  # problems with a correct sample
+        "eval/format_rate": 4 / 6, "eval/response_length_mean": 2.0, "eval/num_problems": 3.0,
+        "eval/samples_per_problem": 2.0})
+    # k = 1 keeps the greedy pass@1 keys
+    script = iter([[1, 2], [3]])
+    m = evaluate(generate, data, Tok(), sampling=None, batch_size=2)
+    assert m == pytest.approx({"eval/accuracy_strict": 1 / 3, "eval/accuracy_flexible": 2 / 3, "eval/format_rate": 2 / 3,
+                               "eval/response_length_mean": 2.0, "eval/num_problems": 3.0})
