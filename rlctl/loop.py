@@ -1,7 +1,9 @@
 """The GRPO training loop: one function, :func:`run`, that reads top to bottom, phases numbered and timed.
 
-Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward, 3 advantages,
-4 old/ref log-probs, 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
+Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward (plus the overlong penalty;
+with dynamic sampling ``filter`` 1-2 repeat on the next prompts until ``train_batch_size`` informative groups, see
+:func:`fill_filtered_batch`; ``replace``: :func:`replace_flat`), 3 advantages,
+4 old/ref log-probs (and the truncated importance-sampling weights of ``off_policy_correction``), 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
 9 checkpoint. Who holds the GPU changes only through calls of :class:`rlctl.colocation.Colocation`, each
 one visible in :func:`run`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
 and ``sglang`` backends run the same code.
@@ -25,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlctl import grpo
-from rlctl.generator import Sampling
+from rlctl.generator import GenerationOutput, Sampling
 
 PHASES = ("weight_sync", "generate", "reward", "advantages", "logprobs", "train", "eval", "log", "checkpoint")
 
@@ -97,6 +99,122 @@ def pad_logprobs(logprobs: Sequence[Sequence[float]], T: int) -> torch.Tensor:
     return out
 
 
+class PromptOrder:
+    """The training prompts in the order the loop consumes them: epoch after epoch of :func:`epoch_order`, each
+    epoch cut to ``per_epoch`` prompts (``steps_per_epoch x train_batch_size``: the last partial batch is dropped).
+
+    A position counts prompts consumed since the start of the run (the loop's ``data_position``, saved in
+    checkpoints): without dynamic sampling it is ``step x train_batch_size``; with ``filter`` it advances by
+    ``train_batch_size`` per generation, and a take may cross into the next (reshuffled) epoch.
+    """
+
+    def __init__(self, num_prompts: int, per_epoch: int, seed: int) -> None:
+        self.num_prompts, self.per_epoch, self.seed = num_prompts, per_epoch, seed
+        self._cache: dict[int, list[int]] = {}
+
+    def epoch_of(self, position: int) -> int:
+        """The epoch the prompt at ``position`` belongs to."""
+        return position // self.per_epoch
+
+    def take(self, position: int, count: int) -> list[int]:
+        """Indices into the prompts of positions ``position .. position + count - 1``."""
+        out = []
+        for p in range(position, position + count):
+            epoch, pos = divmod(p, self.per_epoch)
+            if epoch not in self._cache:
+                self._cache = {epoch: epoch_order(self.num_prompts, self.seed, epoch)}  # keep one epoch
+            out.append(self._cache[epoch][pos])
+        return out
+
+
+def rollout_seed(seed_base: int, step: int, k: int) -> int:
+    """Sampling seed of the ``k``-th generation (0, 1, ...) of ``step``: ``seed_base x 1_000_003 + step`` for the
+    first (every step has one), shifted by ``k x 1_000_000_007`` for the extra generations of dynamic sampling."""
+    return seed_base * 1_000_003 + step + k * 1_000_000_007
+
+
+@dataclass
+class Rollouts:
+    """The samples of one generation (or of a step's batch), group-major: ``n`` consecutive samples per prompt.
+
+    ``prompts`` / ``rows`` / ``out`` / ``texts`` / ``scored``: N entries each; ``rewards`` [N] float32 (task reward
+    + ``penalty``), ``penalty`` [N] the overlong penalty, ``loss_keep`` [N] 1.0 for samples that enter the loss
+    (0.0 for the padding groups of :func:`fill_filtered_batch`).
+    """
+
+    prompts: list
+    rows: list
+    out: GenerationOutput
+    texts: list
+    scored: list
+    rewards: torch.Tensor
+    penalty: torch.Tensor
+    loss_keep: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> "Rollouts":
+        """The samples at ``idx`` ([K] int64), in that order."""
+        ix = idx.tolist()
+        o = self.out
+        return Rollouts([self.prompts[i] for i in ix], [self.rows[i] for i in ix],
+                        GenerationOutput([o.output_ids[i] for i in ix], [o.logprobs[i] for i in ix],
+                                         [o.finish_reasons[i] for i in ix]),
+                        [self.texts[i] for i in ix], [self.scored[i] for i in ix], self.rewards[idx], self.penalty[idx],
+                        self.loss_keep[idx])
+
+    @staticmethod
+    def cat(parts: Sequence["Rollouts"]) -> "Rollouts":
+        """All samples of ``parts``, in order."""
+        return Rollouts([p for r in parts for p in r.prompts], [p for r in parts for p in r.rows],
+                        GenerationOutput([x for r in parts for x in r.out.output_ids],
+                                         [x for r in parts for x in r.out.logprobs],
+                                         [x for r in parts for x in r.out.finish_reasons]),
+                        [x for r in parts for x in r.texts], [x for r in parts for x in r.scored],
+                        torch.cat([r.rewards for r in parts]), torch.cat([r.penalty for r in parts]),
+                        torch.cat([r.loss_keep for r in parts]))
+
+
+def fill_filtered_batch(informative: Sequence[Rollouts], flat: Sequence[Rollouts], groups: int, n: int) -> Rollouts:
+    """The training batch of DAPO dynamic sampling (``filter``): exactly ``groups`` prompt groups of ``n`` samples.
+
+    The first ``groups`` informative groups in generation order (the rest of the last generation's are dropped).
+    When the loop gave up (``max_sample_batches`` generations without enough of them), the batch is topped up with
+    the first flat groups it generated, with ``loss_keep`` 0: they keep the batch at ``train_batch_size`` prompts,
+    so the world-size shards, mini-batches and optimizer steps stay as configured, but they add no token to the
+    loss (as ``trainer.algorithm.zero_variance_filter`` drops them). Source: Yu et al. 2025 (DAPO, arXiv:2503.14476).
+
+    Args:
+        informative / flat: per generation, its informative / flat groups (group-major).
+        groups: ``trainer.train_batch_size``; n: ``generator.n_samples_per_prompt``.
+    Returns:
+        ``groups x n`` samples.
+    """
+    good = Rollouts.cat(informative)
+    k = min(len(good.prompts), groups * n)
+    parts = [good.take(torch.arange(k))]
+    if k < groups * n:
+        pad = Rollouts.cat(flat).take(torch.arange(groups * n - k))
+        pad.loss_keep = torch.zeros(groups * n - k)
+        parts.append(pad)
+    return Rollouts.cat(parts)
+
+
+def replace_flat(ro: Rollouts, n: int, min_replace_ratio: float, seed: int) -> tuple[Rollouts, int]:
+    """POLARIS dynamic sampling (``replace``): when at least ``min_replace_ratio`` of the groups are informative,
+    every flat group is overwritten by a copy of a random informative one (:func:`rlctl.grpo.replace_flat_groups`,
+    donors drawn with ``torch.Generator().manual_seed(seed)``); otherwise the batch is kept as it is.
+    Source: An et al. 2025 (POLARIS); SkyRL ``handle_replace_sampling``.
+
+    Returns:
+        ``(batch, replaced_groups)``: the same number of samples, and how many groups were replaced (0 when kept).
+    """
+    informative = grpo.informative_groups(ro.rewards, n)
+    ratio = informative.float().mean().item()
+    if ratio < min_replace_ratio or bool(informative.all()):
+        return ro, 0
+    idx = grpo.replace_flat_groups(ro.rewards, n, generator=torch.Generator().manual_seed(seed))
+    return ro.take(idx), int((~informative).sum())
+
+
 # ---------------------------------------------------------------------------------------------- reward
 def make_reward_fn(env_cfg) -> Callable[[str, str, list[int]], dict[str, float]]:
     """The reward of one response: the shared GSM8K scorer, or ``environment.reward.custom_reward_fn``.
@@ -117,6 +235,69 @@ def make_reward_fn(env_cfg) -> Callable[[str, str, list[int]], dict[str, float]]
                 "correct_flexible": float(r.correct_flexible)}
 
     return reward
+
+
+def overlong_penalties(buffer_cfg, output_ids: Sequence[Sequence[int]], max_new_tokens: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment of ``trainer.algorithm.overlong_buffer``, added to the rewards before the
+    advantages (Yu et al. 2025, arXiv:2503.14476 eq. 13; :func:`rlctl.grpo.overlong_penalty`).
+
+    Args:
+        buffer_cfg: the section (``len`` tokens or None = off, ``penalty_factor``).
+        output_ids: N responses (token ids); their lengths are in tokens.
+        max_new_tokens: ``generator.sampling_params.max_new_tokens``, the generation limit.
+    Returns:
+        [N] float32 penalties <= 0 (all 0 when off): 0 up to ``max_new_tokens - len`` tokens, then linearly down
+        to ``-penalty_factor`` at ``max_new_tokens``.
+    """
+    lengths = torch.tensor([len(o) for o in output_ids], dtype=torch.float32)
+    if buffer_cfg.len is None:
+        return torch.zeros_like(lengths)
+    return grpo.overlong_penalty(lengths, max_new_tokens, buffer_cfg.len, buffer_cfg.penalty_factor)
+
+
+def compute_advantages(algo, rewards: torch.Tensor, n: int, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence advantages with ``trainer.algorithm.advantage_estimator`` (:func:`rlctl.grpo.compute_advantages`).
+
+    Args:
+        algo: the ``trainer.algorithm`` section.
+        rewards: [N] float32, group-major (``n`` samples per prompt).
+        n: ``generator.n_samples_per_prompt``.
+        response_mask: [N, T] loss mask (after the zero-variance / overlong filters); ``reinforce++``
+            weights its batch mean and std by each response's tokens in it, as SkyRL and verl do.
+    Returns:
+        [N] float32 advantages: ``grpo`` (Shao et al. 2024; ``grpo_norm_by_std=false`` is Dr. GRPO), ``rloo``
+        (Ahmadian et al. 2024), ``reinforce++`` (Hu 2025, outcome reward, batch whitening).
+    """
+    name = algo.advantage_estimator
+    if name == "grpo":
+        return grpo.compute_advantages(name, rewards, n, norm_by_std=algo.grpo_norm_by_std)
+    if name == "reinforce++":
+        return grpo.compute_advantages(name, rewards, n, response_lengths=response_mask.sum(1))
+    return grpo.compute_advantages(name, rewards, n)
+
+
+def add_tis_weights(opc, batch: dict[str, torch.Tensor], rollout_lp: torch.Tensor) -> dict[str, float]:
+    """Truncated importance-sampling weights of ``trainer.algorithm.off_policy_correction`` into ``batch``.
+
+    With ``tis_ratio_type`` null nothing happens. Otherwise ``batch["tis_weights"]`` [N, T] float32 becomes
+    :func:`rlctl.grpo.tis_weights` of ``batch["old_logprobs"]`` (the trainer's pi_old) against ``rollout_lp``
+    (the engine's log-probs of the same tokens) over ``batch["response_mask"]``, capped at
+    ``token_tis_ratio_clip_high`` or ``sequence_tis_ratio_clip_high``; the trainer multiplies each token's policy
+    loss by it (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; SkyRL
+    ``off_policy_correction``).
+
+    Returns:
+        ``off_policy/tis_ratio_mean`` / ``_max`` (ratio before the cap) and ``off_policy/tis_ratio_truncated_fraction``
+        (tokens, or sequences for ``sequence``, over the cap); ``{}`` when off.
+    """
+    if opc.tis_ratio_type is None:
+        return {}
+    cap = opc.token_tis_ratio_clip_high if opc.tis_ratio_type == "token" else opc.sequence_tis_ratio_clip_high
+    weights, m = grpo.tis_weights(batch["old_logprobs"], rollout_lp, batch["response_mask"],
+                                  ratio_type=opc.tis_ratio_type, clip_high=cap)
+    batch["tis_weights"] = weights.float()
+    return {"off_policy/tis_ratio_mean": m["tis_ratio_mean"], "off_policy/tis_ratio_max": m["tis_ratio_max"],
+            "off_policy/tis_ratio_truncated_fraction": m["tis_truncated_fraction"]}
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -154,35 +335,57 @@ def eval_sampling_from(cfg, stop_token_ids: Sequence[int]) -> Sampling:
 
 
 def evaluate(generate: Callable[[list, Sampling], Any], prompts: PromptData, tokenizer, sampling: Sampling,
-             batch_size: int) -> dict[str, float]:
-    """Greedy pass@1 on a validation split: strict and flexible accuracy, format rate, lengths.
+             batch_size: int, n_samples: int = 1) -> dict[str, float]:
+    """Accuracy on a validation split: greedy pass@1 (``n_samples=1``), or ``n_samples`` samples per problem.
 
     Args:
         generate: ``(prompt_ids, sampling) -> GenerationOutput``, e.g. :meth:`rlctl.colocation.Colocation.generate`
             inside its ``rollout()`` block, or a generator group's ``generate``.
-        batch_size: prompts per ``generate`` call (``trainer.eval_batch_size``).
-    Returns ``eval/accuracy_strict``, ``eval/accuracy_flexible``, ``eval/format_rate``,
-    ``eval/response_length_mean`` (tokens), ``eval/num_problems``.
+        sampling: ``generator.eval_sampling_params`` (:func:`eval_sampling_from`).
+        batch_size: prompts per ``generate`` call (``trainer.eval_batch_size``); each is repeated ``n_samples``
+            times in the call (group-major).
+        n_samples: ``generator.eval_n_samples_per_prompt`` (k).
+    Returns:
+        ``n_samples=1``: ``eval/accuracy_strict``, ``eval/accuracy_flexible`` (fraction of problems solved),
+        ``eval/format_rate``, ``eval/response_length_mean`` (tokens), ``eval/num_problems``.
+        ``n_samples=k > 1``: ``eval/accuracy_strict_mean`` / ``eval/accuracy_flexible_mean`` (fraction of all samples
+        correct: the pass@1 estimate), ``eval/pass@<k>_strict`` / ``eval/pass@<k>_flexible`` (mean over problems of
+        :func:`rlctl.grpo.pass_at_k` (n=k, c=correct samples, k): the fraction of problems with a correct sample;
+        Chen et al. 2021), ``eval/format_rate`` and ``eval/response_length_mean`` over samples,
+        ``eval/num_problems``, ``eval/samples_per_problem``.
     """
     from rlctl.gsm8k import score_response
 
+    k = n_samples
     strict = flexible = formatted = 0.0
+    pass_strict = pass_flexible = 0.0
     lengths = 0
     n = len(prompts.prompt_ids)
     for start in range(0, n, batch_size):
         chunk = prompts.prompt_ids[start:start + batch_size]
-        out = generate(chunk, sampling)
+        out = generate([p for p in chunk for _ in range(k)], sampling)
         texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
-        for text, row, ids in zip(texts, prompts.rows[start:start + batch_size], out.output_ids):
-            r = score_response(text, row["answer"])
-            strict += r.correct_strict
-            flexible += r.correct_flexible
-            formatted += r.formatted
-            lengths += len(ids)
+        for j, row in enumerate(prompts.rows[start:start + batch_size]):
+            c_strict = c_flexible = 0
+            for text, ids in zip(texts[j * k:(j + 1) * k], out.output_ids[j * k:(j + 1) * k]):
+                r = score_response(text, row["answer"])
+                c_strict += int(r.correct_strict)
+                c_flexible += int(r.correct_flexible)
+                formatted += r.formatted
+                lengths += len(ids)
+            strict += c_strict
+            flexible += c_flexible
+            pass_strict += grpo.pass_at_k(k, c_strict, k)
+            pass_flexible += grpo.pass_at_k(k, c_flexible, k)
     d = max(n, 1)
-    return {"eval/accuracy_strict": strict / d, "eval/accuracy_flexible": flexible / d,
-            "eval/format_rate": formatted / d, "eval/response_length_mean": lengths / d,
-            "eval/num_problems": float(n)}
+    if k == 1:
+        return {"eval/accuracy_strict": strict / d, "eval/accuracy_flexible": flexible / d,
+                "eval/format_rate": formatted / d, "eval/response_length_mean": lengths / d,
+                "eval/num_problems": float(n)}
+    return {"eval/accuracy_strict_mean": strict / (d * k), "eval/accuracy_flexible_mean": flexible / (d * k),
+            f"eval/pass@{k}_strict": pass_strict / d, f"eval/pass@{k}_flexible": pass_flexible / d,
+            "eval/format_rate": formatted / (d * k), "eval/response_length_mean": lengths / (d * k),
+            "eval/num_problems": float(n), "eval/samples_per_problem": float(k)}
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -220,12 +423,19 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
     eval_sampling = eval_sampling_from(cfg, stop_token_ids)
     eval_enabled = val is not None and (t_cfg.eval_interval > 0 or t_cfg.eval_before_train)
 
+    ds = algo.dynamic_sampling
+    tbs = t_cfg.train_batch_size
+    order = PromptOrder(len(train.prompt_ids), steps_per_epoch * tbs, t_cfg.seed)
+
     # 0 resume (the trainer is resident: it was just built); the engines then need the restored weights
-    done = 0  # last finished step; the data position follows from it (saved in checkpoints as "step")
+    done = 0  # last finished step
+    data_position = 0  # prompts consumed (in epoch_order); saved in checkpoints next to "step"
     colo.onload_trainer()
     restored = checkpointer.restore(trainers)
     if restored is not None:
         done = restored["step"]
+        # checkpoints written before data_position was saved: every step consumed train_batch_size prompts
+        data_position = restored.get("data_position", done * tbs)
         logger.truncate_after(done)
     for note in checkpointer.notes:
         logger.console.log(f"note: {note}")
@@ -243,7 +453,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         colo.sync_weights()
         colo.offload_trainer()
         with colo.rollout():
-            return evaluate(colo.generate, val, tokenizer, eval_sampling, t_cfg.eval_batch_size)
+            return evaluate(colo.generate, val, tokenizer, eval_sampling, t_cfg.eval_batch_size,
+                            g_cfg.eval_n_samples_per_prompt)
 
     if done == 0 and t_cfg.eval_before_train and val is not None:
         timer = PhaseTimer()
@@ -255,31 +466,62 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
     while done < total_steps:
         step = done + 1
         timer = PhaseTimer()
-        epoch, pos = divmod((step - 1) * t_cfg.train_batch_size, steps_per_epoch * t_cfg.train_batch_size)
-        order = epoch_order(len(train.prompt_ids), t_cfg.seed, epoch)
-        idx = order[pos:pos + t_cfg.train_batch_size]
-        prompts = [train.prompt_ids[i] for i in idx for _ in range(n)]  # group-major: n samples per prompt
-        rows = [train.rows[i] for i in idx for _ in range(n)]
-        sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=seed_base * 1_000_003 + step)
+        epoch = order.epoch_of(data_position)
+        informative_parts: list[Rollouts] = []  # dynamic sampling "filter": informative groups, in generation order
+        flat_parts: list[Rollouts] = []
+        informative = sample_batches = 0
+        gave_up = False
+        while True:  # one pass without dynamic sampling "filter"; with it, until the batch is full or we give up
+            idx = order.take(data_position, tbs)
+            data_position += tbs
+            prompts = [train.prompt_ids[i] for i in idx for _ in range(n)]  # group-major: n samples per prompt
+            rows = [train.rows[i] for i in idx for _ in range(n)]
+            sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=rollout_seed(seed_base, step, sample_batches))
 
-        # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
-        # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps
-        with timer("weight_sync"):
-            colo.sync_weights()
-            colo.offload_trainer()
-        with timer("generate"), colo.rollout():
-            out = colo.generate(prompts, sampling)
-        gen_stats = generators.last_stats()
+            # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
+            # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps
+            with timer("weight_sync"):
+                colo.sync_weights()
+                colo.offload_trainer()
+            with timer("generate"), colo.rollout():
+                out = colo.generate(prompts, sampling)
+            gen_stats = generators.last_stats()
+            sample_batches += 1
 
-        # 2 reward
-        with timer("reward"):
-            texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
-            scored = [reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
-            rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+            # 2 reward (+ the overlong penalty)
+            with timer("reward"):
+                texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
+                scored = [reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
+                rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+                penalty = overlong_penalties(algo.overlong_buffer, out.output_ids, g_cfg.sampling_params.max_new_tokens)
+                ro = Rollouts(prompts, rows, out, texts, scored, rewards + penalty, penalty, torch.ones(len(prompts)))
+            if ds.type != "filter":
+                break
+            # DAPO dynamic sampling: keep the informative groups, generate the next prompts until there are enough
+            keep = grpo.select_informative(ro.rewards, n)
+            flat = torch.tensor(sorted(set(range(len(prompts))) - set(keep.tolist())), dtype=torch.long)
+            informative_parts.append(ro.take(keep))
+            flat_parts.append(ro.take(flat))
+            informative += len(keep) // n
+            if informative >= tbs:
+                break
+            if sample_batches >= ds.max_sample_batches:
+                gave_up = True
+                break
+        ds_metrics: dict[str, float] = {}
+        if ds.type == "filter":
+            ro = fill_filtered_batch(informative_parts, flat_parts, tbs, n)
+            ds_metrics = {"dynamic_sampling/sample_batches": float(sample_batches),
+                          "dynamic_sampling/gave_up": float(gave_up),
+                          "dynamic_sampling/informative_groups": float(min(informative, tbs))}
+        elif ds.type == "replace":
+            ro, replaced = replace_flat(ro, n, ds.min_replace_ratio, seed=rollout_seed(seed_base, step, 0))
+            ds_metrics = {"dynamic_sampling/replaced_groups": float(replaced)}
+        prompts, rows, out, texts, scored, rewards, penalty = (ro.prompts, ro.rows, ro.out, ro.texts, ro.scored,
+                                                               ro.rewards, ro.penalty)
 
         # 3 advantages (per sequence, broadcast over its tokens by the loss)
         with timer("advantages"):
-            advantages = grpo.grpo_advantages(rewards, n, norm_by_std=algo.grpo_norm_by_std)
             batch = build_batch(prompts, out.output_ids, pad_id)
             T = batch["response_mask"].shape[1]
             keep = torch.ones(len(prompts))
@@ -287,7 +529,9 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
                 keep = keep * grpo.zero_variance_sample_mask(rewards, n)
             if g_cfg.apply_overlong_filtering:
                 keep = keep * torch.tensor([0.0 if f == "length" else 1.0 for f in out.finish_reasons])
+            keep = keep * ro.loss_keep  # dynamic sampling "filter" pads a short batch with flat groups kept out of the loss
             batch["response_mask"] = batch["response_mask"] * keep[:, None]
+            advantages = compute_advantages(algo, rewards, n, batch["response_mask"])
             batch["advantages"] = advantages
             rollout_lp = pad_logprobs(out.logprobs, T)
 
@@ -297,6 +541,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
             if algo.use_kl_loss:
                 batch["ref_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "ref")
+            tis_metrics = add_tis_weights(algo.off_policy_correction, batch, rollout_lp)
 
         # 5 train: the engine's weights are stale from here on
         with timer("train"):
@@ -310,12 +555,17 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
 
         # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
+        metrics.update(tis_metrics)
+        metrics.update(ds_metrics)
+        if algo.overlong_buffer.len is not None:
+            metrics["reward/overlong_penalty_mean"] = penalty.mean().item()
         metrics.update(train_metrics)
         metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
         metrics.update({f"generator/{k}": float(v) for k, v in colo.push_stats.items()})
         if colo.shared_gpu:
             metrics["memory/trainer_reserved_bytes_at_kv_wake"] = float(colo.take_kv_wake_bytes())
         metrics["data/epoch"] = float(epoch)
+        metrics["data/prompts_consumed"] = float(data_position)
         metrics["data/dropped_long_prompts"] = float(train.dropped_too_long)
         done = step
         out_of_time = t_cfg.max_wall_time_s is not None and time.time() - wall_start >= t_cfg.max_wall_time_s
@@ -333,7 +583,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
             with timer("checkpoint"):
                 colo.onload_trainer()
-                checkpointer.save(trainers, {"step": step})
+                checkpointer.save(trainers, {"step": step, "data_position": data_position})
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(timer.seconds.values())
         logger.log(step, metrics)

@@ -19,6 +19,7 @@ Batch layout (a dict of CPU tensors, N sequences of one rank), built by :func:`r
     advantages      [N]      float32 sequence-level GRPO advantage
     old_logprobs    [N, T]   float32 (added by the loop from compute_logprobs before training)
     ref_logprobs    [N, T]   float32 (only when KL is used)
+    tis_weights     [N, T]   float32 truncated importance-sampling weights (only with off_policy_correction)
 
 Test: ``pytest tests/unit/test_trainer.py`` (a 1- and 2-rank gloo group on CPU with a tiny Llama).
 """
@@ -241,7 +242,7 @@ def _packed_head_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
 # what _optimizer_step sums on the device per micro-batch (the last entry: clipped response tokens)
 _STEP_SUMS = ("policy/pg_loss", "policy/kl", "policy/entropy", "policy/loss", "clip_tokens")
 
-RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs")  # [N, T] tensors aligned with the response
+RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs", "tis_weights")  # [N, T] tensors aligned with the response
 
 
 def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
@@ -406,6 +407,7 @@ class PolicyTrainer:
         kind = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr, betas=tuple(opt.adam_betas),
                                            weight_decay=opt.weight_decay, **kind)
+        self.scheduler = make_scheduler(self.optimizer, tcfg)
         self.ref_model = None
         if self.algo.use_kl_loss:
             self.ref_model = load_and_shard(model_path, mesh=self.mesh, device=self.device, param_dtype=param_dtype,
@@ -501,15 +503,18 @@ class PolicyTrainer:
         for _epoch in range(tcfg.update_epochs_per_batch):
             for mstart in range(0, n, mini_batch_size):
                 mini = {k: v[mstart:mstart + mini_batch_size] for k, v in batch.items()}
+                lr = self.optimizer.param_groups[0]["lr"]  # the learning rate of this optimizer step
                 m = self._optimizer_step(mini, temperature, micro)
                 if m.pop("skipped"):
                     skipped += 1
+                else:  # the schedule counts applied optimizer steps
+                    self.scheduler.step()
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["policy/skipped_steps"] = float(skipped)
-        metrics["policy/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["policy/lr"] = lr
         metrics.update(self.memory_metrics())
         if self.device.type == "cuda" and not self.colocated:
             torch.cuda.reset_peak_memory_stats()  # colocated: reset by the next step's onload
@@ -567,6 +572,7 @@ class PolicyTrainer:
             pg_loss, pg_m = grpo.policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mask,
                 eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type,
+                token_weights=mb.get("tis_weights"),  # already on the device (_to_device)
                 clip_ratio_c=algo.clip_ratio_c, loss_reduction=algo.loss_reduction, metrics_as_tensors=True,
                 **reduce_kw)
             loss = pg_loss
@@ -833,7 +839,8 @@ class PolicyTrainer:
             except OSError:
                 pass
             # only tensors and plain containers/scalars: load_checkpoint reads it with weights_only=True
-            torch.save({"format": STATE_FORMAT, "optimizer": osd, "global_step": self.global_step, "extra": extra,
+            torch.save({"format": STATE_FORMAT, "optimizer": osd, "scheduler": self.scheduler.state_dict(),
+                        "global_step": self.global_step, "extra": extra,
                         "bad_steps_in_a_row": self.bad_steps_in_a_row, "rng": _rng_state()}, state_path)
         if self.world_size > 1:
             dist.barrier()
@@ -877,10 +884,49 @@ class PolicyTrainer:
                 "rlctl's save_checkpoint. Resume from another checkpoint (trainer.resume_path) or start "
                 "fresh (trainer.resume_mode=none)") from None
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        if "scheduler" in state:  # checkpoints from before the schedule: a constant learning rate
+            self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
         self.bad_steps_in_a_row = state.get("bad_steps_in_a_row", 0)
         _set_rng_state(state["rng"])
         return state["extra"]
+
+
+#: ``trainer.policy.optimizer_config.scheduler`` -> transformers ``SchedulerType`` name (SkyRL's names).
+SCHEDULERS = {"constant_with_warmup": "constant_with_warmup", "constant": "constant", "linear": "linear",
+              "cosine": "cosine", "cosine_with_warmup": "cosine", "cosine_with_restarts": "cosine_with_restarts",
+              "polynomial": "polynomial", "inverse_sqrt": "inverse_sqrt"}
+
+
+def optimizer_steps_per_train_step(tcfg: Any) -> int:
+    """Optimizer steps of one training step: ``update_epochs_per_batch x train_batch_size / policy_mini_batch_size``."""
+    return tcfg.update_epochs_per_batch * (tcfg.train_batch_size // tcfg.policy_mini_batch_size)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``trainer.policy.optimizer_config`` (``scheduler``, ``num_warmup_steps``), from
+    ``transformers.get_scheduler``; stepped once per applied optimizer step (a step skipped for a non-finite loss or
+    grad norm does not count), so warmup and decay count optimizer steps.
+
+    ``cosine_with_warmup`` (SkyRL's name) is transformers' ``cosine`` (linear warmup, then cosine decay to 0).
+    Decaying schedules end at ``trainer.max_steps x`` :func:`optimizer_steps_per_train_step` optimizer steps
+    (a config rule requires ``trainer.max_steps`` for them); constant ones need no horizon.
+
+    Raises:
+        ValueError: an unknown scheduler name, or a decaying one without ``trainer.max_steps``.
+    """
+    from transformers import get_scheduler
+
+    opt = tcfg.policy.optimizer_config
+    name = SCHEDULERS.get(opt.scheduler)
+    if name is None:
+        raise ValueError(f"trainer.policy.optimizer_config.scheduler={opt.scheduler!r}: one of {', '.join(SCHEDULERS)}")
+    total = None
+    if name not in ("constant", "constant_with_warmup", "inverse_sqrt"):
+        if getattr(tcfg, "max_steps", None) is None:
+            raise ValueError(f"trainer.policy.optimizer_config.scheduler={opt.scheduler} decays over trainer.max_steps; set it")
+        total = tcfg.max_steps * optimizer_steps_per_train_step(tcfg)
+    return get_scheduler(name, optimizer, num_warmup_steps=opt.num_warmup_steps, num_training_steps=total)
 
 
 def _rng_state() -> dict:

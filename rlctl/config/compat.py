@@ -37,6 +37,8 @@ class Translate:
     ``convert``: old value -> new value. ``give_only``: the end of the conflict error (default
     "give only {new}"). ``note``: the note template (default "{old}: {why}; using {new}={value}").
     ``record_alias``: errors on the new key name the old one ("[given as ...]") and its source.
+    ``neutral``: values for which the name means "off" / "unset": dropped with a "has no effect: neutral
+    value" note instead of being translated.
     """
 
     to: str
@@ -47,6 +49,7 @@ class Translate:
     give_only: Optional[str] = None
     note: Optional[str] = None
     record_alias: bool = True
+    neutral: Optional[Callable[[Any], bool]] = None
 
 
 @dataclass(frozen=True)
@@ -132,9 +135,6 @@ VLLM_GENERATOR_KEYS: dict[str, dict[str, Outcome]] = {
     "use_conversation_multi_turn": _both(NoEffect("rlctl runs single-turn GSM8K")),
     "max_turns": _both(NoEffect("rlctl runs single-turn GSM8K", neutral=_equals(1),
                                 otherwise="rlctl runs single-turn episodes only; remove it or set 1")),
-    "eval_n_samples_per_prompt": _both(NoEffect(
-        "evaluation is pass@1 with one sample per prompt", neutral=_equals(1),
-        otherwise="rlctl evaluates pass@1 with one (greedy) sample per prompt; remove it or set 1")),
     "zero_reward_on_non_stop": _both(NoEffect(
         "not implemented in rlctl", neutral=_is_false,
         otherwise="not supported; use generator.apply_overlong_filtering=true to drop truncated responses from the loss")),
@@ -171,8 +171,27 @@ VLLM_SAMPLING_KEYS: dict[str, dict[str, Outcome]] = {
     "use_beam_search": _both(Refuse("beam search is not supported (GRPO needs samples from the policy); remove it")),
 }
 
+def _is_cap(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+# SkyRL's older names under ``trainer.algorithm`` (before ``off_policy_correction``): use_tis=true meant token
+# TIS capped at tis_imp_ratio_cap (-1 = unset).
+SKYRL_ALGORITHM_KEYS: dict[str, dict[str, Outcome]] = {
+    "use_tis": _both(Translate(
+        "off_policy_correction.tis_ratio_type", "SkyRL's older name", check=_is_bool, invalid="expected true or false",
+        convert=lambda v: "token", neutral=_is_false, note="{old}=true: {why}; using {new}={value}",
+        give_only="give only {new}")),
+    "tis_imp_ratio_cap": _both(Translate(
+        "off_policy_correction.token_tis_ratio_clip_high", "SkyRL's older name",
+        check=lambda v: _is_cap(v) or _equals(-1)(v),
+        invalid="expected a positive cap or -1 (unset); or set trainer.algorithm.off_policy_correction.token_tis_ratio_clip_high",
+        neutral=_equals(-1))),
+}
+
 # section of the raw config -> its table (loading.py also accepts these names as known keys)
 COMPAT_TABLES: dict[str, dict[str, dict[str, Outcome]]] = {
+    "trainer.algorithm": SKYRL_ALGORITHM_KEYS,
     "generator": VLLM_GENERATOR_KEYS,
     "generator.sampling_params": VLLM_SAMPLING_KEYS,
     "generator.eval_sampling_params": VLLM_SAMPLING_KEYS,
@@ -233,6 +252,9 @@ def _apply_table(raw: dict, section: str, table: dict[str, dict[str, Outcome]], 
             if rule.check is not None and not rule.check(v):
                 c.error(old, v, rule.invalid.format(**words))
                 _pop(raw, old)
+            elif rule.neutral is not None and rule.neutral(v):
+                c.no_effect(old, v, "neutral value")
+                _pop(raw, old)
             else:
                 _translate(raw, c, rule, old, new, rule.convert(v), words)
         elif isinstance(rule, NoEffect) and (rule.neutral is None or rule.neutral(v)):
@@ -256,6 +278,10 @@ def _normalize(raw: dict, c: _Collector, backend_hint: str) -> None:
         if "resume_mode" in trainer and trainer["resume_mode"] is None:
             trainer["resume_mode"] = "none"
 
+    algo = trainer.get("algorithm") if isinstance(trainer, dict) else None
+    if isinstance(algo, dict):
+        _apply_table(raw, "trainer.algorithm", SKYRL_ALGORITHM_KEYS, c, backend_hint)
+
     gen = raw.setdefault("generator", {})
     if not isinstance(gen, dict):
         return
@@ -265,7 +291,7 @@ def _normalize(raw: dict, c: _Collector, backend_hint: str) -> None:
         gen.pop("backend")
         backend = "sglang"
     for section, table in COMPAT_TABLES.items():
-        if isinstance(_get(raw, section), dict):
+        if section.startswith("generator") and isinstance(_get(raw, section), dict):
             _apply_table(raw, section, table, c, backend)
     train_mnt = _get(raw, "generator.sampling_params.max_new_tokens", LEAF_DEFAULTS["generator.sampling_params.max_new_tokens"])
     eval_sp = gen.get("eval_sampling_params", {})

@@ -50,6 +50,28 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     if g.gpu_memory_utilization > 0.9 and pl.colocate_all and sg:
         c.warn("generator.gpu_memory_utilization", f"{g.gpu_memory_utilization} leaves little GPU memory for the trainer's activations when colocated; 0.8 or lower is safer")
 
+    opc = a.off_policy_correction
+    if opc.tis_ratio_type is not None:
+        sp = g.sampling_params
+        for leaf, value, on in (("top_p", sp.top_p, sp.top_p < 1), ("top_k", sp.top_k, sp.top_k != -1),
+                                ("min_p", sp.min_p, sp.min_p > 0)):
+            if on:
+                c.warn(f"generator.sampling_params.{leaf}",
+                       f"{value} truncates the distribution the engine samples from, so it is not the policy's: "
+                       f"trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} corrects only the "
+                       "engine/trainer log-prob mismatch, not the truncation; use the neutral value for unbiased TIS")
+
+    ob = a.overlong_buffer
+    if ob.len is not None and ob.len > g.sampling_params.max_new_tokens:
+        c.error("trainer.algorithm.overlong_buffer.len", ob.len,
+                f"must be at most generator.sampling_params.max_new_tokens={g.sampling_params.max_new_tokens} "
+                "(the penalty ramps over the last len tokens before that limit)")
+
+    if g.eval_n_samples_per_prompt > 1 and g.eval_sampling_params.temperature == 0:
+        c.warn("generator.eval_n_samples_per_prompt",
+               f"{g.eval_n_samples_per_prompt} greedy samples (generator.eval_sampling_params.temperature=0) are identical, "
+               "so pass@k equals pass@1; set generator.eval_sampling_params.temperature, e.g. 0.6 or 1.0")
+
     # --- layout
     workers = cfg.num_policy_workers
     if pl.colocate_all:
@@ -71,8 +93,17 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
 
     # --- batch sizes (SkyRL semantics: train and mini batches in prompts, micro batches in sequences)
     n = g.n_samples_per_prompt
-    if n < 2:
+    ds = a.dynamic_sampling
+    if n < 2 and ds.type is not None:
+        c.error("trainer.algorithm.dynamic_sampling.type", ds.type,
+                f"needs generator.n_samples_per_prompt >= 2 (got {n}): a group of one sample never has reward variance, "
+                "so no group would ever be informative; raise generator.n_samples_per_prompt or set "
+                "trainer.algorithm.dynamic_sampling.type=null")
+    elif n < 2 and a.advantage_estimator == "grpo":
         c.error("generator.n_samples_per_prompt", n, "GRPO compares samples of the same prompt, it needs at least 2; e.g. generator.n_samples_per_prompt=5")
+    elif n < 2 and a.advantage_estimator == "rloo":
+        c.error("generator.n_samples_per_prompt", n, "RLOO's baseline is the mean reward of the other samples of the same prompt, "
+                "it needs at least 2; e.g. generator.n_samples_per_prompt=5 (or trainer.algorithm.advantage_estimator=reinforce++)")
     mini_seqs = t.policy_mini_batch_size * n
     step_seqs = t.micro_train_batch_size_per_gpu * workers
     if t.train_batch_size % t.policy_mini_batch_size:
@@ -104,6 +135,20 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
             also=("trainer.policy_mini_batch_size", "generator.n_samples_per_prompt"),
         )
 
+    # --- learning-rate schedule (counted in optimizer steps)
+    oc = t.policy.optimizer_config
+    decays = oc.scheduler not in ("constant", "constant_with_warmup", "inverse_sqrt")
+    if decays and t.max_steps is None:
+        c.error("trainer.policy.optimizer_config.scheduler", oc.scheduler,
+                "decays the learning rate to 0 over the run, so it needs trainer.max_steps (the horizon); set "
+                "trainer.max_steps or use constant_with_warmup")
+    opt_steps = t.update_epochs_per_batch * max(1, t.train_batch_size // t.policy_mini_batch_size) * (t.max_steps or 0)
+    if t.max_steps is not None and oc.num_warmup_steps >= opt_steps > 0:
+        c.warn("trainer.policy.optimizer_config.num_warmup_steps",
+               f"{oc.num_warmup_steps} optimizer steps of warmup >= the run's {opt_steps} optimizer steps "
+               f"(trainer.max_steps={t.max_steps} x {opt_steps // t.max_steps} per step): the learning rate never "
+               "reaches trainer.policy.optimizer_config.lr")
+
     # --- resume / algorithm / eval
     if t.resume_mode == "from_path" and not t.resume_path:
         c.error("trainer.resume_mode", "from_path", "needs trainer.resume_path=<checkpoint folder>")
@@ -118,6 +163,18 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     ne("trainer.algorithm.kl_loss_coef", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
     ne("trainer.algorithm.kl_estimator_type", not a.use_kl_loss, "trainer.algorithm.use_kl_loss=false")
     ne("trainer.algorithm.entropy_loss_coef", not a.use_entropy_loss, "trainer.algorithm.use_entropy_loss=false")
+    ne("trainer.algorithm.grpo_norm_by_std", a.advantage_estimator != "grpo", "only used with trainer.algorithm.advantage_estimator=grpo")
+    ne("trainer.algorithm.off_policy_correction.token_tis_ratio_clip_high", opc.tis_ratio_type != "token",
+       "only used with trainer.algorithm.off_policy_correction.tis_ratio_type=token")
+    ne("trainer.algorithm.off_policy_correction.sequence_tis_ratio_clip_high", opc.tis_ratio_type != "sequence",
+       "only used with trainer.algorithm.off_policy_correction.tis_ratio_type=sequence")
+    ne("trainer.algorithm.overlong_buffer.penalty_factor", ob.len is None, "trainer.algorithm.overlong_buffer.len is null (off)")
+    ne("trainer.algorithm.dynamic_sampling.max_sample_batches", ds.type != "filter",
+       "only used with trainer.algorithm.dynamic_sampling.type=filter")
+    ne("trainer.algorithm.dynamic_sampling.min_replace_ratio", ds.type != "replace",
+       "only used with trainer.algorithm.dynamic_sampling.type=replace")
+    ne("trainer.policy.optimizer_config.num_warmup_steps", oc.scheduler == "constant",
+       "trainer.policy.optimizer_config.scheduler=constant has no warmup (use constant_with_warmup)")
     ne("trainer.algorithm.clip_ratio_c", a.policy_loss_type != "dual_clip", "only used with trainer.algorithm.policy_loss_type=dual_clip")
     ne("trainer.resume_path", t.resume_mode != "from_path", "only used with trainer.resume_mode=from_path")
     ne("environment.reward.flexible_score", cfg.environment.reward.method != "strict",

@@ -90,7 +90,11 @@ class OptimizerConfig(_Model):
     # SkyRL's meaning: the optimizer state goes to the CPU after each step (colocated CUDA runs); parameters and
     # gradients always leave the GPU while the engine runs (rlctl.trainer.PolicyTrainer.offload)
     offload_after_step: bool = runtime(True)
-    num_warmup_steps: Annotated[int, Field(ge=0)] = no_effect(0, why="rlctl uses a constant learning rate (no warmup yet)")
+    # learning-rate schedule, transformers' names (cosine_with_warmup = transformers' cosine); stepped per optimizer
+    # step. Decaying ones (linear, cosine*, polynomial) end at trainer.max_steps (required for them).
+    scheduler: Literal["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_warmup",
+                       "cosine_with_restarts", "polynomial", "inverse_sqrt"] = runtime("constant_with_warmup")
+    num_warmup_steps: Annotated[int, Field(ge=0)] = runtime(0)  # optimizer steps of linear warmup from 0
 
     @field_validator("adam_betas")
     @classmethod
@@ -137,12 +141,45 @@ class PlacementConfig(_Model):
     ref_num_gpus_per_node: PosInt = no_effect(4, why="the reference model runs inside the policy workers")
 
 
+class OffPolicyCorrectionConfig(_Model):
+    """Truncated importance sampling (TIS) of the rollout engine's sampling distribution against the trainer's
+    (Yao et al. 2025; rlctl.grpo.tis_weights). SkyRL names; its older ``trainer.algorithm.use_tis`` /
+    ``tis_imp_ratio_cap`` are translated (rlctl.config.compat)."""
+
+    # null: off; token: w_t = min(pi_old / pi_rollout, cap) per token; sequence: the product over the response
+    tis_ratio_type: Optional[Literal["token", "sequence"]] = runtime(None)
+    token_tis_ratio_clip_high: Annotated[float, Field(gt=0)] = runtime(2.0)
+    sequence_tis_ratio_clip_high: Annotated[float, Field(gt=0)] = runtime(5.0)
+
+
+class OverlongBufferConfig(_Model):
+    """DAPO's soft overlong punishment (rlctl.grpo.overlong_penalty), SkyRL's DAPO example names: responses longer
+    than ``max_new_tokens - len`` tokens lose up to ``penalty_factor`` reward, linearly, all of it at the limit."""
+
+    len: Optional[PosInt] = runtime(None)  # tokens; null = off
+    penalty_factor: NonNegFloat = runtime(1.0)
+
+
+class DynamicSamplingConfig(_Model):
+    """Dynamic sampling against groups whose rewards are all equal (no learning signal), SkyRL names: ``filter``
+    (DAPO: drop them and generate the next prompts until the batch holds train_batch_size informative groups, at
+    most max_sample_batches generations per step) or ``replace`` (POLARIS: overwrite them with copies of
+    informative groups of the same batch when at least min_replace_ratio of the groups are informative)."""
+
+    type: Optional[Literal["filter", "replace"]] = runtime(None)  # null: off
+    max_sample_batches: PosInt = runtime(30)  # generations per step at most (filter)
+    min_replace_ratio: Annotated[float, Field(ge=0, le=1)] = runtime(0.3)  # informative fraction needed (replace)
+
+
 class AlgorithmConfig(_Model):
-    advantage_estimator: Literal["grpo"] = rule("grpo", rejects="only grpo")
-    grpo_norm_by_std: bool = runtime(True)
+    # grpo: (r - group mean) / group std; rloo: leave-one-out group baseline; reinforce++: the reward whitened
+    # over the whole batch, token-weighted (rlctl.grpo.compute_advantages)
+    advantage_estimator: Literal["grpo", "rloo", "reinforce++"] = runtime("grpo")
+    grpo_norm_by_std: bool = runtime(True)  # advantage_estimator=grpo only
     eps_clip_low: NonNegFloat = runtime(0.2)
     eps_clip_high: NonNegFloat = runtime(0.2)
-    policy_loss_type: Literal["regular", "dual_clip"] = runtime("regular")
+    # gspo: sequence-level ratio (Zheng et al. 2025); use its small clips, see the gsm8k-gspo preset
+    policy_loss_type: Literal["regular", "dual_clip", "gspo"] = runtime("regular")
     clip_ratio_c: Annotated[float, Field(gt=1)] = runtime(3.0)  # dual_clip only
     loss_reduction: Literal["token_mean", "sequence_mean", "seq_mean_token_sum_norm"] = runtime("token_mean")
     use_kl_loss: bool = runtime(True)
@@ -151,6 +188,9 @@ class AlgorithmConfig(_Model):
     use_entropy_loss: bool = runtime(False)
     entropy_loss_coef: NonNegFloat = runtime(0.01)
     zero_variance_filter: bool = runtime(False)  # drop prompt groups whose rewards are all equal
+    off_policy_correction: OffPolicyCorrectionConfig = Field(default_factory=OffPolicyCorrectionConfig)
+    overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
 
 
 LoggerName = Literal["wandb", "tensorboard", "console"]
@@ -299,6 +339,9 @@ class GeneratorConfig(_Model):
     # rlctl addition: forming the weight-update group and each bucket's broadcast must finish within this
     weight_sync_timeout_s: Annotated[float, Field(gt=0)] = runtime(300.0)
     n_samples_per_prompt: PosInt = runtime(5)
+    # eval samples per problem: 1 = pass@1 (greedy with the default eval temperature 0); k > 1 reports the mean
+    # accuracy and pass@k over k samples of generator.eval_sampling_params
+    eval_n_samples_per_prompt: PosInt = runtime(1)
     gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = runtime(0.8)  # SGLang mem_fraction_static
     apply_overlong_filtering: bool = runtime(False)  # mask out truncated responses from the loss
     max_input_length: Optional[PosInt] = no_effect(None, why="single-turn prompts are limited by trainer.max_prompt_length")

@@ -196,7 +196,8 @@ def evaluate(loaded) -> dict[str, float]:
     try:
         _, generators = build_groups(cfg, device, with_trainer=False)
         sampling = loop.eval_sampling_from(cfg, stops)
-        return loop.evaluate(generators.generate, val, tokenizer, sampling, cfg.trainer.eval_batch_size)
+        return loop.evaluate(generators.generate, val, tokenizer, sampling, cfg.trainer.eval_batch_size,
+                             cfg.generator.eval_n_samples_per_prompt)
     finally:
         if generators is not None:
             generators.shutdown()

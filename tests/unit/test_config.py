@@ -443,8 +443,9 @@ def test_eval_max_new_tokens_follows_train_unless_set():
     ("generator.weight_sync_bucket_mb=0", "generator.weight_sync_bucket_mb=0: must be > 0"),
     ("generator.model_dtype=fp8", "generator.model_dtype=fp8: must be one of 'bfloat16', 'float16' or 'float32'"),
     ("generator.n_samples_per_prompt=1", "GRPO compares samples of the same prompt, it needs at least 2"),
-    ("trainer.algorithm.advantage_estimator=gae", "trainer.algorithm.advantage_estimator=gae: must be one of 'grpo'"),
-    ("trainer.algorithm.policy_loss_type=gspo", "must be one of 'regular' or 'dual_clip'"),
+    ("trainer.algorithm.advantage_estimator=gae",
+     "trainer.algorithm.advantage_estimator=gae: must be one of 'grpo', 'rloo' or 'reinforce++'"),
+    ("trainer.algorithm.policy_loss_type=gpo", "trainer.algorithm.policy_loss_type=gpo: must be one of 'regular', 'dual_clip' or 'gspo'"),
     ("trainer.algorithm.loss_reduction=sum", "must be one of 'token_mean', 'sequence_mean' or 'seq_mean_token_sum_norm'"),
     ("trainer.algorithm.kl_estimator_type=k4", "must be one of 'k1', 'k2', 'k3' or 'abs'"),
     ("trainer.algorithm.clip_ratio_c=1", "trainer.algorithm.clip_ratio_c=1: must be > 1"),
@@ -477,6 +478,108 @@ def test_eval_max_new_tokens_follows_train_unless_set():
 ])
 def test_rule_errors(override, fragment):
     assert fragment in one_error(override)
+
+
+def test_advantage_estimators():
+    assert one_error("generator.n_samples_per_prompt=1", "trainer.algorithm.advantage_estimator=rloo") == (
+        "generator.n_samples_per_prompt=1: RLOO's baseline is the mean reward of the other samples of the same prompt, "
+        "it needs at least 2; e.g. generator.n_samples_per_prompt=5 (or trainer.algorithm.advantage_estimator=reinforce++)")
+    # REINFORCE++ whitens over the batch: one sample per prompt is fine
+    cfg = load_config(overrides=["generator.n_samples_per_prompt=1", "trainer.policy_mini_batch_size=4",
+                                 "trainer.algorithm.advantage_estimator=reinforce++"]).cfg
+    assert cfg.trainer.algorithm.advantage_estimator == "reinforce++"
+    assert load_config(overrides=["trainer.algorithm.advantage_estimator=rloo",
+                                  "trainer.algorithm.grpo_norm_by_std=false"]).notes == [
+        "trainer.algorithm.grpo_norm_by_std=false has no effect: only used with trainer.algorithm.advantage_estimator=grpo"]
+
+
+def test_off_policy_correction_and_skyrl_older_names():
+    A = "trainer.algorithm."
+    O = A + "off_policy_correction."
+    loaded = load_config(overrides=[A + "use_tis=true", A + "tis_imp_ratio_cap=3.0"])
+    opc = loaded.cfg.trainer.algorithm.off_policy_correction
+    assert (opc.tis_ratio_type, opc.token_tis_ratio_clip_high, opc.sequence_tis_ratio_clip_high) == ("token", 3.0, 5.0)
+    assert loaded.notes == [f"{A}use_tis=true: SkyRL's older name; using {O}tis_ratio_type=token",
+                            f"{A}tis_imp_ratio_cap: SkyRL's older name; using {O}token_tis_ratio_clip_high=3.0"]
+    # the old "off" values are neutral
+    loaded = load_config(overrides=[A + "use_tis=false", A + "tis_imp_ratio_cap=-1"])
+    assert loaded.cfg.trainer.algorithm.off_policy_correction.tis_ratio_type is None
+    assert loaded.notes == [f"{A}use_tis=false has no effect: neutral value", f"{A}tis_imp_ratio_cap=-1 has no effect: neutral value"]
+    assert one_error(A + "tis_imp_ratio_cap=0") == (
+        f"{A}tis_imp_ratio_cap=0: expected a positive cap or -1 (unset); or set {O}token_tis_ratio_clip_high")
+    assert one_error(A + "use_tis=1") == f"{A}use_tis=1: expected true or false"
+    assert one_error(A + "use_tis=true", O + "tis_ratio_type=sequence") == (
+        f"{A}use_tis=true: conflicts with {O}tis_ratio_type=sequence; give only {O}tis_ratio_type")
+    assert one_error(O + "tis_ratio_type=tok") == f"{O}tis_ratio_type=tok: must be one of 'token' or 'sequence'; the default is null"
+    assert one_error(O + "sequence_tis_ratio_clip_high=0") == f"{O}sequence_tis_ratio_clip_high=0: must be > 0.0; the default is 5.0"
+    assert note_list(O + "sequence_tis_ratio_clip_high=4", O + "tis_ratio_type=token") == [
+        f"{O}sequence_tis_ratio_clip_high=4.0 has no effect: only used with {O}tis_ratio_type=sequence"]
+    # truncated sampling makes the sampled distribution differ from the policy's: a warning while TIS is on
+    w = load_config(overrides=[O + "tis_ratio_type=token", "generator.sampling_params.top_p=0.9",
+                               "generator.sampling_params.top_k=50", "generator.sampling_params.min_p=0.1"]).warnings
+    assert [x.split(":")[0] for x in w] == [f"generator.sampling_params.{k}" for k in ("top_p", "top_k", "min_p")]
+    assert w[0] == ("generator.sampling_params.top_p: 0.9 truncates the distribution the engine samples from, so it is "
+                    f"not the policy's: {O}tis_ratio_type=token corrects only the engine/trainer log-prob mismatch, not "
+                    "the truncation; use the neutral value for unbiased TIS")
+    assert load_config(overrides=["generator.sampling_params.top_p=0.9"]).warnings == []
+
+
+def test_overlong_buffer():
+    B = "trainer.algorithm.overlong_buffer."
+    cfg = load_config(overrides=[B + "len=256", B + "penalty_factor=0.5"]).cfg
+    assert (cfg.trainer.algorithm.overlong_buffer.len, cfg.trainer.algorithm.overlong_buffer.penalty_factor) == (256, 0.5)
+    assert one_error(B + "len=2000") == (f"{B}len=2000: must be at most generator.sampling_params.max_new_tokens=1024 "
+                                         "(the penalty ramps over the last len tokens before that limit)")
+    assert one_error(B + "len=0") == f"{B}len=0: must be >= 1; the default is null"
+    assert one_error(B + "penalty_factor=-1") == f"{B}penalty_factor=-1: must be >= 0.0; the default is 1.0"
+    assert note_list(B + "penalty_factor=2") == [f"{B}penalty_factor=2.0 has no effect: {B}len is null (off)"]
+
+
+def test_dynamic_sampling():
+    D = "trainer.algorithm.dynamic_sampling."
+    ds = load_config(overrides=[D + "type=filter", D + "max_sample_batches=5"]).cfg.trainer.algorithm.dynamic_sampling
+    assert (ds.type, ds.max_sample_batches, ds.min_replace_ratio) == ("filter", 5, 0.3)
+    # one sample per prompt is fine for reinforce++, but never informative for dynamic sampling
+    assert one_error(D + "type=filter", "generator.n_samples_per_prompt=1", "trainer.policy_mini_batch_size=4",
+                     "trainer.algorithm.advantage_estimator=reinforce++") == (
+        f"{D}type=filter: needs generator.n_samples_per_prompt >= 2 (got 1): a group of one sample never has reward "
+        f"variance, so no group would ever be informative; raise generator.n_samples_per_prompt or set {D}type=null")
+    assert one_error(D + "type=drop") == f"{D}type=drop: must be one of 'filter' or 'replace'; the default is null"
+    assert one_error(D + "max_sample_batches=0") == f"{D}max_sample_batches=0: must be >= 1; the default is 30"
+    assert one_error(D + "min_replace_ratio=1.5") == f"{D}min_replace_ratio=1.5: must be <= 1.0; the default is 0.3"
+    assert note_list(D + "type=replace", D + "max_sample_batches=3") == [
+        f"{D}max_sample_batches=3 has no effect: only used with {D}type=filter"]
+    assert note_list(D + "min_replace_ratio=0.5") == [f"{D}min_replace_ratio=0.5 has no effect: only used with {D}type=replace"]
+
+
+def test_lr_scheduler():
+    O = "trainer.policy.optimizer_config."
+    oc = load_config().cfg.trainer.policy.optimizer_config
+    assert (oc.scheduler, oc.num_warmup_steps) == ("constant_with_warmup", 0)
+    oc = load_config(overrides=[O + "scheduler=cosine_with_warmup", O + "num_warmup_steps=10",
+                                "trainer.max_steps=100"]).cfg.trainer.policy.optimizer_config
+    assert (oc.scheduler, oc.num_warmup_steps) == ("cosine_with_warmup", 10)
+    assert one_error(O + "scheduler=cosine") == (
+        f"{O}scheduler=cosine: decays the learning rate to 0 over the run, so it needs trainer.max_steps (the horizon); "
+        "set trainer.max_steps or use constant_with_warmup")
+    assert one_error(O + "scheduler=step").startswith(f"{O}scheduler=step: must be one of 'constant_with_warmup', 'constant'")
+    assert one_error(O + "num_warmup_steps=-1") == f"{O}num_warmup_steps=-1: must be >= 0; the default is 0"
+    # 1024 / 256 = 4 optimizer steps per training step
+    w = load_config(overrides=[O + "num_warmup_steps=8", "trainer.max_steps=2"]).warnings
+    assert w == [f"{O}num_warmup_steps: 8 optimizer steps of warmup >= the run's 8 optimizer steps (trainer.max_steps=2 x 4 "
+                 f"per step): the learning rate never reaches {O}lr"]
+    assert note_list(O + "scheduler=constant", O + "num_warmup_steps=5") == [
+        f"{O}num_warmup_steps=5 has no effect: {O}scheduler=constant has no warmup (use constant_with_warmup)"]
+
+
+def test_sampled_eval():
+    g = load_config(overrides=["generator.eval_n_samples_per_prompt=4", "generator.eval_sampling_params.temperature=0.6"]).cfg.generator
+    assert (g.eval_n_samples_per_prompt, g.eval_sampling_params.temperature) == (4, 0.6)
+    assert load_config().cfg.generator.eval_n_samples_per_prompt == 1
+    assert one_error("generator.eval_n_samples_per_prompt=0") == "generator.eval_n_samples_per_prompt=0: must be >= 1; the default is 1"
+    assert load_config(overrides=["generator.eval_n_samples_per_prompt=4"]).warnings == [
+        "generator.eval_n_samples_per_prompt: 4 greedy samples (generator.eval_sampling_params.temperature=0) are identical, "
+        "so pass@k equals pass@1; set generator.eval_sampling_params.temperature, e.g. 0.6 or 1.0"]
 
 
 def test_stop_string_error_for_hf_too():

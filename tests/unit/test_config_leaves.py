@@ -60,7 +60,6 @@ def test_no_effect_leaves_are_reported_when_set(path):
 
 @pytest.mark.parametrize("path,override", [
     ("trainer.strategy", "trainer.strategy=ddp"),
-    ("trainer.algorithm.advantage_estimator", "trainer.algorithm.advantage_estimator=rloo"),
     ("generator.async_engine", "generator.async_engine=true"),
     ("generator.run_engines_locally", "generator.run_engines_locally=false"),
     ("environment.env_class", "environment.env_class=math"),
@@ -74,7 +73,7 @@ def test_rule_leaves_reject_other_values(path, override):
 
 
 def test_rule_leaves_all_have_a_rejection_test():
-    tested = {"trainer.strategy", "trainer.algorithm.advantage_estimator", "generator.async_engine",
+    tested = {"trainer.strategy", "generator.async_engine",
               "generator.run_engines_locally", "environment.env_class"}
     assert {p for p, e in LEAF_EFFECT.items() if e.startswith("rule")} == tested
 

@@ -30,8 +30,6 @@ CASES = [
     (G + "use_conversation_multi_turn=true", "sglang", "note", "single-turn GSM8K"),
     (G + "max_turns=1", "sglang", "note", "single-turn GSM8K"),
     (G + "max_turns=3", "sglang", "error", "generator.max_turns=3: rlctl runs single-turn episodes only"),
-    (G + "eval_n_samples_per_prompt=1", "sglang", "note", "pass@1"),
-    (G + "eval_n_samples_per_prompt=4", "sglang", "error", "one (greedy) sample per prompt"),
     (G + "zero_reward_on_non_stop=false", "sglang", "note", "not implemented"),
     (G + "zero_reward_on_non_stop=true", "sglang", "error", "use generator.apply_overlong_filtering=true"),
     # gpu_memory_utilization is a real field: SGLang's mem_fraction_static; no effect with hf

@@ -42,8 +42,8 @@ def tiny(tmp_path_factory):
     return str(build_tiny_llama(tmp_path_factory.mktemp("model") / "tiny", seed=3))
 
 
-def overrides(tiny: str, root: Path, run: str, max_steps: int, **extra) -> list[str]:
-    return tiny_run_overrides(tiny, root, run, max_steps, reward_fn=f"{FIXTURES}:even_token_fraction", **{
+def overrides(tiny: str, root: Path, run: str, max_steps: int, reward: str = "even_token_fraction", **extra) -> list[str]:
+    return tiny_run_overrides(tiny, root, run, max_steps, reward_fn=f"{FIXTURES}:{reward}", **{
         "trainer.seed": 7, "trainer.project_name": "faults", "trainer.logger": "console", "ray.num_cpus": 2, **extra})
 
 
@@ -166,11 +166,18 @@ def assert_no_partial_files(ckpt_dir: Path, run_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ 1 SIGKILL
 @pytest.mark.timeout(900)
-def test_sigkill_process_group_then_resume_matches_uninterrupted(tiny, tmp_path):
+@pytest.mark.parametrize("dynamic_sampling", [None, "filter"])
+def test_sigkill_process_group_then_resume_matches_uninterrupted(tiny, tmp_path, dynamic_sampling):
     """Checkpoint every 2 steps; SIGKILL the whole group once step 3 is logged (after checkpoint 2,
-    before checkpoint 4), resume, compare with an uninterrupted run of the same seed."""
+    before checkpoint 4), resume, compare with an uninterrupted run of the same seed. With dynamic sampling
+    ``filter`` about half the groups are flat, so the data position (saved in the checkpoint) runs ahead of
+    step x train_batch_size and the resumed run must continue from it."""
     root = tmp_path
-    common = {"trainer.ckpt_interval": 2}
+    common: dict = {"trainer.ckpt_interval": 2}
+    if dynamic_sampling:
+        common.update({"trainer.algorithm.dynamic_sampling.type": dynamic_sampling,
+                       "trainer.algorithm.dynamic_sampling.max_sample_batches": 3,
+                       "reward": "flat_for_odd_length_answers"})
     full = Run(overrides(tiny, root, "full", 4, **common), root, "full")
     killed = Run(overrides(tiny, root, "killed", 4, **common), root, "killed")
     run_dir, ckpt_dir = root / "runs" / "faults" / "killed", root / "ckpts" / "faults" / "killed"
@@ -208,6 +215,8 @@ def test_sigkill_process_group_then_resume_matches_uninterrupted(tiny, tmp_path)
         assert comparable(a[step]) == comparable(b[step]), step
     assert (ckpt_dir / "global_step_4" / "COMPLETE").is_file()
     assert not list(ckpt_dir.glob(".tmp-*"))  # the stale temporary folder was pruned by the next save
+    if dynamic_sampling:  # the filter consumed more prompts than 2 per step at least once before the kill
+        assert b[2]["data/prompts_consumed"] > 4.0 and b[4]["dynamic_sampling/sample_batches"] >= 1.0
 
 
 # ------------------------------------------------------------------------------------------ 4 actors die

@@ -66,6 +66,20 @@ def test_gsm8k_values():
     assert g.eval_sampling_params.temperature == 0.0 and g.eval_sampling_params.max_new_tokens == 1024
 
 
+def test_gsm8k_gspo_values():
+    loaded = load_config(preset="gsm8k-gspo")
+    a, base = loaded.cfg.trainer.algorithm, load_config(preset="gsm8k").cfg
+    assert (a.policy_loss_type, a.eps_clip_low, a.eps_clip_high, a.loss_reduction) == ("gspo", 3e-4, 4e-4, "sequence_mean")
+    # everything else is gsm8k's
+    a_all, b_all = to_dict(loaded.cfg), to_dict(base)
+    for d in (a_all, b_all):
+        d["trainer"].pop("run_name")
+        for k in ("policy_loss_type", "eps_clip_low", "eps_clip_high", "loss_reduction"):
+            d["trainer"]["algorithm"].pop(k)
+    assert a_all == b_all
+    assert loaded.notes == []
+
+
 def test_gsm8k_cpu_values(home):
     loaded = load_config(preset="gsm8k-cpu")
     cfg = loaded.cfg

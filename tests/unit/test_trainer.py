@@ -18,11 +18,13 @@ def _tcfg(**over):
     algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.2, policy_loss_type="regular", clip_ratio_c=3.0,
                            loss_reduction="token_mean", use_kl_loss=over.pop("use_kl_loss", False), kl_loss_coef=0.1,
                            kl_estimator_type="k3", use_entropy_loss=False, entropy_loss_coef=0.0)
-    opt = SimpleNamespace(lr=over.pop("lr", 1e-2), adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0)
+    opt = SimpleNamespace(lr=over.pop("lr", 1e-2), adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0,
+                          scheduler=over.pop("scheduler", "constant_with_warmup"), num_warmup_steps=over.pop("warmup", 0))
     policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
     t = SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=False,
                         micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=over.pop("micro", 2),
-                        update_epochs_per_batch=1, max_bad_steps=3)
+                        update_epochs_per_batch=1, max_bad_steps=3, max_steps=None, train_batch_size=2,
+                        policy_mini_batch_size=1)
     for k, v in over.items():
         setattr(t, k, v)
     return t
@@ -223,6 +225,8 @@ def test_trim_padding_keeps_only_the_micro_batch_span():
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert out["response_mask"].tolist() == [[1.0, 0.0], [1.0, 1.0]]
     assert out["old_logprobs"].tolist() == [[4.0, 5.0], [12.0, 13.0]]
+    mb["tis_weights"] = mb["old_logprobs"] + 100
+    assert trim_padding(mb)[0]["tis_weights"].tolist() == [[104.0, 105.0], [112.0, 113.0]]  # aligned like old_logprobs
     assert out["advantages"].tolist() == [-1.0, 1.0]
     # rows 0 and 2 use every prompt column and up to 4 response tokens: nothing to trim
     full, _ = trim_padding({k: v[[0, 2]] for k, v in b.items()})
@@ -248,6 +252,21 @@ def test_trimmed_sorted_micro_batches_match_one_full_forward(pg, tiny):
     mask = b["response_mask"]
     torch.testing.assert_close(lp * mask, full * mask, atol=1e-5, rtol=0)
     assert (lp[1, 2:] == 0).all()  # rows 1 and 3 share a micro-batch trimmed to 2 response columns
+
+
+def test_tis_weights_scale_the_policy_loss(pg, tiny):
+    """pi == pi_old on the first step: ratio 1, token loss -A; TIS weights multiply it (and its gradient)."""
+    for w, expected in ((None, -0.2), (0.5, -0.1), (0.0, 0.0)):
+        tr = PolicyTrainer(tiny, _tcfg(), rank=0, world_size=1, device="cpu", max_response_len=8)
+        b = _batch()
+        # advantages +1, +1, -1, +1 over 3, 1, 4, 2 loss tokens, token_mean: -(3 + 1 - 4 + 2) / 10 = -0.2
+        b["advantages"] = torch.tensor([1.0, 1.0, -1.0, 1.0])
+        b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+        if w is not None:
+            b["tis_weights"] = torch.full(b["response_mask"].shape, w)
+        m = tr.train_step(b, 1.0, mini_batch_size=4)
+        assert m["policy/pg_loss"] == pytest.approx(expected, abs=1e-6), w
+        assert (m["policy/grad_norm"] == 0.0) == (w == 0.0)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(pg, tiny):
@@ -450,3 +469,23 @@ def test_nonfinite_step_is_diagnosed_down_to_the_module(pg, tiny, tmp_path):
     assert first["logprobs_finite"] is False and first["nonfinite_grad_param_count"] > 0
     saved = torch.load(tmp_path / "nonfinite" / "step1_rank0_mb0.pt", weights_only=True)
     assert saved["input_ids"].shape[0] == 4
+
+
+def test_lr_schedule_counts_optimizer_steps_and_is_checkpointed(pg, tiny, tmp_path):
+    """cosine_with_warmup (transformers' cosine), 1 warmup step, max_steps 2 x (2 prompts / mini-batch 1) = 4
+    optimizer steps: lr factors 0, 1, 0.5 (1 + cos(pi/3)) = 0.75, 0.5 (1 + cos(2 pi/3)) = 0.25."""
+    tcfg = _tcfg(scheduler="cosine_with_warmup", warmup=1, max_steps=2)
+    tr = PolicyTrainer(tiny, tcfg, rank=0, world_size=1, device="cpu", max_response_len=8)
+    b = _batch()
+    b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+    m = tr.train_step(b, 1.0, mini_batch_size=2)  # 2 optimizer steps at lr 0 and 1e-2; logs the last one's
+    assert m["policy/lr"] == pytest.approx(1e-2)
+    tr.save_checkpoint(tmp_path / "policy", tmp_path / "state.pt", tiny, {"step": 1})
+    tr2 = PolicyTrainer(tiny, tcfg, rank=0, world_size=1, device="cpu", max_response_len=8)
+    assert tr2.optimizer.param_groups[0]["lr"] == 0.0  # a fresh schedule starts its warmup at 0
+    tr2.load_checkpoint(tmp_path / "policy", tmp_path / "state.pt")
+    assert tr2.optimizer.param_groups[0]["lr"] == pytest.approx(0.75e-2)
+    for t in (tr, tr2):
+        assert t.train_step(b, 1.0, mini_batch_size=2)["policy/lr"] == pytest.approx(0.25e-2)
+    with pytest.raises(ValueError, match="scheduler=linear decays over trainer.max_steps; set it"):
+        PolicyTrainer(tiny, _tcfg(scheduler="linear"), rank=0, world_size=1, device="cpu", max_response_len=8)
