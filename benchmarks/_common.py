@@ -156,15 +156,21 @@ def matmul_tflops(n: int = 8192, iters: int = 50, warmup: int = 10, device: str 
             "n": n, "iters": iters, "seconds_per_matmul": per}
 
 
-def matmul_tflops_subprocess(n: int, timeout: float = 300) -> dict[str, Any]:
-    """:func:`matmul_tflops` in a fresh child process of this interpreter (the caller keeps no CUDA context)."""
+def _child_json(call: str, tag: str, timeout: float) -> dict[str, Any]:
+    """Run ``_common.<call>`` in a fresh child process of this interpreter (the caller keeps no CUDA context) and
+    return the JSON it prints after ``tag``. Raises RuntimeError with the child's stderr tail when it fails."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            f"import _common; print('MATMUL_JSON ' + json.dumps(_common.matmul_tflops(n={int(n)})))")
+            f"import _common; print({tag!r} + ' ' + json.dumps(_common.{call}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     for ln in r.stdout.splitlines():
-        if ln.startswith("MATMUL_JSON "):
-            return json.loads(ln[len("MATMUL_JSON "):])
-    raise RuntimeError(f"matmul benchmark failed (rc {r.returncode}): {r.stderr[-2000:]}")
+        if ln.startswith(tag + " "):
+            return json.loads(ln[len(tag) + 1:])
+    raise RuntimeError(f"{call.split('(')[0]} failed in a child process (rc {r.returncode}): {r.stderr[-2000:]}")
+
+
+def matmul_tflops_subprocess(n: int, timeout: float = 300) -> dict[str, Any]:
+    """:func:`matmul_tflops` in a fresh child process of this interpreter (the caller keeps no CUDA context)."""
+    return _child_json(f"matmul_tflops(n={int(n)})", "MATMUL_JSON", timeout)
 
 
 def bare_model_rates(model_path: str, seq_len: int, train_seqs: int, forward_seqs: int, repeats: int = 5) -> dict[str, Any]:
@@ -230,14 +236,8 @@ def bare_model_rates(model_path: str, seq_len: int, train_seqs: int, forward_seq
 def bare_model_rates_subprocess(model_path: str, seq_len: int, train_seqs: int, forward_seqs: int,
                                 timeout: float = 600) -> dict[str, Any]:
     """:func:`bare_model_rates` in a fresh child process (the caller keeps no CUDA context)."""
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import _common; "
-            f"print('BARE_JSON ' + json.dumps(_common.bare_model_rates({model_path!r}, {int(seq_len)}, "
-            f"{int(train_seqs)}, {int(forward_seqs)})))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    for ln in r.stdout.splitlines():
-        if ln.startswith("BARE_JSON "):
-            return json.loads(ln[len("BARE_JSON "):])
-    raise RuntimeError(f"bare model benchmark failed (rc {r.returncode}): {r.stderr[-2000:]}")
+    return _child_json(f"bare_model_rates({model_path!r}, {int(seq_len)}, {int(train_seqs)}, {int(forward_seqs)})",
+                       "BARE_JSON", timeout)
 
 
 # ---------------------------------------------------------------------------------------------- data / model
