@@ -171,8 +171,16 @@ VLLM_SAMPLING_KEYS: dict[str, dict[str, Outcome]] = {
     "use_beam_search": _both(Refuse("beam search is not supported (GRPO needs samples from the policy); remove it")),
 }
 
+# SkyRL names under ``trainer`` that are aliases of rlctl keys.
+TRAINER_KEYS: dict[str, dict[str, Outcome]] = {
+    "use_sample_packing": _both(Translate("remove_microbatch_padding", "alias of {new}", check=_is_bool,
+                                          invalid="expected true or false",
+                                          give_only="{old} is an alias, give only {new}")),
+}
+
 # section of the raw config -> its table (loading.py also accepts these names as known keys)
 COMPAT_TABLES: dict[str, dict[str, dict[str, Outcome]]] = {
+    "trainer": TRAINER_KEYS,
     "generator": VLLM_GENERATOR_KEYS,
     "generator.sampling_params": VLLM_SAMPLING_KEYS,
     "generator.eval_sampling_params": VLLM_SAMPLING_KEYS,
