@@ -33,9 +33,9 @@ sdpa and eager, gradients independent of the split on 1 and 2 gloo ranks).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

@@ -13,8 +13,14 @@ import torch
 import torch.distributed as dist
 
 from rlctl.loop import build_batch
-from rlctl.packing import (check_packing_support, computed_tokens, empty_micro_batch, pack_rows,
-                           packed_logprobs_forward, plan_micro_batches)
+from rlctl.packing import (
+    check_packing_support,
+    computed_tokens,
+    empty_micro_batch,
+    pack_rows,
+    packed_logprobs_forward,
+    plan_micro_batches,
+)
 from rlctl.testing import build_tiny_llama
 from rlctl.trainer import RESPONSE_KEYS, PolicyTrainer, response_logprobs_forward
 
