@@ -21,11 +21,18 @@ Batch layout (a dict of CPU tensors, N sequences of one rank), built by :func:`r
     ref_logprobs    [N, T]   float32 (only when KL is used)
     tis_weights     [N, T]   float32 truncated importance-sampling weights (only with off_policy_correction)
 
-Test: ``pytest tests/unit/test_trainer.py`` (a 1- and 2-rank gloo group on CPU with a tiny Llama).
+Micro-batches (:meth:`PolicyTrainer._micro_batches`): sequences sorted by length, ``micro_*_batch_size_per_gpu``
+at a time or, with ``trainer.max_tokens_per_microbatch``, up to that many real tokens (ranks then pad to the
+same count with empty micro-batches); with ``trainer.remove_microbatch_padding`` each micro-batch runs as one
+padding-free packed row (:mod:`rlctl.packing`).
+
+Test: ``pytest tests/unit/test_trainer.py`` (a 1- and 2-rank gloo group on CPU with a tiny Llama) and
+``tests/unit/test_packing.py`` (packed / token-budget micro-batches).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from pathlib import Path
@@ -45,6 +52,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from rlctl import grpo
+from rlctl.packing import packed_logprobs_forward
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -385,6 +393,8 @@ class PolicyTrainer:
         max_response_len: ``generator.sampling_params.max_new_tokens`` (tokens), the Dr. GRPO constant.
     """
 
+    _computed_tokens = 0  # training forward tokens of the current train_step (see _micro_batches)
+
     def __init__(self, model_path: str, tcfg: Any, *, rank: int, world_size: int, device: str,
                  max_response_len: int, compute_dtype: str = "bfloat16", colocated: bool = True) -> None:
         self.rank, self.world_size = rank, world_size
@@ -451,9 +461,44 @@ class PolicyTrainer:
         tokens, from :func:`response_logprobs_forward` (no [n, T', V] tensor). The entropy is
         differentiable only with ``trainer.algorithm.use_entropy_loss``; otherwise it is a metric."""
         T = mb["response_mask"].shape[1]
-        return response_logprobs_forward(model, mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
-                                          T, temperature, with_entropy=with_entropy,
-                                          entropy_grad=bool(self.algo.use_entropy_loss))
+        forward = packed_logprobs_forward if self._packed else response_logprobs_forward
+        return forward(model, mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                       T, temperature, with_entropy=with_entropy, entropy_grad=bool(self.algo.use_entropy_loss))
+
+    @property
+    def _packed(self) -> bool:
+        """``trainer.remove_microbatch_padding`` (False when the config object lacks it)."""
+        return bool(getattr(self.tcfg, "remove_microbatch_padding", False))
+
+    def _micro_batches(self, batch: dict[str, torch.Tensor], size: int,
+                       train: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Yield ``(idx, micro_batch)`` like :func:`sorted_micro_batches`, but planned by
+        :func:`rlctl.packing.plan_micro_batches`: ``size`` sequences each, or up to
+        ``trainer.max_tokens_per_microbatch`` real tokens each when that is set.
+
+        With a token budget the ranks may plan different numbers of micro-batches; the count is
+        all-reduced (MAX) over the data-parallel group and the short ranks then yield
+        :func:`rlctl.packing.empty_micro_batch` micro-batches (``idx`` empty [0]) that add nothing to the
+        loss, so every rank runs the same number of forward/backward passes (FSDP2 collectives).
+        ``train``: add each micro-batch's forward tokens (:func:`rlctl.packing.computed_tokens`) to
+        ``self._computed_tokens``.
+        """
+        from rlctl.packing import computed_tokens, empty_micro_batch, plan_micro_batches
+
+        max_tokens = getattr(self.tcfg, "max_tokens_per_microbatch", None)
+        plan = plan_micro_batches(batch["attention_mask"].sum(1), size, max_tokens)
+        target = len(plan)
+        if max_tokens is not None and self.world_size > 1:
+            count = torch.tensor([target], dtype=torch.int64, device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            target = int(count.item())
+        micro_batches = ((idx, trim_padding({k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor)})[0])
+                         for idx in plan)
+        empty = (torch.zeros(0, dtype=torch.int64), empty_micro_batch(batch, RESPONSE_KEYS))
+        for idx, mb in itertools.chain(micro_batches, itertools.repeat(empty, target - len(plan))):
+            if train:
+                self._computed_tokens += computed_tokens(mb, self._packed)
+            yield idx, mb
 
     @torch.no_grad()
     def compute_logprobs(self, batch: dict[str, torch.Tensor], temperature: float, which: str = "policy") -> torch.Tensor:
@@ -472,9 +517,10 @@ class PolicyTrainer:
             raise RuntimeError("reference log-probs asked for, but trainer.algorithm.use_kl_loss=false")
         out = torch.zeros(batch["response_mask"].shape)
         # similar lengths per micro-batch, less padding
-        for idx, mb in sorted_micro_batches(batch, self.tcfg.micro_forward_batch_size_per_gpu):
+        for idx, mb in self._micro_batches(batch, self.tcfg.micro_forward_batch_size_per_gpu):
             logp, _ = self._logprobs_entropy(model, mb, temperature, with_entropy=False)
-            out[idx, :logp.shape[1]] = logp.cpu()
+            if idx.numel():  # not a rank-padding empty micro-batch
+                out[idx, :logp.shape[1]] = logp.cpu()
         return out
 
     # ------------------------------------------------------------------ train
@@ -489,8 +535,11 @@ class PolicyTrainer:
         Returns:
             Metrics averaged over optimizer steps: ``policy/loss``, ``policy/pg_loss``, ``policy/kl``,
             ``policy/entropy``, ``policy/clip_fraction``, ``policy/grad_norm``, ``policy/lr``,
-            ``policy/skipped_steps`` (non-finite loss or grad norm; the update is skipped), and
-            :meth:`memory_metrics` (bytes; 0 on CPU).
+            ``policy/skipped_steps`` (non-finite loss or grad norm; the update is skipped);
+            :meth:`memory_metrics` (bytes; 0 on CPU); and
+            ``train/computed_tokens``: tokens this rank's training forward passes processed per update
+            epoch, padding and rank-padding empty micro-batches included (a per-rank count: the
+            ``TrainerGroup`` sums it over ranks, to compare with the loop's ``train/tokens``).
         Raises:
             RuntimeError: ``trainer.max_bad_steps`` non-finite optimizer steps in a row.
         """
@@ -500,6 +549,7 @@ class PolicyTrainer:
         sums: dict[str, float] = {}
         count = 0
         skipped = 0
+        self._computed_tokens = 0
         for _epoch in range(tcfg.update_epochs_per_batch):
             for mstart in range(0, n, mini_batch_size):
                 mini = {k: v[mstart:mstart + mini_batch_size] for k, v in batch.items()}
@@ -515,6 +565,7 @@ class PolicyTrainer:
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["policy/skipped_steps"] = float(skipped)
         metrics["policy/lr"] = lr
+        metrics["train/computed_tokens"] = float(self._computed_tokens) / tcfg.update_epochs_per_batch
         metrics.update(self.memory_metrics())
         if self.device.type == "cuda" and not self.colocated:
             torch.cuda.reset_peak_memory_stats()  # colocated: reset by the next step's onload
@@ -558,9 +609,10 @@ class PolicyTrainer:
         num_tokens, num_seqs = self._global_counts(mini)
         reduce_kw = dict(num_sequences=num_seqs, num_tokens=num_tokens, max_response_len=self.max_response_len)
         # the loss is a sum over micro-batches normalized by mini-batch totals, so their order and
-        # composition do not matter: group sequences of similar length and trim the shared padding. All
-        # micro-batches go to the device before the first forward, so the copies' waits all fall here.
-        mbs = [self._to_device(mb) for _, mb in sorted_micro_batches(mini, micro)]
+        # composition do not matter: group sequences of similar length and trim the shared padding (or pack
+        # them: trainer.remove_microbatch_padding). All micro-batches go to the device before the first forward,
+        # so the copies' waits all fall here.
+        mbs = [self._to_device(mb) for _, mb in self._micro_batches(mini, micro, train=True)]
         # this rank's shares of pg_loss, kl, entropy, loss and clipped-token count, accumulated on the
         # device: no host-device sync per micro-batch, one read per optimizer step
         acc = torch.zeros(len(_STEP_SUMS), dtype=torch.float32, device=self.device)

@@ -189,9 +189,17 @@ SKYRL_ALGORITHM_KEYS: dict[str, dict[str, Outcome]] = {
         neutral=_equals(-1))),
 }
 
+# SkyRL names under ``trainer`` that are aliases of rlctl keys.
+TRAINER_KEYS: dict[str, dict[str, Outcome]] = {
+    "use_sample_packing": _both(Translate("remove_microbatch_padding", "alias of {new}", check=_is_bool,
+                                          invalid="expected true or false",
+                                          give_only="{old} is an alias, give only {new}")),
+}
+
 # section of the raw config -> its table (loading.py also accepts these names as known keys)
 COMPAT_TABLES: dict[str, dict[str, dict[str, Outcome]]] = {
     "trainer.algorithm": SKYRL_ALGORITHM_KEYS,
+    "trainer": TRAINER_KEYS,
     "generator": VLLM_GENERATOR_KEYS,
     "generator.sampling_params": VLLM_SAMPLING_KEYS,
     "generator.eval_sampling_params": VLLM_SAMPLING_KEYS,
@@ -278,9 +286,9 @@ def _normalize(raw: dict, c: _Collector, backend_hint: str) -> None:
         if "resume_mode" in trainer and trainer["resume_mode"] is None:
             trainer["resume_mode"] = "none"
 
-    algo = trainer.get("algorithm") if isinstance(trainer, dict) else None
-    if isinstance(algo, dict):
-        _apply_table(raw, "trainer.algorithm", SKYRL_ALGORITHM_KEYS, c, backend_hint)
+    for section, table in COMPAT_TABLES.items():
+        if section.startswith("trainer") and isinstance(_get(raw, section), dict):
+            _apply_table(raw, section, table, c, backend_hint)
 
     gen = raw.setdefault("generator", {})
     if not isinstance(gen, dict):

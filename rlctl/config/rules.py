@@ -122,7 +122,22 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                f" (e.g. {', '.join(map(str, divisors))})" if divisors else ""),
             also=("trainer.train_batch_size",),
         )
-    if mini_seqs % step_seqs:
+    budget = t.max_tokens_per_microbatch
+    if budget is not None:  # token-budget micro-batches: the sequence counts are not used
+        for leaf in ("trainer.micro_train_batch_size_per_gpu", "trainer.micro_forward_batch_size_per_gpu"):
+            if leaf in ex:
+                c.no_effect(leaf, _value_at(cfg, leaf), f"micro-batches are filled up to trainer.max_tokens_per_microbatch={budget} tokens")
+        longest = t.max_prompt_length + g.sampling_params.max_new_tokens
+        if budget < longest:
+            c.warn("trainer.max_tokens_per_microbatch",
+                   f"{budget} tokens is less than trainer.max_prompt_length + generator.sampling_params.max_new_tokens = "
+                   f"{longest}: a longer sequence runs alone in its micro-batch (more, smaller forward passes)")
+        if mini_seqs % workers:
+            c.error("trainer.policy_mini_batch_size", t.policy_mini_batch_size,
+                    f"a mini-batch of trainer.policy_mini_batch_size={t.policy_mini_batch_size} prompts x "
+                    f"generator.n_samples_per_prompt={n} = {mini_seqs} sequences must split evenly over the {workers} "
+                    "policy workers; change one of these keys", also=("generator.n_samples_per_prompt",))
+    elif mini_seqs % step_seqs:
         fits = [m for m in range(1, mini_seqs + 1) if mini_seqs % (m * workers) == 0]
         micros = sorted(sorted(fits, key=lambda m: abs(m - t.micro_train_batch_size_per_gpu))[:3])
         c.error(

@@ -210,6 +210,13 @@ class TrainerConfig(_Model):
     policy_mini_batch_size: PosInt = runtime(256)  # prompts per optimizer step (SkyRL semantics)
     micro_train_batch_size_per_gpu: PosInt = runtime(1)  # sequences per forward/backward per worker
     micro_forward_batch_size_per_gpu: PosInt = runtime(1)  # sequences per no-grad forward per worker
+    # SkyRL names (rlctl/packing.py). Pack each micro-batch's sequences into one padding-free row
+    # (block-diagonal causal attention from per-sequence position ids; sdpa / eager / flex_attention).
+    # Alias: trainer.use_sample_packing. Off by default until measured on the GPU.
+    remove_microbatch_padding: bool = runtime(False)
+    # Real tokens (prompt + response) per train / no-grad micro-batch instead of the two sequence counts
+    # above; a longer sequence runs alone. None = fixed sequence counts.
+    max_tokens_per_microbatch: Optional[PosInt] = runtime(None)
     max_prompt_length: PosInt = runtime(512)  # tokens; longer prompts are dropped from the data
     eval_before_train: bool = runtime(True)
     eval_interval: int = runtime(5)  # every N steps and after the last step; -1 disables

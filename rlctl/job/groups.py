@@ -46,6 +46,16 @@ def get_all(refs: list) -> list:
     return ray.get(list(refs))
 
 
+#: train_step metrics that are per-rank counts: the group reports their sum over ranks, not the mean
+SUMMED_METRICS = ("train/computed_tokens",)
+
+
+def merge_rank_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    """One metrics dict from the ranks' train_step metrics: the mean over ranks, the sum for
+    :data:`SUMMED_METRICS`."""
+    return {k: sum(r[k] for r in results) / (1 if k in SUMMED_METRICS else len(results)) for k in results[0]}
+
+
 class TrainerGroup:
     """The data-parallel trainer workers, called like one trainer (batches are split by rank).
 
@@ -70,9 +80,11 @@ class TrainerGroup:
         return torch.cat(outs, 0)
 
     def train_step(self, batch: dict, temperature: float, mini_batch_size: int) -> dict[str, float]:
+        """Every rank's :meth:`rlctl.trainer.PolicyTrainer.train_step` on its shard; metrics are averaged
+        over ranks, except the counts in :data:`SUMMED_METRICS`, which are summed."""
         results = get_all([w.train_step.remote(s, temperature, mini_batch_size)
                            for w, s in zip(self.workers, self._shards(batch))])
-        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+        return merge_rank_metrics(results)
 
     def onload(self) -> None:
         get_all([w.onload.remote() for w in self.workers])

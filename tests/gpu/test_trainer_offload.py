@@ -26,7 +26,7 @@ def _tcfg():
                            loss_reduction="token_mean", use_kl_loss=True, kl_loss_coef=0.01,
                            kl_estimator_type="k3", use_entropy_loss=False, entropy_loss_coef=0.0)
     opt = SimpleNamespace(lr=1e-6, adam_betas=[0.9, 0.999], weight_decay=0.01, max_grad_norm=1.0,
-                          offload_after_step=True)
+                          offload_after_step=True, scheduler="constant_with_warmup", num_warmup_steps=0)
     policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
     return SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=True,
                            micro_forward_batch_size_per_gpu=8, micro_train_batch_size_per_gpu=4,

@@ -810,3 +810,39 @@ def test_names_from_other_trainers_get_a_suggestion():
     assert one_error("trainer.learning_rate=1e-6").endswith(hint)
     assert one_error("trainer.policy.optimizer_config.learning_rate=1e-6").endswith(hint)
     assert "did you mean generator.n_samples_per_prompt?" in one_error("generator.num_generations=8")
+
+
+# ------------------------------------------------------------------ packed / token-budget micro-batches
+
+
+def test_packing_keys_defaults_alias_and_errors():
+    t = load_config().cfg.trainer
+    assert (t.remove_microbatch_padding, t.max_tokens_per_microbatch) == (False, None)
+    loaded = load_config(overrides=["trainer.use_sample_packing=true"])
+    assert loaded.cfg.trainer.remove_microbatch_padding is True
+    assert ("trainer.use_sample_packing: alias of trainer.remove_microbatch_padding; using "
+            "trainer.remove_microbatch_padding=true") in loaded.notes
+    assert one_error("trainer.use_sample_packing=true", "trainer.remove_microbatch_padding=false") == (
+        "trainer.use_sample_packing=true: conflicts with trainer.remove_microbatch_padding=false; "
+        "trainer.use_sample_packing is an alias, give only trainer.remove_microbatch_padding")
+    assert one_error("trainer.use_sample_packing=3").startswith("trainer.use_sample_packing=3: expected true or false")
+    assert one_error("trainer.max_tokens_per_microbatch=0").startswith("trainer.max_tokens_per_microbatch=0: must be >= 1")
+    assert load_config(overrides=["trainer.max_tokens_per_microbatch=null"]).cfg.trainer.max_tokens_per_microbatch is None
+
+
+def test_token_budget_replaces_the_micro_batch_sequence_counts():
+    loaded = load_config(overrides=["trainer.max_tokens_per_microbatch=1000", "trainer.micro_train_batch_size_per_gpu=4"])
+    assert loaded.cfg.trainer.max_tokens_per_microbatch == 1000
+    assert ("trainer.micro_train_batch_size_per_gpu=4 has no effect: micro-batches are filled up to "
+            "trainer.max_tokens_per_microbatch=1000 tokens") in loaded.notes
+    # defaults: max_prompt_length 512 + max_new_tokens 1024 = 1536 > 1000
+    assert loaded.warnings == ["trainer.max_tokens_per_microbatch: 1000 tokens is less than trainer.max_prompt_length + "
+                               "generator.sampling_params.max_new_tokens = 1536: a longer sequence runs alone in its "
+                               "micro-batch (more, smaller forward passes)"]
+    assert load_config(overrides=["trainer.max_tokens_per_microbatch=1536"]).warnings == []
+    # 1 prompt x 5 samples cannot be split over 4 workers; the micro-batch size is no longer part of the rule
+    err = one_error("trainer.max_tokens_per_microbatch=4096", "trainer.policy_mini_batch_size=1")
+    assert err.startswith("trainer.policy_mini_batch_size=1: a mini-batch of trainer.policy_mini_batch_size=1 prompts x "
+                          "generator.n_samples_per_prompt=5 = 5 sequences must split evenly over the 4 policy workers")
+    # micro_train_batch_size_per_gpu=3 does not divide 1280 / 4 sequences, but is unused with a token budget
+    assert load_config(overrides=["trainer.max_tokens_per_microbatch=4096", "trainer.micro_train_batch_size_per_gpu=3"])

@@ -288,7 +288,8 @@ def test_policy_trainer_entropy_is_differentiable_only_with_the_entropy_loss(pg,
     path = _build_large_vocab_llama(tmp_path / "m", tied=True)
     for use_entropy_loss in (False, True):
         algo = SimpleNamespace(use_kl_loss=False, use_entropy_loss=use_entropy_loss)
-        opt = SimpleNamespace(lr=1e-3, adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0)
+        opt = SimpleNamespace(lr=1e-3, adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0,
+                              scheduler="constant_with_warmup", num_warmup_steps=0)
         tcfg = SimpleNamespace(algorithm=algo, seed=0, gradient_checkpointing=False,
                                policy=SimpleNamespace(optimizer_config=opt,
                                                       fsdp_config=SimpleNamespace(reshard_after_forward=True)))

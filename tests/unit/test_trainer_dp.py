@@ -31,7 +31,7 @@ def _tcfg(loss_reduction: str):
                            kl_estimator_type="k3", use_entropy_loss=True, entropy_loss_coef=0.01)
     # max_grad_norm huge: the captured gradient is the raw one (clipping is checked through policy/grad_norm)
     opt = SimpleNamespace(lr=1e-2, adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1e9,
-                          offload_after_step=True)
+                          offload_after_step=True, scheduler="constant_with_warmup", num_warmup_steps=0)
     policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
     return SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=False,
                            micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=2,
