@@ -6,6 +6,7 @@
 #   bash scripts/gpu_visit.sh check       # GPU tests: colocated 2-step, checkpoint every step, trainer offload (~6 min)
 #   bash scripts/gpu_visit.sh step-new    # step_breakdown.py on this checkout, Qwen2.5-Coder-0.5B, 32 x 8 (~4 min)
 #   bash scripts/gpu_visit.sh step-base   # the same on gpu_base (the baseline), in the same visit (~4 min)
+#   bash scripts/gpu_visit.sh step-pack   # step-new with trainer.remove_microbatch_padding=true (~4 min)
 #   bash scripts/gpu_visit.sh real 330    # scripts/gpu_real_run.sh 330: the real run (~8 min)
 # Each stage writes into /tmp/visit/<stage> and packs it into $OUT/<stage>.tgz (the device returns at most 8 files).
 set -uo pipefail
@@ -24,7 +25,7 @@ fi
 step() {  # $1 repo root, $2 name, $3 folder: step_breakdown.py, 32 x 8, preset gsm8k-h200 (the real-run setting)
   ( cd "$1" && PYTHONPATH="$1:$PYTHONPATH" python3 benchmarks/step_breakdown.py --model $QWEN --data $DATA \
       --prompts 32 --samples 8 --steps "${STEPS:-6}" --skip-steps 1 --name "$2" --workdir /tmp/rlctl_bench \
-      --out "$3/$2.json" ) > "$3/$2.log" 2>&1
+      --out "$3/$2.json" ${EXTRA:-} ) > "$3/$2.log" 2>&1
   tail -32 "$3/$2.log"
   cp "/tmp/rlctl_bench/logs/$2.log" "$3/$2.train.log" 2>/dev/null
   cp /tmp/rlctl_bench/runs/*/"$2"/metrics.jsonl "$3/$2.metrics.jsonl" 2>/dev/null
@@ -38,6 +39,7 @@ while [ $# -gt 0 ]; do
     check) OUT="$W" bash scripts/gpu_check.sh -k "colocated or offload" > "$W/check.log" 2>&1; tail -25 "$W/check.log" ;;
     step-new) step "$PWD" step_new "$W" ;;
     step-base) step "$PWD/gpu_base" step_base "$W" ;;
+    step-pack) EXTRA="--set trainer.remove_microbatch_padding=true" step "$PWD" step_pack "$W" ;;
     real) wall=${1:-330}; shift || true; OUT="$W" bash scripts/gpu_real_run.sh "$wall" > "$W/real.log" 2>&1
           tail -20 "$W/real.log" ;;
     *) echo "gpu_visit: unknown stage $stage" | tee -a "$OUT/visit.log"; exit 2 ;;
