@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlctl import grpo
-from rlctl.generator import GenerationOutput, Sampling
+from rlctl.generator import GenerationOutput, Sampling, derive_seed
 
 PHASES = ("weight_sync", "generate", "reward", "advantages", "logprobs", "train", "eval", "log", "checkpoint")
 
@@ -128,9 +128,10 @@ class PromptOrder:
 
 
 def rollout_seed(seed_base: int, step: int, k: int) -> int:
-    """Sampling seed of the ``k``-th generation (0, 1, ...) of ``step``: ``seed_base x 1_000_003 + step`` for the
-    first (every step has one), shifted by ``k x 1_000_000_007`` for the extra generations of dynamic sampling."""
-    return seed_base * 1_000_003 + step + k * 1_000_000_007
+    """Sampling seed of the ``k``-th generation (0, 1, ...) of ``step`` (``k > 0``: the extra generations of dynamic
+    sampling): :func:`rlctl.generator.derive_seed` of ``(seed_base, step, k)``; engines and requests derive theirs
+    from it the same way, so no two (step, generation, engine, request) share a seed."""
+    return derive_seed(seed_base, step, k)
 
 
 @dataclass

@@ -30,6 +30,18 @@ BACKENDS = {
 }
 
 
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed derived from ``keys`` (e.g. ``(base, step, generation)``, ``(step_seed, engine)``,
+    ``(engine_seed, request)``) by ``numpy.random.SeedSequence``: distinct key tuples give independent seeds, so
+    request j+1 of step s no longer shares a seed with request j of step s+1 (as ``seed + i`` arithmetic did).
+    Deterministic across runs and machines. Raises ValueError for a negative key."""
+    import numpy as np
+
+    if any(int(k) < 0 for k in keys):
+        raise ValueError(f"derive_seed: keys must be >= 0, got {keys}")
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint32)[0] >> 1)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Per-call sampling parameters, backend neutral (SGLang names).

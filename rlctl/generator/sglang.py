@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from rlctl.generator import WAKE_TAGS, GenerationOutput, Sampling
+from rlctl.generator import WAKE_TAGS, GenerationOutput, Sampling, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class SGLangGenerator:
         if sampling.stop_token_ids:
             params["stop_token_ids"] = [int(t) for t in sampling.stop_token_ids]
         if sampling.seed is not None:  # only honoured in SGLang's deterministic mode; distinct per request
-            sp: Any = [dict(params, sampling_seed=int(sampling.seed) + i) for i in range(len(prompts))]
+            sp: Any = [dict(params, sampling_seed=derive_seed(int(sampling.seed), i)) for i in range(len(prompts))]
         else:
             sp = params
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rlctl.generator import GenerationOutput, Sampling
+from rlctl.generator import GenerationOutput, Sampling, derive_seed
 
 
 
@@ -157,14 +157,14 @@ class GeneratorGroup:
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> GenerationOutput:
         """Split prompts across engines (contiguous, balanced), generate, merge in order. Engine i samples
-        with ``sampling.engine_seed(i)`` (distinct seed streams per engine)."""
+        with ``derive_seed(sampling.seed, i)`` (independent seed streams per engine)."""
         k = len(self.workers)
         n = len(prompt_ids)
         bounds = [round(i * n / k) for i in range(k + 1)]
         refs = []
         for i, w in enumerate(self.workers):
             chunk = [list(p) for p in prompt_ids[bounds[i]:bounds[i + 1]]]
-            s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": sampling.seed + 7919 * i})
+            s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": derive_seed(sampling.seed, i)})
             refs.append(w.generate.remote(chunk, s) if chunk else None)
         outs = get_all([r for r in refs if r is not None])
         merged = GenerationOutput([], [], [])

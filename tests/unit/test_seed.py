@@ -110,3 +110,20 @@ def test_seed_yaml_with_seed_command_line(home):
     loaded = load_config(config_file=FIXTURE, overrides=seed_overrides(str(home)))
     assert loaded.cfg.trainer.project_name == "gsm8k_sglang"
     assert loaded.cfg.generator.num_inference_engines == 4
+
+
+def test_derived_seeds_do_not_collide_across_steps_engines_and_requests():
+    """The old arithmetic (step seed = base x 1_000_003 + step, request seed = step seed + i) made request j+1 of
+    step s share a seed with request j of step s+1; SeedSequence-derived seeds are distinct over a whole grid."""
+    from rlctl.generator import derive_seed
+    from rlctl.loop import rollout_seed
+
+    old = {(s, j): 42 * 1_000_003 + s + j for s in range(1, 4) for j in range(4)}
+    assert old[(1, 1)] == old[(2, 0)]  # the collision this replaces
+    seeds = [derive_seed(derive_seed(rollout_seed(42, s, k), e), j)
+             for s in range(1, 21) for k in range(3) for e in range(4) for j in range(64)]
+    assert len(set(seeds)) == len(seeds) == 20 * 3 * 4 * 64
+    assert rollout_seed(42, 7, 0) == rollout_seed(42, 7, 0) != rollout_seed(43, 7, 0)
+    assert all(0 <= s < 2**31 for s in seeds)
+    with pytest.raises(ValueError, match="keys must be >= 0"):
+        derive_seed(1, -2)
