@@ -97,8 +97,9 @@ OverridesArg = Annotated[
 EvalOverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="key=value overrides, e.g. data.val_data=\\[FILE.parquet] trainer.eval_batch_size=64. "
-                        "Greedy, one sample per problem: generation follows generator.eval_sampling_params "
-                        "(not n_samples_per_prompt).", show_default=False),
+                        "Generation follows generator.eval_sampling_params (greedy by default, one sample per "
+                        "problem); generator.eval_n_samples_per_prompt=K with a temperature > 0 samples K per "
+                        "problem and adds mean accuracy and pass@K.", show_default=False),
 ]
 RayAddressOpt = Annotated[
     Optional[str],
@@ -184,6 +185,8 @@ def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_add
     for note in notes:
         _err(redact(f"note: {note}"))
     if plan is None:
+        if fmt in ("yaml", "json"):  # --memory-plan asked for a plan that cannot be made
+            raise typer.Exit(2)
         return
     if fmt == "tree":
         mp.print_plan_tree(plan)
@@ -193,11 +196,13 @@ def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_add
         data = mp.plan_as_dict(plan)
         typer.echo(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False), nl=False)
     if gpu is None:
-        _err(f"note: memory plan: peak {mp.gib(plan.peak_bytes)} GiB per GPU; no GPU size to check it against "
+        _err(f"note: memory plan: peak {mp.gib(plan.peak_bytes)} per GPU; no GPU size to check it against "
              "(pass --gpu-memory-gb N)")
         return
     verdict = mp.check_fit(plan, gpu, allow_over=ignore)
     if verdict is None:
+        _err(f"note: memory plan: peak {mp.gib(plan.peak_bytes)} per GPU ({plan.peak.name}) fits the "
+             f"{mp.gib(gpu)} GPU")
         return
     level, text = verdict
     if level == "error":

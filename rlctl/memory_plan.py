@@ -574,7 +574,8 @@ def plan_for_config(cfg: "RunConfig", gpu_bytes: Optional[int]) -> tuple[Optiona
     found = find_config_json(path)
     if found is None:
         return None, [f"memory plan: no config.json for trainer.policy.model.path={path} (not a local folder and "
-                      "not in the Hugging Face cache); no plan. `rlctl prepare-model` or a download makes it known"]
+                      "not in the Hugging Face cache); no plan. Download it (`huggingface-cli download NAME`) or point "
+                      "trainer.policy.model.path at a local folder holding its config.json"]
     try:
         shape = ModelShape.from_config_json(found)
     except ValueError as e:

@@ -103,6 +103,26 @@ def _ray_address(cfg) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def ray_address_problem(address: str, timeout_s: float = 3.0) -> str | None:
+    """Whether a Ray cluster address ``host:port`` answers (a TCP connection within ``timeout_s`` seconds); ``auto``,
+    ``local`` and ``ray://`` client addresses are left to Ray. Without this check ``ray.init`` retries an address
+    that does not answer for minutes, printing only Ray's own GCS timeouts.
+
+    Returns: None when it answers (or is not checked), else one message naming ``ray.address`` and the fix."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except (OSError, ValueError) as e:
+        return (f"ray.address={address}: no Ray cluster answers there ({type(e).__name__}: {e}); start one with "
+                "`ray start --head` and pass the address it prints (--ray-address or RAY_ADDRESS), or drop it to "
+                "start a local cluster")
+
+
 def gpus_needed(cfg, command: Literal["train", "eval"]) -> tuple[int, str]:
     """GPUs the layout reserves on a CUDA run, and the keys that make that number (for messages).
 
@@ -215,7 +235,12 @@ def check(cfg: Any, command: Literal["train", "eval"], gpu_count: Callable[[], i
         out.errors.append(f"generator.backend=sglang: SGLang is not installed in this Python environment; "
                           f"install it with {SGLANG_INSTALL} on a GPU machine, or use --backend hf "
                           "(e.g. --preset gsm8k-cpu)")
-    if _ray_address(cfg) is None:
+    address = _ray_address(cfg)
+    if address is not None:
+        problem = ray_address_problem(address)
+        if problem:
+            out.errors.append(problem)
+    if address is None:
         if cfg.trainer.device != "cpu":  # cuda, or auto (cuda when a GPU is visible); sglang is never on cpu
             out.gpus = (gpu_count or visible_gpu_count)()
             out.errors.extend(_gpu_errors(cfg, command, out.gpus))

@@ -71,11 +71,14 @@ def test_help_panels_are_not_cut(command, columns):
     assert "…" not in res.stdout  # no word cut with an ellipsis
 
 
-def test_eval_help_suggests_overrides_that_apply_to_greedy_eval():
+def test_eval_help_suggests_overrides_that_eval_reads():
+    """eval reads eval_sampling_params and eval_n_samples_per_prompt (sampled pass@K), not the training
+    n_samples_per_prompt."""
     res = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "100"})
     flat = " ".join(res.stdout.replace("│", " ").split())
     assert "e.g. data.val_data=[FILE.parquet] trainer.eval_batch_size=64." in flat
-    assert "n_samples_per_prompt=" not in flat and "generator.eval_sampling_params" in flat
+    assert "generator.eval_sampling_params" in flat and "generator.eval_n_samples_per_prompt=K" in flat
+    assert " n_samples_per_prompt=" not in flat and "pass@K" in flat
 
 
 def test_check_config_tree(home):

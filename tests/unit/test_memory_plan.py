@@ -220,7 +220,8 @@ def test_unknown_model_gives_no_plan_and_a_note(tmp_path, monkeypatch):
     p, notes = mp.plan_for_config(cfg, 80 * GiB)
     assert p is None
     assert notes == ["memory plan: no config.json for trainer.policy.model.path=Nobody/no-such-model (not a local "
-                     "folder and not in the Hugging Face cache); no plan. `rlctl prepare-model` or a download makes it known"]
+                     "folder and not in the Hugging Face cache); no plan. Download it (`huggingface-cli download NAME`) or point "
+                     "trainer.policy.model.path at a local folder holding its config.json"]
 
 
 # ------------------------------------------------------------------------------- config.json lookup
@@ -314,6 +315,7 @@ def test_check_config_refuses_at_24_gib_and_prints_the_plan_at_141(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, [*args, "--gpu-memory-gb", "141"])
     assert res.exit_code == 0, res.output
+    assert "note: memory plan: peak " in res.stderr and "fits the 141.0 GiB GPU" in res.stderr
     assert "<- peak" in res.stdout and "KV cache" in res.stdout
     res = runner.invoke(app, [*args, "--gpu-memory-gb", "141", "--memory-plan", "--format", "json"])
     assert res.exit_code == 0, res.output

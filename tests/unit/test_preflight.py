@@ -135,6 +135,7 @@ def test_layout_message_names_the_keys(home, monkeypatch):
 
 def test_gpu_checks_step_aside_for_a_ray_cluster(home, monkeypatch):
     monkeypatch.setattr(preflight, "sglang_installed", lambda: False)
+    monkeypatch.setattr(preflight, "ray_address_problem", lambda address: None)  # as if the cluster answered
     no_count = lambda: pytest.fail("a cluster's GPUs are not counted locally")  # noqa: E731
     cfg = _cfg("trainer.device=cuda", "ray.address=10.0.0.1:6379")
     assert preflight.check(cfg, "train", gpu_count=no_count).errors == []
@@ -142,6 +143,26 @@ def test_gpu_checks_step_aside_for_a_ray_cluster(home, monkeypatch):
     res = preflight.check(_cfg(preset="gsm8k", backend="sglang"), "train", gpu_count=no_count)
     assert [e.split(";")[0] for e in res.errors] == [  # the package is still needed on the driver's machine
         "generator.backend=sglang: SGLang is not installed in this Python environment"]
+
+
+def test_a_ray_address_that_does_not_answer_is_one_message_not_minutes_of_retries(home):
+    """A closed port: connection refused at once (ray.init would retry for minutes); auto / ray:// are Ray's to
+    resolve."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    t0 = time.perf_counter()
+    res = preflight.check(_cfg("trainer.device=cpu", f"ray.address=127.0.0.1:{port}"), "train")
+    assert time.perf_counter() - t0 < 5
+    assert len(res.errors) == 1 and res.errors[0].startswith(f"ray.address=127.0.0.1:{port}: no Ray cluster answers there")
+    assert "`ray start --head`" in res.errors[0]
+    assert preflight.ray_address_problem("auto") is None and preflight.ray_address_problem("ray://head:10001") is None
+    with socket.socket() as srv:  # something listening: no problem
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        assert preflight.ray_address_problem(f"127.0.0.1:{srv.getsockname()[1]}") is None
 
 
 # --------------------------------------------------------------------------------------- checkpoints
