@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 DATA=/tmp/rlctl/data/gsm8k
-QWEN=/tmp/models/qwen2.5-coder-0.5b-instruct
+QWEN="${RLCTL_MODEL:-/tmp/models/qwen2.5-coder-0.5b-instruct}"   # RLCTL_MODEL: another model (e.g. the kit's SmolLM2)
 # shellcheck source=scripts/gpu_env.sh
 source scripts/gpu_env.sh
 gpu_env gpu_visit "$OUT/visit.log"
