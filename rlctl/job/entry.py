@@ -138,6 +138,7 @@ def train(loaded) -> dict[str, Any]:
                            console=console)
         console.log(f"Ray job up in {time.perf_counter() - t0:.1f} s: {trainers.world_size} trainer worker(s), "
                     f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {redact(str(run_dir))}")
+        _record_placement(cfg, generators.actor_nodes, run_dir, console)
         ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
                             cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
         colo = Colocation(trainers, generators, shared_gpu=cfg.trainer.placement.colocate_all and device == "cuda",
@@ -202,6 +203,20 @@ def evaluate(loaded) -> dict[str, float]:
         if generators is not None:
             generators.shutdown()
         shutdown_ray(started_ray)
+
+
+def _record_placement(cfg, actor_nodes: dict[str, dict[str, str]], run_dir: Path, console) -> None:
+    """Write ``placement.json`` (actor label -> ``{"node_id", "ip"}``, as each actor reported it) into the run
+    folder; on more than one Ray node also print which actors share which node."""
+    import json
+
+    from rlctl.job.placement import describe_nodes
+    from rlctl.metrics import write_text_atomic
+
+    write_text_atomic(run_dir / "placement.json", json.dumps(actor_nodes, indent=1) + "\n")
+    nodes = {w["node_id"] for w in actor_nodes.values()}
+    if len(nodes) > 1 or cfg.trainer.placement.policy_num_nodes > 1:
+        console.log(f"placement on {len(nodes)} Ray nodes: " + _escape(describe_nodes(actor_nodes)))
 
 
 def _escape(text: str) -> str:
