@@ -207,7 +207,8 @@ def evaluate(loaded) -> dict[str, float]:
 
 def _record_placement(cfg, actor_nodes: dict[str, dict[str, str]], run_dir: Path, console) -> None:
     """Write ``placement.json`` (actor label -> ``{"node_id", "ip"}``, as each actor reported it) into the run
-    folder; on more than one Ray node also print which actors share which node."""
+    folder; on more than one Ray node also print which actors share which node, and warn when trainer-0 (the
+    checkpoint writer) is not on the driver's node (the driver completes and renames the checkpoint folder)."""
     import json
 
     from rlctl.job.placement import describe_nodes
@@ -217,6 +218,13 @@ def _record_placement(cfg, actor_nodes: dict[str, dict[str, str]], run_dir: Path
     nodes = {w["node_id"] for w in actor_nodes.values()}
     if len(nodes) > 1 or cfg.trainer.placement.policy_num_nodes > 1:
         console.log(f"placement on {len(nodes)} Ray nodes: " + _escape(describe_nodes(actor_nodes)))
+        import ray
+
+        rank0 = actor_nodes.get("trainer-0")
+        if rank0 and rank0["node_id"] != ray.get_runtime_context().get_node_id():
+            console.log(f"[yellow]warning:[/yellow] trainer-0 (which writes the checkpoints) runs on node "
+                        f"{rank0['node_id'][:8]} ({rank0['ip']}), not on this driver's node: trainer.ckpt_path must be "
+                        "on a filesystem both nodes share, or checkpoints are incomplete (README, \"Several nodes\")")
 
 
 def _escape(text: str) -> str:

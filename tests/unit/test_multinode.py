@@ -59,6 +59,8 @@ def test_two_nodes_one_rank_and_one_engine_each(two_nodes, tmp_path):
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     out = " ".join((res.stdout + res.stderr).split())
     assert "placement on 2 Ray nodes:" in out, out[-3000:]
+    # policy node 0 asked for the driver's node and got it (the cluster has room): no checkpoint warning
+    assert "not on this driver's node" not in out
 
     run_dir = tmp_path / "runs" / "skyrl" / "multi"
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
