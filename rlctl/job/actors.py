@@ -24,6 +24,13 @@ def _quiet_local_loading(model_path: str) -> None:
         hf_logging.disable_progress_bar()
 
 
+def _where() -> dict[str, str]:
+    """The Ray node this actor process runs on: ``{"node_id": <hex>, "ip": <node IP>}``."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+
 class TrainerWorker:
     """Hosts one :class:`rlctl.trainer.PolicyTrainer` rank."""
 
@@ -46,6 +53,10 @@ class TrainerWorker:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
+
+    def where(self) -> dict[str, str]:
+        """This rank's Ray node (id and IP), as the process itself sees it."""
+        return _where()
 
     def setup(self, master_addr: str, master_port: int) -> None:
         from rlctl.trainer import PolicyTrainer
@@ -152,6 +163,10 @@ class GeneratorWorker:
 
     def update_weights_from_distributed(self, *args) -> None:
         self.gen.update_weights_from_distributed(*args)
+
+    def where(self) -> dict[str, str]:
+        """This engine's Ray node (id and IP), as the process itself sees it."""
+        return _where()
 
     def stats(self) -> dict[str, float]:
         return dict(getattr(self.gen, "last_stats", {}) or {})

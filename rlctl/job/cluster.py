@@ -1,12 +1,14 @@
 """The Ray cluster of a job: device resolution, ``ray.init`` (with a watchdog that kills a local cluster when the
 driver dies), the placement group, and the actors (the only place ``ray.remote`` is applied).
 
-Layout: one placement-group bundle per policy rank; when ``trainer.placement.colocate_all`` the bundle holds that
-rank's trainer worker *and* one generator, each taking half of the bundle's GPU and CPU (the fractional resources
+Layout (:mod:`rlctl.job.placement`): one placement-group bundle per policy rank, ``policy_num_gpus_per_node`` of
+them on each of ``policy_num_nodes`` nodes; when ``trainer.placement.colocate_all`` the bundle holds that rank's
+trainer worker *and* one generator, each taking half of the bundle's GPU and CPU (the fractional resources
 express the sharing; sleep/wake makes it real). Split placement adds one bundle per engine. Trainer workers form
-one data-parallel FSDP2 group (gloo on CPU, NCCL on CUDA).
+one data-parallel FSDP2 group (gloo on CPU, NCCL on CUDA); its rendezvous is rank 0's node IP.
 
-Test: ``pytest tests/unit/test_train_e2e.py`` and ``tests/unit/test_faults.py`` (the watchdog).
+Test: ``pytest tests/unit/test_train_e2e.py``, ``tests/unit/test_multinode.py`` (two Ray nodes) and
+``tests/unit/test_faults.py`` (the watchdog).
 """
 
 from __future__ import annotations
@@ -225,13 +227,21 @@ def generator_kwargs(cfg, device: str) -> dict[str, Any]:
 
 
 def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGroup | None, GeneratorGroup]:
-    """Create the placement group and the actors; wait for the placement group with a timeout.
+    """Reserve the placement groups (:mod:`rlctl.job.placement`: one per policy node when
+    ``trainer.placement.policy_num_nodes > 1``), create the actors in their bundles and return the groups.
+    The generator group carries ``placement_groups`` (freed by its ``shutdown``) and ``actor_nodes`` (label ->
+    ``{"node_id", "ip"}``, reported by each actor).
 
     Without a trainer (``rlctl eval``) the generators keep the weights they loaded (no sleep/wake).
+
+    Raises:
+        RuntimeError: the placement groups are not ready within ``ray.placement_group_timeout_s``.
+        rlctl.config.ConfigError: see :func:`check_device_rules`.
     """
     import ray
-    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from rlctl.job.placement import plan_placement, reserve
 
     if with_trainer:
         check_device_rules(cfg, device)  # train() checks it before Ray starts; this guards direct callers
@@ -240,30 +250,17 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     workers = cfg.num_policy_workers if with_trainer else 0
     engines = cfg.generator.num_inference_engines
     gpu = 1 if device == "cuda" else 0
-    if colocated:
-        bundles = [{"CPU": 1, **({"GPU": 1} if gpu else {})} for _ in range(workers)]
-    else:
-        tp = cfg.generator.inference_engine_tensor_parallel_size
-        bundles = ([{"CPU": 1, **({"GPU": 1} if gpu else {})} for _ in range(workers)]
-                   + [{"CPU": 1, **({"GPU": tp} if gpu else {})} for _ in range(engines)])
-    pg = placement_group(bundles, strategy="PACK")
-    timeout = cfg.ray.placement_group_timeout_s
-    try:
-        ray.get(pg.ready(), timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        from ray.util.placement_group import remove_placement_group
-
-        remove_placement_group(pg)  # a pending group would grab the resources once they free up
-        raise RuntimeError(
-            f"Ray could not reserve {len(bundles)} bundles {bundles[0]} within {timeout} s "
-            f"(cluster has {ray.cluster_resources()}). Lower trainer.placement.policy_num_gpus_per_node / "
-            "trainer.placement.policy_num_nodes / generator.num_inference_engines, set ray.num_cpus / "
-            "ray.num_gpus, or raise ray.placement_group_timeout_s") from None
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers or engines))
+    pl = cfg.trainer.placement
+    plan = plan_placement(pl.policy_num_nodes, pl.policy_num_gpus_per_node, engines,
+                          cfg.generator.inference_engine_tensor_parallel_size, colocated, bool(gpu), with_trainer)
+    pgs = reserve(plan, cfg.ray.placement_group_timeout_s)
+    # CPU threads per actor: this machine's cores over the ranks (engines) that share a node with it
+    per_node = (pl.policy_num_gpus_per_node if pl.policy_num_nodes > 1 else workers) or engines
+    threads = max(1, (os.cpu_count() or 1) // max(1, per_node))
     share = 0.5 if colocated else 1.0
 
-    def strategy(i):
-        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+    def strategy(where: tuple[int, int]):
+        return PlacementGroupSchedulingStrategy(placement_group=pgs[where[0]], placement_group_bundle_index=where[1])
 
     # Actors are named "<prefix>generator-<i>" / "<prefix>trainer-<rank>" (prefix unique per job, so runs
     # sharing a cluster or a Ray namespace never collide); errors name them by their short label.
@@ -280,10 +277,9 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
         gen_cls = ray.remote(GeneratorWorker)
         gens = []
         for i in range(engines):
-            b = i if colocated else workers + i
             gpus = (share if colocated else cfg.generator.inference_engine_tensor_parallel_size) if gpu else 0
             gens.append(named(f"generator-{i}", gen_cls.options(
-                name=f"{prefix}generator-{i}", num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(b),
+                name=f"{prefix}generator-{i}", num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(plan.engine_bundles[i]),
                 max_concurrency=1).remote(cfg.generator.backend, {
                     **generator_kwargs(cfg, device),
                     **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}")))
@@ -291,15 +287,19 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
         if with_trainer:
             tr_cls = ray.remote(TrainerWorker)
             actors = [named(f"trainer-{r}", tr_cls.options(
-                name=f"{prefix}trainer-{r}", num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(r),
+                name=f"{prefix}trainer-{r}", num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(plan.rank_bundles[r]),
             ).remote(cfg, r, workers, device, threads)) for r in range(workers)]
             addr, port = ray.get(actors[0].address.remote())
             get_all([a.setup.remote(addr, port) for a in actors])
             trainers = TrainerGroup(actors)
         gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
-        gen_group.placement_group = pg
+        gen_group.placement_groups = pgs
         gen_group.trainer_actors = trainers.workers if trainers else []
         get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
+        # where every actor runs, as each process reports it (trainer ranks first, then the engines)
+        everyone = [(f"trainer-{r}", a) for r, a in enumerate(gen_group.trainer_actors)] + [
+            (f"generator-{i}", g) for i, g in enumerate(gens)]
+        gen_group.actor_nodes = dict(zip([lb for lb, _ in everyone], get_all([a.where.remote() for _, a in everyone])))
         if trainers is not None and not colocated:
             # an SGLang engine joins with one rank per tensor-parallel worker; an hf generator is one rank
             tp = cfg.generator.inference_engine_tensor_parallel_size if cfg.generator.backend == "sglang" else 1
@@ -315,6 +315,7 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - best effort: the actor may be gone already
                 pass
-        remove_placement_group(pg)
+        for pg in pgs:
+            remove_placement_group(pg)
         raise
 

@@ -138,6 +138,7 @@ def train(loaded) -> dict[str, Any]:
                            console=console)
         console.log(f"Ray job up in {time.perf_counter() - t0:.1f} s: {trainers.world_size} trainer worker(s), "
                     f"{len(generators.workers)} {cfg.generator.backend} generator(s) on {device}; run folder {redact(str(run_dir))}")
+        _record_placement(cfg, generators.actor_nodes, run_dir, console)
         ckpt = Checkpointer(Path(cfg.ckpt_dir), cfg.trainer.policy.model.path, cfg.trainer.max_ckpts_to_keep,
                             cfg.trainer.resume_mode, cfg.trainer.resume_path, notes)
         colo = Colocation(trainers, generators, shared_gpu=cfg.trainer.placement.colocate_all and device == "cuda",
@@ -202,6 +203,28 @@ def evaluate(loaded) -> dict[str, float]:
         if generators is not None:
             generators.shutdown()
         shutdown_ray(started_ray)
+
+
+def _record_placement(cfg, actor_nodes: dict[str, dict[str, str]], run_dir: Path, console) -> None:
+    """Write ``placement.json`` (actor label -> ``{"node_id", "ip"}``, as each actor reported it) into the run
+    folder; on more than one Ray node also print which actors share which node, and warn when trainer-0 (the
+    checkpoint writer) is not on the driver's node (the driver completes and renames the checkpoint folder)."""
+    import json
+
+    from rlctl.job.placement import describe_nodes
+    from rlctl.metrics import write_text_atomic
+
+    write_text_atomic(run_dir / "placement.json", json.dumps(actor_nodes, indent=1) + "\n")
+    nodes = {w["node_id"] for w in actor_nodes.values()}
+    if len(nodes) > 1 or cfg.trainer.placement.policy_num_nodes > 1:
+        console.log(f"placement on {len(nodes)} Ray nodes: " + _escape(describe_nodes(actor_nodes)))
+        import ray
+
+        rank0 = actor_nodes.get("trainer-0")
+        if rank0 and rank0["node_id"] != ray.get_runtime_context().get_node_id():
+            console.log(f"[yellow]warning:[/yellow] trainer-0 (which writes the checkpoints) runs on node "
+                        f"{rank0['node_id'][:8]} ({rank0['ip']}), not on this driver's node: trainer.ckpt_path must be "
+                        "on a filesystem both nodes share, or checkpoints are incomplete (README, \"Several nodes\")")
 
 
 def _escape(text: str) -> str:

@@ -193,6 +193,5 @@ class GeneratorGroup:
             pass
         for a in list(self.workers) + list(getattr(self, "trainer_actors", [])):
             ray.kill(a, no_restart=True)
-        pg = getattr(self, "placement_group", None)
-        if pg is not None:
+        for pg in getattr(self, "placement_groups", []):  # set by build_groups: one per policy node (or one)
             remove_placement_group(pg)
