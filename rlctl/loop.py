@@ -671,7 +671,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             batch["advantages"] = advantages
             rollout_lp = pad_logprobs(out.logprobs, T)
 
-        # 4 old / reference log-probs (the trainer comes back to the GPU; the engine is asleep)
+        # 4 old / reference log-probs (the trainer comes back to the GPU; the engine is asleep, or, one-step-off,
+        # generating the next step's rollouts on its own GPUs)
         with timer("logprobs"):
             colo.onload_trainer()
             batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
