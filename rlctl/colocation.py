@@ -23,16 +23,31 @@ released weights, pushing to an engine whose weights are asleep. On a shared GPU
 engine sleeps after each rollout; in split placement the engine never sleeps and the trainer never offloads, and
 the same calls only push when the weights are stale.
 
+One-step-off overlap (split placement only, ``trainer.algorithm.async_rollouts.one_step_off``): the engines
+generate step k+1's rollouts while the trainer trains step k::
+
+    out_k = colo.collect(handle_k)                  # started during step k-1; weights of step k-2
+    colo.sync_weights()                             # push step k-1's weights (the engines are idle now)
+    handle_k1 = colo.rollout_async(prompts, sampling, step=k + 1)   # runs on the engines from here ...
+    ... log-probs, train step k; colo.mark_stale(version=k) ...     # ... while the trainer trains
+    out_k1 = colo.collect(handle_k1)                # next step: the push of step k's weights only after this
+
+Weight versions (optimizer steps: the loop passes ``version=step`` to :meth:`Colocation.mark_stale`, and the step
+of a restored checkpoint) tell how stale rollouts are: :meth:`Colocation.collect` refuses rollouts more than one
+version behind the trainer, and nothing may push, wake, generate or start another rollout while one is in flight.
+
 The object knows the trainer and generator groups only by their methods (:class:`TrainerSide`,
 :class:`GeneratorSide`), so it imports nothing from the Ray job and is tested with recording fakes on CPU.
 
 Test: ``pytest tests/unit/test_colocation.py`` (the transitions and the real loop over an eval / checkpoint /
-resume / wall-time grid with recording fakes).
+resume / wall-time grid with recording fakes), ``pytest tests/unit/test_one_step_off.py`` (the one-step-off order,
+staleness and resume with recording fakes).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 TRAINER_STATES = ("resident", "offloaded")
@@ -60,6 +75,27 @@ class GeneratorSide(Protocol):
     def wake_up(self, tags: list[str]) -> None: ...
     def sleep(self) -> None: ...
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Any) -> Any: ...
+    def generate_async(self, prompt_ids: Sequence[Sequence[int]], sampling: Any) -> Any: ...
+    def collect(self, handle: Any) -> Any: ...
+
+
+#: one-step-off: rollouts may be generated with weights at most this many optimizer steps behind the trainer's
+MAX_LAG = 1
+
+
+@dataclass
+class AsyncRollout:
+    """A rollout started by :meth:`Colocation.rollout_async` (or restored from a checkpoint).
+
+    ``step``: the training step whose batch it is; ``weight_version``: the optimizer steps in the engine weights
+    that generate it; ``ref``: the generator group's handle (None once collected); ``output``: the
+    ``GenerationOutput`` once collected.
+    """
+
+    step: int
+    weight_version: int
+    ref: Any = None
+    output: Any = None
 
 
 class Colocation:
@@ -89,6 +125,10 @@ class Colocation:
         # trainer that differs in dtype makes them stale: the loop marks them stale before the first rollout
         self.weights = "released" if engine_state == "asleep" else "current"
         self.on_transition = on_transition
+        # weight versions (optimizer steps): the trainer's, and the one the engines hold (None: released / unknown)
+        self.trainer_version = 0
+        self.engine_version: int | None = None if engine_state == "asleep" else 0
+        self.in_flight: AsyncRollout | None = None  # the one-step-off rollout the engines are generating
         self.history: list[str] = []
         self.push_stats: dict[str, float] = {}
         # the largest CUDA reserve of the trainer seen at a KV-cache wake since the loop last read it (bytes;
@@ -102,8 +142,16 @@ class Colocation:
         return held
 
     def state(self) -> dict[str, str]:
-        """``{"trainer", "engine", "weights"}`` now."""
-        return {"trainer": self.trainer, "engine": self.engine, "weights": self.weights}
+        """``{"trainer", "engine", "weights"}`` now (plus ``"in_flight"``, the step, while a rollout runs)."""
+        st = {"trainer": self.trainer, "engine": self.engine, "weights": self.weights}
+        if self.in_flight is not None:
+            st["in_flight"] = f"step {self.in_flight.step}"
+        return st
+
+    def _refuse_in_flight(self, what: str) -> None:
+        if self.in_flight is not None:
+            self._refuse(what, f"the engines are generating step {self.in_flight.step}'s rollouts; "
+                         "call collect() first")
 
     def _record(self, name: str) -> None:
         self.history.append(name)
@@ -138,8 +186,14 @@ class Colocation:
         self._record("offload_trainer")
 
     # ------------------------------------------------------------------ weights
-    def mark_stale(self) -> None:
-        """The trainer's weights changed (optimizer step, checkpoint restore): the engine's copy is stale."""
+    def mark_stale(self, version: int | None = None) -> None:
+        """The trainer's weights changed (optimizer step, checkpoint restore): the engine's copy is stale.
+
+        Args:
+            version: the trainer's weight version now (optimizer steps done: the loop passes the step just
+                trained, or the restored checkpoint's step); None counts one more.
+        """
+        self.trainer_version = self.trainer_version + 1 if version is None else version
         if self.weights == "current":
             self.weights = "stale"
             self._record("mark_stale")
@@ -150,10 +204,12 @@ class Colocation:
         stats (bytes, buckets, seconds), empty when nothing was pushed.
 
         Raises:
-            ResidencyError: (only through :meth:`onload_trainer`) the engine's KV cache is awake on a shared GPU.
+            ResidencyError: a one-step-off rollout is in flight (the engines are busy), or (through
+                :meth:`onload_trainer`) the engine's KV cache is awake on a shared GPU.
         """
         if self.weights == "current":
             return {}
+        self._refuse_in_flight("sync_weights")
         self.onload_trainer()
         if self.engine == "asleep":
             self.generators.wake_up(["weights"])
@@ -162,6 +218,7 @@ class Colocation:
         stats = self.trainers.push_weights(self.generators)
         self.push_stats = dict(stats or {})
         self.weights = "current"
+        self.engine_version = self.trainer_version
         self._record("push_weights")
         return self.push_stats
 
@@ -172,9 +229,10 @@ class Colocation:
         engines sleep (their weights are then released).
 
         Raises:
-            ResidencyError: the engine's weights are not current (stale or released), or, on a shared GPU, the
-                trainer is still resident.
+            ResidencyError: the engine's weights are not current (stale or released), a one-step-off rollout is
+                in flight, or, on a shared GPU, the trainer is still resident.
         """
+        self._refuse_in_flight("rollout")
         if self.weights != "current":
             self._refuse("rollout", f"the engine's weights are {self.weights}; call sync_weights() first")
         if self.shared_gpu and self.trainer == "resident":
@@ -196,6 +254,7 @@ class Colocation:
                 self.generators.sleep()
                 self.engine = "asleep"
                 self.weights = "released"
+                self.engine_version = None
                 self._record("sleep_engine")
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Any) -> Any:
@@ -207,3 +266,61 @@ class Colocation:
         if self.engine != "awake" or self.weights != "current":
             self._refuse("generate", "only inside rollout(), on current weights")
         return self.generators.generate(prompt_ids, sampling)
+
+    # ------------------------------------------------------------------ one-step-off rollout
+    def rollout_async(self, prompt_ids: Sequence[Sequence[int]], sampling: Any, *, step: int) -> AsyncRollout:
+        """Start generating ``step``'s rollouts on the engines and return at once (one-step-off overlap): the
+        trainer trains the previous step meanwhile; :meth:`collect` waits for them.
+
+        Args:
+            prompt_ids: N prompts (token ids); sampling: their ``Sampling``; step: the step they are for.
+        Returns:
+            the :class:`AsyncRollout`, tagged with the engines' weight version.
+        Raises:
+            ResidencyError: on a shared GPU or with engines that sleep (the trainer needs the GPU while the
+                engines would generate), with weights that are not current, or while another rollout is in flight.
+        """
+        if self.shared_gpu or self.engine_sleeps:
+            self._refuse("rollout_async", "the engines share the trainer's GPU or sleep after each rollout; "
+                         "one-step-off overlap needs split placement (trainer.placement.colocate_all=false)")
+        self._refuse_in_flight("rollout_async")
+        if self.weights != "current" or self.engine != "awake":
+            self._refuse("rollout_async", f"the engine is {self.engine} with {self.weights} weights; call "
+                         "sync_weights() first")
+        assert self.engine_version is not None  # current weights always have a version
+        self.in_flight = AsyncRollout(step, self.engine_version, self.generators.generate_async(prompt_ids, sampling))
+        self._record("rollout_async")
+        return self.in_flight
+
+    def adopt(self, step: int, weight_version: int, output: Any) -> AsyncRollout:
+        """An already generated rollout of ``step`` (restored from a checkpoint) as a collected
+        :class:`AsyncRollout`; :meth:`collect` checks its staleness like a fresh one's.
+
+        Raises:
+            ResidencyError: a rollout is in flight.
+        """
+        self._refuse_in_flight("adopt")
+        return AsyncRollout(step, weight_version, None, output)
+
+    def collect(self, rollout: AsyncRollout) -> Any:
+        """Wait for a rollout of :meth:`rollout_async` and return its ``GenerationOutput`` (the same object
+        again when it was collected already, e.g. before an eval or a checkpoint).
+
+        Raises:
+            ResidencyError: ``rollout`` is neither the one in flight nor collected, or its weights are more
+                than :data:`MAX_LAG` versions behind the trainer's (it would train on older rollouts than
+                one-step-off allows).
+        """
+        if rollout.output is None:
+            if rollout is not self.in_flight:
+                self._refuse("collect", f"the rollout of step {rollout.step} is not the one in flight")
+            rollout.output = self.generators.collect(rollout.ref)
+            rollout.ref = None
+            self.in_flight = None
+            self._record("collect_rollout")
+        lag = self.trainer_version - rollout.weight_version
+        if lag > MAX_LAG:
+            self._refuse("collect", f"step {rollout.step}'s rollouts come from weight version "
+                         f"{rollout.weight_version}, {lag} versions behind the trainer's {self.trainer_version} "
+                         f"(at most {MAX_LAG})")
+        return rollout.output

@@ -2,10 +2,13 @@
 
 Per step: 1 generate (rollouts, ``n_samples_per_prompt`` per prompt), 2 reward (plus the overlong penalty;
 with dynamic sampling ``filter`` 1-2 repeat on the next prompts until ``train_batch_size`` informative groups, see
-:func:`fill_filtered_batch`; ``replace``: :func:`replace_flat`), 3 advantages,
+:func:`fill_filtered_batch`; ``replace``: :func:`replace_flat`; both in :func:`step_rollouts`), 2b with
+``trainer.algorithm.async_rollouts.one_step_off`` (split placement): push the previous step's weights and start the
+next step's rollouts, which the engines generate during phases 3-5 (phase 1 of the next step collects them; rollouts
+one optimizer step stale, corrected by ``off_policy_correction``; the checkpoint keeps them for an exact resume), 3 advantages,
 4 old/ref log-probs (and the truncated importance-sampling weights of ``off_policy_correction``), 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
 9 checkpoint. Who holds the GPU changes only through calls of :class:`rlctl.colocation.Colocation`, each
-one visible in :func:`run`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
+one visible in :func:`run` or :func:`step_rollouts`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
 and ``sglang`` backends run the same code.
 
 Token ids flow end to end: the trained sequence is exactly prompt ids + output ids (the response text
@@ -13,6 +16,7 @@ is decoded only to score it).
 
 Test: ``pytest tests/unit/test_loop.py`` (batch building, prompt filtering) and
 ``pytest tests/unit/test_colocation.py`` (the loop with recording fakes over an eval / checkpoint / resume grid),
+``pytest tests/unit/test_one_step_off.py`` (one-step-off order, staleness and resume with fakes, and through Ray),
 ``pytest tests/unit/test_train_e2e.py`` (the whole loop through Ray on a tiny model).
 """
 
@@ -27,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rlctl import grpo
+from rlctl.colocation import ResidencyError
 from rlctl.generator import GenerationOutput, Sampling, derive_seed
 
 PHASES = ("weight_sync", "generate", "reward", "advantages", "logprobs", "train", "eval", "log", "checkpoint")
@@ -301,6 +306,152 @@ def add_tis_weights(opc, batch: dict[str, torch.Tensor], rollout_lp: torch.Tenso
             "off_policy/tis_ratio_truncated_fraction": m["tis_truncated_fraction"]}
 
 
+# ---------------------------------------------------------------------------------------------- a step's rollouts
+@dataclass
+class RolloutSource:
+    """What the training rollouts are made of, fixed for a run (built by :func:`run`): the prompts in
+    :class:`PromptOrder`, ``generator.sampling_params`` with the per-step seeds of :func:`rollout_seed`, and the
+    reward (plus the overlong penalty)."""
+
+    train: PromptData
+    order: PromptOrder
+    batch_prompts: int  # trainer.train_batch_size: prompts per generation
+    n: int  # generator.n_samples_per_prompt
+    seed_base: int
+    sampling_params: Any  # the generator.sampling_params section
+    stop_token_ids: Sequence[int]
+    tokenizer: Any
+    reward_fn: Callable[[str, str, list[int]], dict[str, float]]
+    overlong_buffer: Any  # the trainer.algorithm.overlong_buffer section
+
+    def prompts(self, position: int) -> tuple[list[list[int]], list[dict]]:
+        """The ``batch_prompts`` prompts at ``position`` (prompts consumed so far), each ``n`` times in a row
+        (group-major): ``(prompt ids, rows)``, ``batch_prompts x n`` entries each."""
+        idx = self.order.take(position, self.batch_prompts)
+        return ([self.train.prompt_ids[i] for i in idx for _ in range(self.n)],
+                [self.train.rows[i] for i in idx for _ in range(self.n)])
+
+    def sampling(self, step: int, k: int) -> Sampling:
+        """The sampling of the ``k``-th generation of ``step`` (seeded by :func:`rollout_seed`)."""
+        return sampling_from(self.sampling_params, self.stop_token_ids, seed=rollout_seed(self.seed_base, step, k))
+
+    def score(self, prompts: list, rows: list, out: GenerationOutput) -> Rollouts:
+        """Decode and reward one generation (rewards [N] include the overlong penalty)."""
+        texts = self.tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
+        scored = [self.reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
+        rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
+        penalty = overlong_penalties(self.overlong_buffer, out.output_ids, self.sampling_params.max_new_tokens)
+        return Rollouts(prompts, rows, out, texts, scored, rewards + penalty, penalty, torch.ones(len(prompts)))
+
+
+@dataclass
+class StepRollouts:
+    """The result of :func:`step_rollouts`: the step's batch, the sampling it used, the data position after it, the
+    dynamic-sampling and engine metrics, and the weight version (optimizer steps) of its first generation."""
+
+    ro: Rollouts
+    sampling: Sampling
+    position: int
+    ds_metrics: dict[str, float]
+    gen_stats: dict[str, float]
+    weight_version: int
+
+
+def step_rollouts(src: RolloutSource, colo, ds, step: int, position: int, timer: "PhaseTimer",
+                  started=None) -> StepRollouts:
+    """Phases 1 (rollout) and 2 (reward) of a step, repeated on the next prompts by dynamic sampling ``filter``
+    until ``train_batch_size`` informative groups (:func:`fill_filtered_batch`), or ``replace``d
+    (:func:`replace_flat`).
+
+    Args:
+        src: the run's :class:`RolloutSource`; colo: the :class:`rlctl.colocation.Colocation`.
+        ds: the ``trainer.algorithm.dynamic_sampling`` section.
+        position: prompts consumed before this step.
+        started: one-step-off, the step's first generation, started while the previous step trained (an
+            ``AsyncRollout`` of :meth:`Colocation.rollout_async`, or restored from a checkpoint): collected
+            instead of generated. None: generate now.
+    Raises:
+        rlctl.colocation.ResidencyError: through the colocation calls (e.g. ``started`` is too stale), or
+            ``started`` holds another step's rollouts.
+    """
+    if started is not None and started.step != step:
+        raise ResidencyError(f"step {step} was handed step {started.step}'s rollouts (one-step-off order broken)")
+    n, tbs = src.n, src.batch_prompts
+    informative_parts: list[Rollouts] = []  # dynamic sampling "filter": informative groups, in generation order
+    flat_parts: list[Rollouts] = []
+    informative = k = 0
+    gave_up = False
+    version = -1  # the weight version of the first generation
+    while True:  # one pass without dynamic sampling "filter"; with it, until the batch is full or we give up
+        prompts, rows = src.prompts(position)
+        position += tbs
+        sampling = src.sampling(step, k)
+        # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
+        # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps. One-step-off:
+        # the engines generated this batch while the previous step trained; wait for it
+        if started is not None and k == 0:
+            with timer("generate"):
+                out = colo.collect(started)
+            first_version = started.weight_version
+        else:
+            with timer("weight_sync"):
+                colo.sync_weights()
+                colo.offload_trainer()
+            with timer("generate"), colo.rollout():
+                first_version = colo.engine_version
+                out = colo.generate(prompts, sampling)
+        if k == 0:
+            version = first_version
+        gen_stats = colo.generators.last_stats()
+        k += 1
+
+        # 2 reward (+ the overlong penalty)
+        with timer("reward"):
+            ro = src.score(prompts, rows, out)
+        if ds.type != "filter":
+            break
+        # DAPO dynamic sampling: keep the informative groups, generate the next prompts until there are enough
+        keep = grpo.select_informative(ro.rewards, n)
+        flat = torch.tensor(sorted(set(range(len(prompts))) - set(keep.tolist())), dtype=torch.long)
+        informative_parts.append(ro.take(keep))
+        flat_parts.append(ro.take(flat))
+        informative += len(keep) // n
+        if informative >= tbs:
+            break
+        if k >= ds.max_sample_batches:
+            gave_up = True
+            break
+    ds_metrics: dict[str, float] = {}
+    if ds.type == "filter":
+        ro = fill_filtered_batch(informative_parts, flat_parts, tbs, n)
+        ds_metrics = {"dynamic_sampling/sample_batches": float(k), "dynamic_sampling/gave_up": float(gave_up),
+                      "dynamic_sampling/informative_groups": float(min(informative, tbs))}
+    elif ds.type == "replace":
+        ro, replaced = replace_flat(ro, n, ds.min_replace_ratio, seed=rollout_seed(src.seed_base, step, 0))
+        ds_metrics = {"dynamic_sampling/replaced_groups": float(replaced)}
+    return StepRollouts(ro, sampling, position, ds_metrics, gen_stats, version)
+
+
+def in_flight_state(rollout, out: GenerationOutput) -> dict[str, Any]:
+    """The one-step-off rollouts in flight at a checkpoint (``AsyncRollout`` ``rollout``, collected as ``out``) as
+    checkpoint state (tensors and plain values: the trainer state is loaded with ``weights_only=True``):
+    ``step``, ``weight_version``, ``finish_reasons``, ``output_ids`` [sum of lengths] int64 with ``output_lengths``
+    [N], ``logprobs`` [sum of lengths] float32 with ``logprob_lengths`` [N]. :func:`output_from_state` inverts it
+    (the log-probs round-trip through float32, which is what the loop computes with)."""
+    return {"step": rollout.step, "weight_version": rollout.weight_version, "finish_reasons": list(out.finish_reasons),
+            "output_ids": torch.tensor([t for o in out.output_ids for t in o], dtype=torch.int64),
+            "output_lengths": torch.tensor([len(o) for o in out.output_ids], dtype=torch.int64),
+            "logprobs": torch.tensor([x for lp in out.logprobs for x in (lp or [])], dtype=torch.float32),
+            "logprob_lengths": torch.tensor([len(lp or []) for lp in out.logprobs], dtype=torch.int64)}
+
+
+def output_from_state(state: dict[str, Any]) -> GenerationOutput:
+    """The ``GenerationOutput`` saved by :func:`in_flight_state`."""
+    ids = [t.tolist() for t in torch.split(state["output_ids"], state["output_lengths"].tolist())]
+    lps = [t.tolist() for t in torch.split(state["logprobs"], state["logprob_lengths"].tolist())]
+    return GenerationOutput(ids, lps, list(state["finish_reasons"]))
+
+
 # ---------------------------------------------------------------------------------------------- timing
 @dataclass
 class PhaseTimer:
@@ -405,7 +556,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
     Returns:
         ``{"last_step", "stopped_because", "final_eval"}``.
     """
-    trainers, generators = colo.trainers, colo.generators
+    trainers = colo.trainers
     t_cfg, g_cfg, algo = cfg.trainer, cfg.generator, cfg.trainer.algorithm
     n = g_cfg.n_samples_per_prompt
     steps_per_epoch = len(train.prompt_ids) // t_cfg.train_batch_size
@@ -427,6 +578,11 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
     ds = algo.dynamic_sampling
     tbs = t_cfg.train_batch_size
     order = PromptOrder(len(train.prompt_ids), steps_per_epoch * tbs, t_cfg.seed)
+    src = RolloutSource(train, order, tbs, n, seed_base, g_cfg.sampling_params, stop_token_ids, tokenizer, reward_fn,
+                        algo.overlong_buffer)
+    # one-step-off (split placement): the engines generate step k+1's rollouts while the trainer trains step k
+    one_step_off = algo.async_rollouts.one_step_off
+    ahead = None  # the next step's rollouts in flight (rlctl.colocation.AsyncRollout), one-step-off only
 
     # 0 resume (the trainer is resident: it was just built); the engines then need the restored weights
     done = 0  # last finished step
@@ -444,13 +600,26 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         logger.console.log(f"note: the checkpoint of step {done} already completes this run's {total_steps} steps: "
                            "nothing to train (use a new trainer.run_name, trainer.resume_mode=none, or raise "
                            "trainer.max_steps / trainer.epochs)")
-    colo.mark_stale()
+    colo.mark_stale(version=done)
+    saved = (restored or {}).get("in_flight")
+    if saved is not None and done < total_steps:
+        # one-step-off: the checkpoint holds the next step's rollouts (generated with the weights of the step
+        # before it): train on exactly them, so the resumed run repeats the uninterrupted one
+        if one_step_off:
+            ahead = colo.adopt(saved["step"], saved["weight_version"], output_from_state(saved))
+        else:
+            logger.console.log(f"note: the checkpoint holds step {saved['step']}'s one-step-off rollouts; "
+                               "trainer.algorithm.async_rollouts.one_step_off is now false: generating them again "
+                               "with the restored weights")
     wall_start = time.time()
     stopped_because = "max_steps" if t_cfg.max_steps is not None and total_steps == t_cfg.max_steps else "epochs"
     last_eval: dict[str, float] = {}
 
     def run_eval() -> dict[str, float]:
-        # eval pushes only weights the engine does not have yet
+        # one-step-off: wait for the rollouts in flight (kept for the next step); eval pushes only weights the
+        # engine does not have yet
+        if ahead is not None:
+            colo.collect(ahead)
         colo.sync_weights()
         colo.offload_trainer()
         with colo.rollout():
@@ -468,58 +637,24 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         step = done + 1
         timer = PhaseTimer()
         epoch = order.epoch_of(data_position)
-        informative_parts: list[Rollouts] = []  # dynamic sampling "filter": informative groups, in generation order
-        flat_parts: list[Rollouts] = []
-        informative = sample_batches = 0
-        gave_up = False
-        while True:  # one pass without dynamic sampling "filter"; with it, until the batch is full or we give up
-            idx = order.take(data_position, tbs)
-            data_position += tbs
-            prompts = [train.prompt_ids[i] for i in idx for _ in range(n)]  # group-major: n samples per prompt
-            rows = [train.rows[i] for i in idx for _ in range(n)]
-            sampling = sampling_from(g_cfg.sampling_params, stop_token_ids, seed=rollout_seed(seed_base, step, sample_batches))
 
-            # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
-            # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps
-            with timer("weight_sync"):
-                colo.sync_weights()
-                colo.offload_trainer()
-            with timer("generate"), colo.rollout():
-                out = colo.generate(prompts, sampling)
-            gen_stats = generators.last_stats()
-            sample_batches += 1
-
-            # 2 reward (+ the overlong penalty)
-            with timer("reward"):
-                texts = tokenizer.batch_decode(out.output_ids, skip_special_tokens=True)
-                scored = [reward_fn(t, r["answer"], ids) for t, r, ids in zip(texts, rows, out.output_ids)]
-                rewards = torch.tensor([s["reward"] for s in scored], dtype=torch.float32)
-                penalty = overlong_penalties(algo.overlong_buffer, out.output_ids, g_cfg.sampling_params.max_new_tokens)
-                ro = Rollouts(prompts, rows, out, texts, scored, rewards + penalty, penalty, torch.ones(len(prompts)))
-            if ds.type != "filter":
-                break
-            # DAPO dynamic sampling: keep the informative groups, generate the next prompts until there are enough
-            keep = grpo.select_informative(ro.rewards, n)
-            flat = torch.tensor(sorted(set(range(len(prompts))) - set(keep.tolist())), dtype=torch.long)
-            informative_parts.append(ro.take(keep))
-            flat_parts.append(ro.take(flat))
-            informative += len(keep) // n
-            if informative >= tbs:
-                break
-            if sample_batches >= ds.max_sample_batches:
-                gave_up = True
-                break
-        ds_metrics: dict[str, float] = {}
-        if ds.type == "filter":
-            ro = fill_filtered_batch(informative_parts, flat_parts, tbs, n)
-            ds_metrics = {"dynamic_sampling/sample_batches": float(sample_batches),
-                          "dynamic_sampling/gave_up": float(gave_up),
-                          "dynamic_sampling/informative_groups": float(min(informative, tbs))}
-        elif ds.type == "replace":
-            ro, replaced = replace_flat(ro, n, ds.min_replace_ratio, seed=rollout_seed(seed_base, step, 0))
-            ds_metrics = {"dynamic_sampling/replaced_groups": float(replaced)}
+        # 1-2 rollout and reward (step_rollouts; dynamic sampling repeats them); one-step-off: collect the
+        # rollouts the engines generated while the previous step trained
+        overlapped = ahead is not None
+        sr = step_rollouts(src, colo, ds, step, data_position, timer, started=ahead)
+        data_position, sampling = sr.position, sr.sampling
+        ro, ds_metrics, gen_stats = sr.ro, sr.ds_metrics, sr.gen_stats
         prompts, rows, out, texts, scored, rewards, penalty = (ro.prompts, ro.rows, ro.out, ro.texts, ro.scored,
                                                                ro.rewards, ro.penalty)
+        rollout_lag = colo.trainer_version - sr.weight_version  # optimizer steps the rollout weights are behind
+
+        # 2b one-step-off: push the previous step's weights to the now idle engines and start the next step's
+        # rollouts; the engines generate them while phases 3-5 run here (step k+1 trains on step k-1's weights)
+        ahead = None
+        if one_step_off and step < total_steps:
+            with timer("weight_sync"):
+                colo.sync_weights()
+            ahead = colo.rollout_async(src.prompts(data_position)[0], src.sampling(step + 1, 0), step=step + 1)
 
         # 3 advantages (per sequence, broadcast over its tokens by the loss)
         with timer("advantages"):
@@ -536,7 +671,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             batch["advantages"] = advantages
             rollout_lp = pad_logprobs(out.logprobs, T)
 
-        # 4 old / reference log-probs (the trainer comes back to the GPU; the engine is asleep)
+        # 4 old / reference log-probs (the trainer comes back to the GPU; the engine is asleep, or, one-step-off,
+        # generating the next step's rollouts on its own GPUs)
         with timer("logprobs"):
             colo.onload_trainer()
             batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
@@ -547,12 +683,14 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         # 5 train: the engine's weights are stale from here on
         with timer("train"):
             train_metrics = trainers.train_step(batch, sampling.temperature, mini_per_rank)
-            colo.mark_stale()
+            colo.mark_stale(version=step)
 
         # 6 push the new weights to the engines (wake weights, push; the trainer stays resident until the next
-        # KV-cache wake, so a checkpoint right after needs no onload)
-        with timer("weight_sync"):
-            colo.sync_weights()
+        # KV-cache wake, so a checkpoint right after needs no onload). One-step-off: the engines are generating the
+        # next step's rollouts; the push waits until the next step collected them (phase 2b)
+        if ahead is None:
+            with timer("weight_sync"):
+                colo.sync_weights()
 
         # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
@@ -563,6 +701,10 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         metrics.update(train_metrics)
         metrics.update({f"generator/{k}": v for k, v in gen_stats.items()})
         metrics.update({f"generator/{k}": float(v) for k, v in colo.push_stats.items()})
+        if one_step_off:
+            metrics["rollout/weight_version_lag"] = float(rollout_lag)
+            if overlapped:  # timing/generate was only the wait for rollouts generated during the previous step
+                metrics["rollout/tokens_per_s"] = math.nan
         if colo.shared_gpu:
             metrics["memory/trainer_reserved_bytes_at_kv_wake"] = float(colo.take_kv_wake_bytes())
         metrics["data/epoch"] = float(epoch)
@@ -580,11 +722,15 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         with timer("log"):
             if t_cfg.rollout_dump_interval > 0 and step % t_cfg.rollout_dump_interval == 0:
                 logger.dump_rollouts(step, rows, texts, scored, out.finish_reasons)
-        # 9 checkpoint (the trainer on the GPU; the next rollout offloads it again before the KV cache wakes)
+        # 9 checkpoint (the trainer on the GPU; the next rollout offloads it again before the KV cache wakes).
+        # One-step-off: with the next step's rollouts (waited for), so a resume trains on exactly them
         if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
             with timer("checkpoint"):
                 colo.onload_trainer()
-                checkpointer.save(trainers, {"step": step, "data_position": data_position})
+                extra: dict[str, Any] = {"step": step, "data_position": data_position}
+                if ahead is not None:
+                    extra["in_flight"] = in_flight_state(ahead, colo.collect(ahead))
+                checkpointer.save(trainers, extra)
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(timer.seconds.values())
         logger.log(step, metrics)

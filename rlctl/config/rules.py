@@ -61,6 +61,22 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                        f"trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} corrects only the "
                        "engine/trainer log-prob mismatch, not the truncation; use the neutral value for unbiased TIS")
 
+    if a.async_rollouts.one_step_off:
+        key = "trainer.algorithm.async_rollouts.one_step_off"
+        if pl.colocate_all:
+            c.error(key, True, "needs split placement: with trainer.placement.colocate_all=true the engines share the "
+                    "trainer's GPUs and sleep while it trains, so nothing can overlap; set "
+                    "trainer.placement.colocate_all=false or trainer.algorithm.async_rollouts.one_step_off=false",
+                    also=("trainer.placement.colocate_all",))
+        if a.dynamic_sampling.type == "filter":
+            c.error(key, True, "cannot be combined with trainer.algorithm.dynamic_sampling.type=filter: its extra "
+                    "generations of a step would wait for the engines busy with the next step's rollouts; use "
+                    "trainer.algorithm.dynamic_sampling.type=replace or null", also=("trainer.algorithm.dynamic_sampling.type",))
+        if opc.tis_ratio_type is None:
+            c.warn(key, "trains each step on rollouts of the previous step's weights (one step off-policy) without a "
+                   "correction; set trainer.algorithm.off_policy_correction.tis_ratio_type=token to weight each token "
+                   "by min(pi_old / pi_rollout, token_tis_ratio_clip_high)")
+
     ob = a.overlong_buffer
     if ob.len is not None and ob.len > g.sampling_params.max_new_tokens:
         c.error("trainer.algorithm.overlong_buffer.len", ob.len,

@@ -171,6 +171,16 @@ class DynamicSamplingConfig(_Model):
     min_replace_ratio: Annotated[float, Field(ge=0, le=1)] = runtime(0.3)  # informative fraction needed (replace)
 
 
+class AsyncRolloutsConfig(_Model):
+    """rlctl addition (SkyRL has one-step-off only as its ``examples/async`` trainer, no key; its
+    ``trainer.fully_async`` is a different, many-worker design). ``one_step_off``: in split placement
+    (trainer.placement.colocate_all=false) the engines generate step k+1's rollouts while the trainer trains step
+    k, so step k+1 trains on rollouts of step k-1's weights (one step stale; rlctl.colocation). Correct for it with
+    trainer.algorithm.off_policy_correction (check-config warns without it)."""
+
+    one_step_off: bool = runtime(False)
+
+
 class AlgorithmConfig(_Model):
     # grpo: (r - group mean) / group std; rloo: leave-one-out group baseline; reinforce++: the reward whitened
     # over the whole batch, token-weighted (rlctl.grpo.compute_advantages)
@@ -191,6 +201,7 @@ class AlgorithmConfig(_Model):
     off_policy_correction: OffPolicyCorrectionConfig = Field(default_factory=OffPolicyCorrectionConfig)
     overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    async_rollouts: AsyncRolloutsConfig = Field(default_factory=AsyncRolloutsConfig)
 
 
 LoggerName = Literal["wandb", "tensorboard", "console"]

@@ -158,6 +158,12 @@ class GeneratorGroup:
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> GenerationOutput:
         """Split prompts across engines (contiguous, balanced), generate, merge in order. Engine i samples
         with ``derive_seed(sampling.seed, i)`` (independent seed streams per engine)."""
+        return self.collect(self.generate_async(prompt_ids, sampling))
+
+    def generate_async(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling) -> list:
+        """:meth:`generate` without waiting: the engines' Ray object refs (one per engine that got prompts),
+        to pass to :meth:`collect`. The one-step-off loop starts the next step's rollouts with it and trains
+        meanwhile."""
         k = len(self.workers)
         n = len(prompt_ids)
         bounds = [round(i * n / k) for i in range(k + 1)]
@@ -165,8 +171,14 @@ class GeneratorGroup:
         for i, w in enumerate(self.workers):
             chunk = [list(p) for p in prompt_ids[bounds[i]:bounds[i + 1]]]
             s = sampling if sampling.seed is None else Sampling(**{**sampling.__dict__, "seed": derive_seed(sampling.seed, i)})
-            refs.append(w.generate.remote(chunk, s) if chunk else None)
-        outs = get_all([r for r in refs if r is not None])
+            if chunk:
+                refs.append(w.generate.remote(chunk, s))
+        return refs
+
+    def collect(self, refs: list) -> GenerationOutput:
+        """Wait for the refs of :meth:`generate_async` (failing as soon as one engine fails) and merge the
+        engines' outputs in prompt order."""
+        outs = get_all(refs)
         merged = GenerationOutput([], [], [])
         for o in outs:
             self._stats.update({f"engine_{k}": v for k, v in (o.stats or {}).items()})
