@@ -70,9 +70,6 @@ def init_ray(cfg, device: str) -> bool:
         import torch
 
         num_gpus = torch.cuda.device_count() if device == "cuda" else 0
-    # Ray >= 2.5x turns token authentication on for a new local cluster and logs a notice every run unless the mode
-    # is set explicitly: keep it on (the same security), set, and quiet (the user's own RAY_AUTH_MODE wins)
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     _start_reaper()  # the local cluster dies with this process, however it dies (see below)
     try:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=cfg.ray.include_dashboard,

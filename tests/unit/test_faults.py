@@ -206,7 +206,6 @@ def test_sigkill_process_group_then_resume_matches_uninterrupted(tiny, tmp_path,
     assert resumed.wait(600) == 0, resumed.stderr[-4000:]
     resumed.assert_no_survivors()
     assert "global_step_2 (step 2)" in " ".join(resumed.stderr.split()), resumed.stderr[-3000:]
-    assert "Token authentication" not in full.stderr + resumed.stderr  # Ray's per-run notice is quieted
 
     a = {r["step"]: r for r in metrics(root / "runs" / "faults" / "full")}
     rows = metrics(run_dir)
