@@ -21,6 +21,9 @@ the FSDP2 trainer forward on 1 and 2 gloo ranks).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -183,3 +186,23 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
     logp, ent = ChunkedLinearLogProb.apply(h, weight, bias, y, tau, int(chunk_size), bool(with_entropy),
                                            bool(entropy_grad))
     return logp.view(lead), (ent.view(lead) if with_entropy else None)
+
+
+@contextmanager
+def head_replaced(head: torch.nn.Module, pick: Callable, forward: Callable | None) -> Iterator[None]:
+    """For the duration of the block, ``pick(module, args) -> args`` runs as a forward pre-hook of
+    ``head`` and ``forward(head, hidden)`` (if given) replaces its ``forward`` (an instance attribute
+    shadowing the class's; hooks still run). Both are removed on exit, also after an error."""
+    handle = head.register_forward_pre_hook(pick)
+    own_forward = head.__dict__.get("forward")
+    if forward is not None:
+        head.forward = lambda hidden, *_a, **_k: forward(head, hidden)
+    try:
+        yield
+    finally:
+        handle.remove()
+        if forward is not None:
+            if own_forward is None:
+                del head.forward
+            else:
+                head.forward = own_forward

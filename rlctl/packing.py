@@ -33,8 +33,6 @@ sdpa and eager, gradients independent of the split on 1 and 2 gloo ranks).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -183,26 +181,6 @@ def check_packing_support(model: torch.nn.Module) -> None:
                            "masks from position_ids); upgrade transformers or set trainer.remove_microbatch_padding=false")
 
 
-@contextmanager
-def head_replaced(head: torch.nn.Module, pick: Callable, forward: Callable | None) -> Iterator[None]:
-    """For the duration of the block, ``pick(module, args) -> args`` runs as a forward pre-hook of
-    ``head`` and ``forward(head, hidden)`` (if given) replaces its ``forward`` (an instance attribute
-    shadowing the class's; hooks still run). Both are removed on exit, also after an error."""
-    handle = head.register_forward_pre_hook(pick)
-    own_forward = head.__dict__.get("forward")
-    if forward is not None:
-        head.forward = lambda hidden, *_a, **_k: forward(head, hidden)
-    try:
-        yield
-    finally:
-        handle.remove()
-        if forward is not None:
-            if own_forward is None:
-                del head.forward
-            else:
-                head.forward = own_forward
-
-
 def packed_logprobs_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             response_len: int, temperature: float, *, with_entropy: bool = False,
                             entropy_grad: bool = False,
@@ -226,7 +204,7 @@ def packed_logprobs_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
         ValueError: empty prompt, no LM head or no 2-D head weight, unsupported attention implementation.
         RuntimeError: the model did not return the head's output as its ``logits``; transformers too old.
     """
-    from rlctl.logprobs import CHUNK_POSITIONS, linear_logprobs
+    from rlctl.logprobs import CHUNK_POSITIONS, head_replaced, linear_logprobs
 
     caller = "packed_logprobs_forward"
     n, t = input_ids.shape[0], response_len

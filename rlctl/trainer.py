@@ -225,21 +225,11 @@ def _packed_head_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
         idx = (k - t - 1 - left)[:, None] + torch.arange(t, device=hidden.device)[None, :]  # [N, T]
         return (hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1])), *args[1:])
 
-    handle = head.register_forward_pre_hook(pick_response_positions)
-    # an instance attribute shadows the class's forward for nn.Module.__call__ (hooks still run)
-    own_forward = head.__dict__.get("forward")
-    if head_forward is not None:
-        head.forward = lambda hidden, *_a, **_k: head_forward(head, hidden)
-    try:
+    from rlctl.logprobs import head_replaced
+
+    with head_replaced(head, pick_response_positions, head_forward):
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                     logits_to_keep=t + left_max + 1)
-    finally:
-        handle.remove()
-        if head_forward is not None:
-            if own_forward is None:
-                del head.forward
-            else:
-                head.forward = own_forward
     if out.logits.shape[:2] != (n, t) or (head_forward is not None and out.logits.shape[2:] != (int(width),)):
         raise RuntimeError(f"{caller}: the LM head gave logits of shape {tuple(out.logits.shape)}, "
                            f"expected ({n}, {t}, {width}): {type(model).__name__} does not call get_output_embeddings() "
