@@ -554,6 +554,8 @@ class PolicyTrainer:
                 count += 1
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics["policy/skipped_steps"] = float(skipped)
+        if self.ref_model is None:  # no KL term: no policy/kl metric (a flat 0 curve read as "KL measured")
+            metrics.pop("policy/kl", None)
         metrics["policy/lr"] = lr
         metrics["train/computed_tokens"] = float(self._computed_tokens) / tcfg.update_epochs_per_batch
         metrics.update(self.memory_metrics())

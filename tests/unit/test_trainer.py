@@ -74,6 +74,7 @@ def test_train_step_raises_logprob_of_positive_advantage(pg, tiny):
     before = tr.compute_logprobs(b, 1.0)
     b["old_logprobs"] = before
     m = tr.train_step(b, 1.0, mini_batch_size=4)
+    assert "policy/kl" not in m  # KL off: no KL metric (rlctl plot then draws no KL panel)
     after = tr.compute_logprobs(b, 1.0)
     mask = b["response_mask"]
     seq_delta = ((after - before) * mask).sum(1)
