@@ -79,7 +79,7 @@ class ModelName(str, enum.Enum):
 
 PresetOpt = Annotated[
     Optional[str],
-    typer.Option("--preset", "-p", help="Preset name from rlctl/presets/ (see `rlctl presets`).", rich_help_panel=CONFIG_PANEL),
+    typer.Option("--preset", "-p", help="Preset name from presets/ (see `rlctl presets`).", rich_help_panel=CONFIG_PANEL),
 ]
 ConfigOpt = Annotated[
     Optional[Path],
@@ -456,7 +456,7 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="A run folder (with metric
 
 @app.command()
 def presets() -> None:
-    """List the presets (rlctl/presets/*.yaml) with their descriptions."""
+    """List the presets (presets/*.yaml) with their descriptions."""
     from rich.console import Console
     from rich.table import Table
 

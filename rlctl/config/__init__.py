@@ -21,8 +21,8 @@ Precedence (lowest first; written once, here and in README "Configuration")::
 
     schema defaults  <  --preset NAME  <  --config FILE  <  key=value overrides and --backend B
 
-- ``--preset NAME`` reads ``rlctl/presets/NAME.yaml`` (folder: ``$RLCTL_PRESETS_DIR`` or the package's
-  ``rlctl/presets/``). A preset may list ``defaults: [other, ...]``: those presets are composed first, in
+- ``--preset NAME`` reads ``presets/NAME.yaml`` (folder: ``$RLCTL_PRESETS_DIR`` or the package's
+  ``presets/``). A preset may list ``defaults: [other, ...]``: those presets are composed first, in
   order, then the preset itself (Hydra's ``_self_`` entry is accepted and ignored). Cycles are errors.
 - ``--config FILE`` is composed the same way: its own ``defaults:`` (preset names) first, then the file.
 - ``key=value`` overrides are applied in the order given; ``--backend B`` equals

@@ -35,11 +35,15 @@ _PRESET_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def presets_dir() -> Path:
-    """``$RLCTL_PRESETS_DIR`` or the package's ``rlctl/presets`` (shipped in the wheel as package data)."""
+    """``$RLCTL_PRESETS_DIR``; else the repository's top-level ``presets/`` when running from a checkout; else the
+    installed package ``rlctl.presets`` (the wheel ships ``presets/*.yaml`` there through a package-dir mapping)."""
     env = os.environ.get("RLCTL_PRESETS_DIR")
     if env:
         return Path(expand_path(env))
-    return Path(__file__).resolve().parent.parent / "presets"
+    checkout = Path(__file__).resolve().parents[2] / "presets"
+    if (checkout / "gsm8k.yaml").is_file():
+        return checkout
+    return Path(__file__).resolve().parent.parent / "presets"  # site-packages/rlctl/presets
 
 
 def list_presets() -> list[tuple[str, str]]:

@@ -395,7 +395,7 @@ def test_messages_name_commands_that_exist():
     commands = set(typer.main.get_command(app).commands)
     assert {"prepare-data", "train", "eval"} <= commands
     named = {}
-    files = [*sorted((root / "rlctl").rglob("*.py")), *sorted((root / "rlctl" / "presets").glob("*.yaml")),
+    files = [*sorted((root / "rlctl").rglob("*.py")), *sorted((root / "presets").glob("*.yaml")),
              root / "README.md"]
     for f in files:
         # a command as written in messages and docs: after a backtick or "run / with / use / try"

@@ -118,3 +118,32 @@ def test_presets_command_lists_descriptions():
     for name, desc in list_presets():
         assert name in res.stdout
         assert desc.split()[0] in res.stdout
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_ships_and_finds_the_presets(tmp_path):
+    """The presets live in the repository's top-level presets/ folder; the wheel maps them into the package
+    rlctl.presets. Build the wheel (no dependencies), unpack it as a plain install would, and list the presets
+    from there in a fresh interpreter (the checkout is not on its path)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path / "dist"), str(repo)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("rlctl-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"rlctl/presets/{p.name}" for p in (repo / "presets").glob("*.yaml")}
+    assert shipped and shipped <= names, sorted(shipped - names)
+    assert {f"rlctl/{p.relative_to(repo / 'rlctl')}" for p in (repo / "rlctl").rglob("*.py")} <= names  # every module
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import sys; from rlctl.config import presets_dir, list_presets; "
+            "print(presets_dir()); print(sorted(n for n, _ in list_presets()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder, listed = out.stdout.splitlines()
+    assert folder == str(site / "rlctl" / "presets")
+    assert eval(listed) == sorted(p.stem for p in (repo / "presets").glob("*.yaml"))  # noqa: S307 - our own print
