@@ -1,0 +1,95 @@
+"""A GPU probe of the trainer alone, without the devkit (the machine's own torch and transformers): a random
+Llama (byte tokenizer vocabulary, ``--hidden`` / ``--layers``) as one colocated FSDP2 rank on CUDA, KL on, two
+cycles of onload -> old / ref log-probs -> train step -> offload. Prints one JSON line: the CUDA reserve after each
+offload (bytes), the peak reserve of each step, seconds per phase, fused AdamW and the reference dtype, skipped steps.
+
+    python3 scripts/gpu_trainer_probe.py [--hidden 1024 --layers 8 --seqs 32 --len 512] > $OUT/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seqs", type=int, default=32)
+    ap.add_argument("--len", type=int, default=512, help="response tokens per sequence")
+    a = ap.parse_args()
+    import torch
+
+    from rlctl.loop import build_batch
+    from rlctl.testing import build_tiny_llama
+    from rlctl.trainer import PolicyTrainer
+
+    model = build_tiny_llama(Path(tempfile.mkdtemp()) / "m", hidden_size=a.hidden, num_layers=a.layers,
+                             num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 256),
+                             intermediate_size=a.hidden * 3, max_position_embeddings=a.len + 64)
+    algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.28, policy_loss_type="regular", clip_ratio_c=3.0,
+                           loss_reduction="token_mean", use_kl_loss=True, kl_loss_coef=0.01, kl_estimator_type="k3",
+                           use_entropy_loss=False, entropy_loss_coef=0.0)
+    opt = SimpleNamespace(lr=1e-6, adam_betas=[0.9, 0.999], weight_decay=0.01, max_grad_norm=1.0,
+                          offload_after_step=True, scheduler="constant_with_warmup", num_warmup_steps=0)
+    tcfg = SimpleNamespace(algorithm=algo, seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=16,
+                           micro_train_batch_size_per_gpu=8, update_epochs_per_batch=1, max_bad_steps=3,
+                           policy=SimpleNamespace(optimizer_config=opt,
+                                                  fsdp_config=SimpleNamespace(reshard_after_forward=True)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", port, "cuda")
+    tr = PolicyTrainer(str(model), tcfg, rank=0, world_size=1, device="cuda", max_response_len=a.len,
+                       compute_dtype="bfloat16", colocated=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (40,), generator=g).tolist() for _ in range(a.seqs)]
+    outputs = [torch.randint(3, 250, (a.len // 2 + (a.len // 2) * i // a.seqs,), generator=g).tolist()
+               for i in range(a.seqs)]
+    batch = build_batch(prompts, outputs, pad_id=0)
+    batch["advantages"] = torch.tensor([1.0, -1.0] * (a.seqs // 2))
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "params": sum(p.numel() for p in tr.model.parameters()), "fused_adamw": tr.optimizer.defaults.get("fused"),
+           "ref_dtype": str(next(tr.ref_model.parameters()).dtype), "tokens": int(batch["attention_mask"].sum()),
+           "cycles": []}
+    for _ in range(2):
+        c = {}
+        t0 = time.perf_counter()
+        tr.onload()
+        torch.cuda.synchronize()
+        c["onload_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        batch["old_logprobs"] = tr.compute_logprobs(batch, 1.0)
+        batch["ref_logprobs"] = tr.compute_logprobs(batch, 1.0, "ref")
+        torch.cuda.synchronize()
+        c["logprobs_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m = tr.train_step(batch, 1.0, mini_batch_size=a.seqs // 2)
+        torch.cuda.synchronize()
+        c["train_s"] = time.perf_counter() - t0
+        c["train_tokens_per_s"] = res["tokens"] / c["train_s"]
+        c["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        c["skipped_steps"] = m["policy/skipped_steps"]
+        t0 = time.perf_counter()
+        try:
+            c["reserved_after_offload_bytes"] = tr.offload()
+        except RuntimeError as e:
+            c["offload_error"] = str(e)
+            c["reserved_after_offload_bytes"] = torch.cuda.memory_reserved()
+        c["offload_s"] = time.perf_counter() - t0
+        res["cycles"].append(c)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
