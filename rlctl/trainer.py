@@ -281,16 +281,6 @@ def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.sort(attention_mask.sum(1), stable=True).indices
 
 
-def sorted_micro_batches(batch: dict[str, torch.Tensor], size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Yield ``(idx, micro_batch)`` over ``batch`` in :func:`length_order`, ``size`` sequences at a time,
-    each micro-batch trimmed by :func:`trim_padding`; ``idx`` [<= size] int64 are its rows in ``batch``."""
-    order = length_order(batch["attention_mask"])
-    for start in range(0, len(order), size):
-        idx = order[start:start + size]
-        mb, _ = trim_padding({k: v[idx] for k, v in batch.items() if isinstance(v, torch.Tensor)})
-        yield idx, mb
-
-
 OFFLOADED_RESERVE_LIMIT_BYTES = 1 << 30  # 1 GiB: CUDA memory a colocated trainer may keep reserved while offloaded
 
 
@@ -462,8 +452,8 @@ class PolicyTrainer:
 
     def _micro_batches(self, batch: dict[str, torch.Tensor], size: int,
                        train: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """Yield ``(idx, micro_batch)`` like :func:`sorted_micro_batches`, but planned by
-        :func:`rlctl.packing.plan_micro_batches`: ``size`` sequences each, or up to
+        """Yield ``(idx, micro_batch)``, each micro-batch trimmed by :func:`trim_padding` and planned by
+        :func:`rlctl.packing.plan_micro_batches` (similar lengths together): ``size`` sequences each, or up to
         ``trainer.max_tokens_per_microbatch`` real tokens each when that is set.
 
         With a token budget the ranks may plan different numbers of micro-batches; the count is
