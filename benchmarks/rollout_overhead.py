@@ -158,7 +158,7 @@ def run_rlctl(args, cfg, device, prompts, sampling) -> dict:
         actor = ray.remote(GeneratorWorker).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0,
                                                     max_concurrency=1).remote(args.backend, kw, threads)
         t0 = time.perf_counter()
-        ray.get(actor.stats.remote())
+        ray.get(actor.start.remote())
         res["start_s"] = time.perf_counter() - t0
         group = GeneratorGroup([actor], args.backend, colocated=False)
         count = lambda o: sum(len(x) for x in o.output_ids)  # noqa: E731

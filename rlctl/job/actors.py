@@ -134,14 +134,28 @@ class GeneratorWorker:
     """Hosts one generator backend (``rlctl.generator.load_generator``)."""
 
     def __init__(self, backend: str, kwargs: dict, threads: int, label: str = "generator") -> None:
+        # Nothing here can fail: Ray prints an error raised in an actor's constructor (its "creation task") as a
+        # worker traceback on the driver's terminal, before rlctl's one-line message. The engine is built in
+        # start(), whose error travels back to the caller like any method's.
+        self.backend, self.kwargs, self.threads, self.label = backend, kwargs, threads, label
+        self.gen = None
+
+    def start(self) -> None:
+        """Build the generator backend (load the model, start the engine). Idempotent.
+
+        Raises:
+            Whatever the backend raises (ImportError for a missing SGLang, OSError for a bad model path, ...):
+            the caller's ``ray.get`` gets it as a ``RayTaskError`` naming ``start``.
+        """
+        if self.gen is not None:
+            return
         import torch
 
-        self.label = label
-        torch.set_num_threads(max(1, threads))
-        _quiet_local_loading(kwargs.get("model_path", ""))
+        torch.set_num_threads(max(1, self.threads))
+        _quiet_local_loading(self.kwargs.get("model_path", ""))
         from rlctl.generator import load_generator
 
-        self.gen = load_generator(backend, **kwargs)
+        self.gen = load_generator(self.backend, **self.kwargs)
 
     def __repr__(self) -> str:  # Ray uses it in log prefixes and error reports
         return self.label

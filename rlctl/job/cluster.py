@@ -13,6 +13,7 @@ Test: ``pytest tests/unit/test_train_e2e.py``, ``tests/unit/test_multinode.py`` 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -47,6 +48,26 @@ def check_device_rules(cfg, device: str) -> None:
                           "weights over gloo there: set generator.weight_sync_backend=gloo")
 
 
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled ..." notice (Ray >= 2.5x prints it at every ``ray.init`` that
+    starts a local cluster with token authentication on by default). Token authentication itself stays on; the
+    opposite warning (authentication *disabled*, a user's explicit choice) still prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TOKEN_AUTH_NOTICE)
+
+
+def quiet_token_auth_notice() -> None:
+    """Install :class:`_DropTokenAuthNotice` on Ray's token-setup logger of this process (idempotent)."""
+    log = logging.getLogger(TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in log.filters):
+        log.addFilter(_DropTokenAuthNotice())
+
+
 def init_ray(cfg, device: str) -> bool:
     """Join ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local cluster with explicit
     CPU/GPU counts (so it works on 2 cores). The dashboard is off unless ``ray.include_dashboard``.
@@ -57,6 +78,7 @@ def init_ray(cfg, device: str) -> bool:
 
     if ray.is_initialized():
         return False
+    quiet_token_auth_notice()
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -292,7 +314,7 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
         gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
         gen_group.placement_groups = pgs
         gen_group.trainer_actors = trainers.workers if trainers else []
-        get_all([g.stats.remote() for g in gens])  # surface engine start-up errors here
+        get_all([g.start.remote() for g in gens])  # build the engines; a start-up error surfaces here
         # where every actor runs, as each process reports it (trainer ranks first, then the engines)
         everyone = [(f"trainer-{r}", a) for r, a in enumerate(gen_group.trainer_actors)] + [
             (f"generator-{i}", g) for i, g in enumerate(gens)]
