@@ -31,6 +31,7 @@ import torch
 
 __all__ = [
     "IPCPayload",
+    "TensorParallelPayload",
     "hf_param_name",
     "iter_weight_buckets",
     "serialize_for_ipc",
@@ -166,6 +167,37 @@ class IPCPayload:
     def release(self) -> None:
         """Drop the reference to the sender's tensors (after the engine loaded them)."""
         self._keepalive = None
+
+
+@dataclass(eq=False)
+class TensorParallelPayload:
+    """One bucket for a tensor-parallel SGLang engine: one :class:`IPCPayload` per TP rank, in TP-rank order.
+
+    Entry k holds CUDA IPC handles of the full bucket on the GPU of TP rank k (serialized by the trainer
+    rank colocated there); SGLang's TP rank k deserializes ``serialized_named_tensors[k]``
+    (``update_weights_from_tensor``). All entries carry the same names and ``load_format``.
+    """
+
+    per_rank: tuple[IPCPayload, ...]
+
+    def __post_init__(self) -> None:
+        if not self.per_rank:
+            raise ValueError("TensorParallelPayload needs one IPCPayload per TP rank, got none")
+        fmts = {p.load_format for p in self.per_rank}
+        names = {p.names for p in self.per_rank}
+        if len(fmts) != 1 or len(names) != 1:
+            raise ValueError(f"TensorParallelPayload: the {len(self.per_rank)} TP ranks' payloads differ "
+                             f"(load formats {sorted(map(str, fmts))}, {len(names)} distinct name lists); "
+                             "every trainer rank must serialize the same bucket")
+
+    @property
+    def load_format(self) -> str | None:
+        return self.per_rank[0].load_format
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one copy of the bucket (each TP rank loads one full copy)."""
+        return self.per_rank[0].nbytes
 
 
 def _patch_reductions() -> bool:

@@ -33,10 +33,19 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     if not pl.colocate_all and g.weight_sync_backend == "nccl" and not sg and t.device == "cpu":
         c.error("generator.weight_sync_backend", "nccl", "NCCL needs CUDA GPUs; with trainer.device=cpu split "
                 "placement broadcasts weights over gloo: set generator.weight_sync_backend=gloo")
-    if sg and g.inference_engine_tensor_parallel_size > 1:
-        c.error("generator.inference_engine_tensor_parallel_size", g.inference_engine_tensor_parallel_size,
-                "tensor-parallel SGLang engines are not supported by this rlctl version yet; use 1 and one engine per GPU "
-                "(generator.num_inference_engines = trainer.placement.policy_num_gpus_per_node)")
+    tp = g.inference_engine_tensor_parallel_size
+    if not sg and tp > 1:
+        c.error("generator.inference_engine_tensor_parallel_size", tp,
+                "the hf generator has no tensor parallelism (each engine is one process on one device); use 1, or "
+                "generator.backend=sglang for tensor-parallel engines")
+    if sg and tp > 1:
+        if pl.colocate_all and pl.policy_num_gpus_per_node % tp:
+            c.error("generator.inference_engine_tensor_parallel_size", tp,
+                    f"must divide trainer.placement.policy_num_gpus_per_node ({pl.policy_num_gpus_per_node}): a "
+                    "colocated engine runs on the GPUs of trainer ranks i*N..i*N+N-1, which must be on one node",
+                    also=("trainer.placement.policy_num_gpus_per_node",))
+        c.note("generator.inference_engine_tensor_parallel_size",
+               f"{tp}: tensor-parallel SGLang engines are coded and tested on CPU with fakes but have not run on GPUs yet")
     if sg and pl.colocate_all and not g.sglang.enable_memory_saver:
         c.error("generator.sglang.enable_memory_saver", False, "colocated engines must release their GPU memory for the trainer; set generator.sglang.enable_memory_saver=true or trainer.placement.colocate_all=false")
     if g.sampling_params.temperature == 0:

@@ -1,6 +1,9 @@
 """SGLang rollout backend: an in-process ``sglang.Engine`` (token in, token out) that sleeps between rollouts.
 
-The engine runs its scheduler in a child process on the same GPU as the caller. ``sglang`` is
+The engine runs its scheduler in a child process on the same GPU as the caller; with ``tp_size`` N > 1, N
+schedulers on the caller's visible GPUs 0..N-1 (the Ray actor sets ``CUDA_VISIBLE_DEVICES`` to its engine's
+GPUs, :class:`rlctl.job.actors.GeneratorWorker`), fed per TP rank by a
+:class:`rlctl.weight_sync.TensorParallelPayload` when colocated. The sleep check measures visible GPU 0 only. ``sglang`` is
 imported here only, inside :class:`SGLangGenerator`'s constructor, so importing this module is cheap
 and works without SGLang.
 
@@ -323,7 +326,15 @@ class SGLangGenerator:
         * an :class:`rlctl.weight_sync.IPCPayload` from ``serialize_for_ipc`` in another process
           (e.g. the trainer's Ray actor), or a list of them: forwarded to the engine as bytes,
           never deserialized here;
-        * raw serialized bytes of a list of named CUDA tensors (``MultiprocessingSerializer``).
+        * raw serialized bytes of a list of named CUDA tensors (``MultiprocessingSerializer``);
+        * a :class:`rlctl.weight_sync.TensorParallelPayload` (or a list of them) for an engine of
+          ``tp_size`` > 1: entry k goes to TP rank k (``serialized_named_tensors`` in TP-rank order).
+
+        A single-rank payload (IPCPayload / bytes) on an engine of ``tp_size`` N is sent to all N ranks.
+
+        Raises:
+            RuntimeError: weights are released, or the engine reports a failure.
+            ValueError: a TensorParallelPayload whose rank count is not ``tp_size``.
 
         The engine's prefix cache is flushed when the KV cache is resident (``flush_cache=None``).
         """
@@ -331,23 +342,32 @@ class SGLangGenerator:
             raise RuntimeError("update_weights refused: weights are released; call wake_up(['weights']) first")
         if flush_cache is None:
             flush_cache = "kv_cache" not in self._released
-        from rlctl.weight_sync import IPCPayload
+        from rlctl.weight_sync import IPCPayload, TensorParallelPayload
 
         items = named_tensors
-        if isinstance(items, (IPCPayload, bytes, bytearray, memoryview, str)):
+        if isinstance(items, (IPCPayload, TensorParallelPayload, bytes, bytearray, memoryview, str)):
             items = [items]
         items = list(items)
         if not items:
             raise ValueError("update_weights: nothing to load")
         t0 = time.perf_counter()
         nbytes = 0
-        if all(isinstance(x, IPCPayload) for x in items):
+        if all(isinstance(x, TensorParallelPayload) for x in items):
+            for p in items:
+                if len(p.per_rank) != self.tp_size:
+                    raise ValueError(f"update_weights: a TensorParallelPayload of {len(p.per_rank)} ranks for an "
+                                     f"engine of tp_size={self.tp_size}")
             for i, p in enumerate(items):
                 nbytes += p.nbytes
-                self._load_serialized(p.data, p.load_format, flush_cache and i == len(items) - 1)
+                self._load_serialized([r.data for r in p.per_rank], p.load_format,
+                                      flush_cache and i == len(items) - 1)
+        elif all(isinstance(x, IPCPayload) for x in items):
+            for i, p in enumerate(items):
+                nbytes += p.nbytes
+                self._load_serialized([p.data] * self.tp_size, p.load_format, flush_cache and i == len(items) - 1)
         elif all(isinstance(x, (bytes, bytearray, memoryview, str)) for x in items):
             for i, p in enumerate(items):
-                self._load_serialized(p, None, flush_cache and i == len(items) - 1)
+                self._load_serialized([p] * self.tp_size, None, flush_cache and i == len(items) - 1)
         elif all(isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[0], str) for x in items):
             import torch
 
@@ -369,8 +389,9 @@ class SGLangGenerator:
         self.last_stats["update_weights_s"] = self.last_stats.get("update_weights_s", 0.0) + dt
         self.last_stats["update_weights_bytes"] = self.last_stats.get("update_weights_bytes", 0.0) + nbytes
 
-    def _load_serialized(self, data: Any, load_format: str | None, flush_cache: bool) -> None:
-        per_rank = [data] * self.tp_size
+    def _load_serialized(self, per_rank: list, load_format: str | None, flush_cache: bool) -> None:
+        """One ``UpdateWeightsFromTensorReqInput`` with ``serialized_named_tensors=per_rank`` (entry k for TP
+        rank k; ``len(per_rank) == tp_size``)."""
         if load_format == "flattened_bucket":
             # 0.5.17's public API passes pre-serialized per-rank payloads through for this format
             ok, msg = self.engine.update_weights_from_tensor(per_rank, load_format=load_format, flush_cache=flush_cache)

@@ -111,7 +111,7 @@ class TrainerWorker:
         t0, nbytes, buckets = time.perf_counter(), 0, 0
         for bucket in self.trainer.iter_weight_buckets(bucket_bytes, dtype):
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            if generators:
+            if generators or transport.gathers:
                 # ``bucket`` stays alive until every engine has loaded it (CUDA IPC handles point into it)
                 transport.send(bucket, generators, self)
             elif self.device == "cuda":
@@ -123,6 +123,22 @@ class TrainerWorker:
         dt = time.perf_counter() - t0
         return {"weight_sync_bytes": float(nbytes), "weight_sync_buckets": float(buckets), "weight_sync_s": dt}
 
+    def all_gather_object(self, obj) -> list:
+        """``obj`` of every trainer rank, in rank order (``torch.distributed.all_gather_object`` over the
+        trainer's process group; a collective: every rank calls it). Tensor-parallel weight sync gathers
+        the ranks' CUDA IPC handles with it."""
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        """Wait for every trainer rank (``torch.distributed.barrier``; a collective)."""
+        import torch.distributed as dist
+
+        dist.barrier()
+
     def save_checkpoint(self, policy_dir, state_path, model_path, extra) -> None:
         self.trainer.save_checkpoint(Path(policy_dir), Path(state_path), model_path, extra)
 
@@ -131,12 +147,21 @@ class TrainerWorker:
 
 
 class GeneratorWorker:
-    """Hosts one generator backend (``rlctl.generator.load_generator``)."""
+    """Hosts one generator backend (``rlctl.generator.load_generator``).
 
-    def __init__(self, backend: str, kwargs: dict, threads: int, label: str = "generator") -> None:
+    ``visible_devices`` (a tensor-parallel SGLang engine): the physical GPU ids of the engine's bundles in
+    TP-rank order (:func:`rlctl.job.placement.bundle_gpu_ids`); they become this process's
+    ``CUDA_VISIBLE_DEVICES`` before anything touches CUDA, so SGLang's schedulers (spawned with this
+    environment) run TP rank k on GPU ``visible_devices[k]``. Ray alone would show the actor only its own GPU.
+    """
+
+    def __init__(self, backend: str, kwargs: dict, threads: int, label: str = "generator",
+                 visible_devices: list[str] | None = None) -> None:
         # Nothing here can fail: Ray prints an error raised in an actor's constructor (its "creation task") as a
         # worker traceback on the driver's terminal, before rlctl's one-line message. The engine is built in
         # start(), whose error travels back to the caller like any method's.
+        if visible_devices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in visible_devices)
         self.backend, self.kwargs, self.threads, self.label = backend, kwargs, threads, label
         self.gen = None
 

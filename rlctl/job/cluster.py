@@ -4,8 +4,10 @@ driver dies), the placement group, and the actors (the only place ``ray.remote``
 Layout (:mod:`rlctl.job.placement`): one placement-group bundle per policy rank, ``policy_num_gpus_per_node`` of
 them on each of ``policy_num_nodes`` nodes; when ``trainer.placement.colocate_all`` the bundle holds that rank's
 trainer worker *and* one generator, each taking half of the bundle's GPU and CPU (the fractional resources
-express the sharing; sleep/wake makes it real). Split placement adds one bundle per engine. Trainer workers form
-one data-parallel FSDP2 group (gloo on CPU, NCCL on CUDA); its rendezvous is rank 0's node IP.
+express the sharing; sleep/wake makes it real). Split placement adds one bundle per engine. A tensor-parallel
+SGLang engine (``generator.inference_engine_tensor_parallel_size`` = N > 1) has N one-GPU bundles and is told
+their physical GPU ids (:func:`rlctl.job.placement.bundle_gpu_ids`). Trainer workers form one data-parallel
+FSDP2 group (gloo on CPU, NCCL on CUDA); its rendezvous is rank 0's node IP.
 
 Test: ``pytest tests/unit/test_train_e2e.py``, ``tests/unit/test_multinode.py`` (two Ray nodes) and
 ``tests/unit/test_faults.py`` (the watchdog).
@@ -260,7 +262,7 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rlctl.job.placement import plan_placement, reserve
+    from rlctl.job.placement import bundle_gpu_ids, plan_placement, reserve
 
     if with_trainer:
         check_device_rules(cfg, device)  # train() checks it before Ray starts; this guards direct callers
@@ -292,16 +294,21 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
         created.append(handle)
         return handle
 
+    tp = cfg.generator.inference_engine_tensor_parallel_size
     try:
         gen_cls = ray.remote(GeneratorWorker)
         gens = []
         for i in range(engines):
-            gpus = (share if colocated else cfg.generator.inference_engine_tensor_parallel_size) if gpu else 0
+            # tp > 1: the actor holds (a share of) its first bundle's GPU and sees all of its engine's GPUs
+            # through CUDA_VISIBLE_DEVICES (see rlctl.job.placement); tp = 1: one bundle of its own GPU
+            gpus = (share if colocated else (1 if tp > 1 else tp)) if gpu else 0
+            visible = bundle_gpu_ids(pgs, plan.engines[i].bundles) if gpu and tp > 1 else None
             gens.append(named(f"generator-{i}", gen_cls.options(
                 name=f"{prefix}generator-{i}", num_cpus=share, num_gpus=gpus, scheduling_strategy=strategy(plan.engine_bundles[i]),
                 max_concurrency=1).remote(cfg.generator.backend, {
                     **generator_kwargs(cfg, device),
-                    **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}")))
+                    **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}",
+                    visible)))
         trainers = None
         if with_trainer:
             tr_cls = ray.remote(TrainerWorker)
@@ -311,7 +318,8 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
             addr, port = ray.get(actors[0].address.remote())
             get_all([a.setup.remote(addr, port) for a in actors])
             trainers = TrainerGroup(actors)
-        gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated)
+        gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated,
+                                   tp_size=tp if cfg.generator.backend == "sglang" else 1)
         gen_group.placement_groups = pgs
         gen_group.trainer_actors = trainers.workers if trainers else []
         get_all([g.start.remote() for g in gens])  # build the engines; a start-up error surfaces here
@@ -321,8 +329,8 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
         gen_group.actor_nodes = dict(zip([lb for lb, _ in everyone], get_all([a.where.remote() for _, a in everyone])))
         if trainers is not None and not colocated:
             # an SGLang engine joins with one rank per tensor-parallel worker; an hf generator is one rank
-            tp = cfg.generator.inference_engine_tensor_parallel_size if cfg.generator.backend == "sglang" else 1
-            gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s, tp)
+            gen_group.init_weight_sync(trainers, cfg.generator.weight_sync_backend, cfg.generator.weight_sync_timeout_s,
+                                       gen_group.tp_size)
         return trainers, gen_group
     except BaseException:
         # e.g. an engine that fails to start or a weight-update group that does not form: the caller has no

@@ -99,7 +99,8 @@ class TrainerGroup:
     def push_weights(self, generators: "GeneratorGroup") -> dict[str, float]:
         """Send the policy weights to ``generators`` through their transport (``generators.transport``, a
         :class:`rlctl.job.transport.WeightTransport`): colocated, generator j gets them from rank
-        ``j % world_size`` (its bundle's rank); split, rank 0 broadcasts to all. Every rank takes part in
+        ``j % world_size`` (its bundle's rank), or with tensor-parallel engines of N GPUs from rank ``j*N``,
+        which gathers the CUDA IPC handles of ranks ``j*N .. j*N+N-1``; split, rank 0 broadcasts to all. Every rank takes part in
         gathering the full tensors. Returns rank 0's stats (bytes, buckets, seconds)."""
         transport = generators.transport
         targets = transport.targets(list(generators.workers), self.world_size)
@@ -121,11 +122,11 @@ class GeneratorGroup:
     are carried out on :class:`rlctl.colocation.Colocation`'s order; nothing here tracks residency.
     """
 
-    def __init__(self, workers: list, backend: str, colocated: bool) -> None:
+    def __init__(self, workers: list, backend: str, colocated: bool, tp_size: int = 1) -> None:
         from rlctl.job.transport import choose_transport
 
-        self.workers, self.backend, self.colocated = workers, backend, colocated
-        self.transport = choose_transport(backend, colocated)
+        self.workers, self.backend, self.colocated, self.tp_size = workers, backend, colocated, tp_size
+        self.transport = choose_transport(backend, colocated, tp_size)
         self._stats: dict[str, float] = {}
 
     def initial_state(self) -> str:
@@ -140,12 +141,12 @@ class GeneratorGroup:
 
         Raises (through Ray): ``WeightSyncError`` naming the side (trainer or engine) that failed.
         """
-        from rlctl.job.transport import WEIGHT_GROUP
+        from rlctl.job.transport import WEIGHT_GROUP, weight_group_ranks
 
         addr, port = get_all([trainers.workers[0].address.remote()])[0]
-        world = 1 + len(self.workers) * tp_size
-        refs = [w.init_weights_update_group.remote(addr, port, 1 + i * tp_size, world, WEIGHT_GROUP, backend, timeout_s)
-                for i, w in enumerate(self.workers)]
+        world, offsets = weight_group_ranks(len(self.workers), tp_size)
+        refs = [w.init_weights_update_group.remote(addr, port, off, world, WEIGHT_GROUP, backend, timeout_s)
+                for off, w in zip(offsets, self.workers)]
         refs.append(trainers.workers[0].init_weight_group.remote(addr, port, world, WEIGHT_GROUP, backend, timeout_s))
         get_all(refs)
 

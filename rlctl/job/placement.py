@@ -14,6 +14,20 @@ bundle (engine i with rank ``i % world_size``, the rank that sends it weights); 
 ``PACK`` group of their own, wherever Ray finds room. Placement of several nodes is SkyRL/verl's idea of
 per-node bundles, written for rlctl.
 
+Tensor-parallel engines (``generator.inference_engine_tensor_parallel_size`` = N > 1, SGLang only): an engine
+spans N GPUs of ONE node and gets N per-GPU bundles, listed in TP-rank order in
+:attr:`EnginePlacement.bundles` (its actor goes in the first; :func:`plan_placement` and :func:`colocated_engine_ranks` are the pure map).
+Colocated, engine i covers the bundles of trainer ranks ``i*N .. i*N+N-1`` (so ``num_inference_engines x N``
+must equal the trainer's GPUs, and N must divide ``policy_num_gpus_per_node`` for an engine never to span
+nodes); split, each engine gets a ``STRICT_PACK`` group of N one-GPU bundles (one node). The engine actor
+learns the physical GPU ids of its bundles from one probe task per bundle (:func:`bundle_gpu_ids`) and sets
+``CUDA_VISIBLE_DEVICES`` to them before SGLang starts (:class:`rlctl.job.actors.GeneratorWorker`); SGLang
+then runs TP rank k on visible device k (``base_gpu_id=0, gpu_id_step=1``). This is one of the two ways
+SkyRL and verl use; rlctl does not use the other (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` plus
+``base_gpu_id`` = the first bundle's physical id) because ``base_gpu_id + k * gpu_id_step`` assumes the
+bundles' GPUs are consecutive physical ids, which Ray does not promise, and because the NOSET variable is
+experimental and applies to the whole actor. A probe task holds a tiny GPU fraction only while it runs.
+
 Test: ``pytest tests/unit/test_placement.py`` (the plan), ``tests/unit/test_multinode.py`` (two Ray nodes),
 ``tests/unit/test_train_e2e.py`` (one node).
 """
@@ -43,12 +57,54 @@ class GroupPlan:
 
 
 @dataclass(frozen=True)
+class EnginePlacement:
+    """Where one engine's GPUs are.
+
+    Attributes:
+        bundles: one ``(group index, bundle index)`` per tensor-parallel rank, in TP-rank order (TP rank k
+            runs on the GPU of ``bundles[k]``); the engine's actor is placed in ``bundles[0]``.
+        trainer_ranks: colocated: the trainer ranks whose bundles these are, in the same order (the rank
+            ``trainer_ranks[k]`` serves TP rank k's CUDA IPC handles; ``trainer_ranks[0]`` owns the engine and
+            sends it the weights); split placement: ``()``.
+    """
+
+    bundles: tuple[tuple[int, int], ...]
+    trainer_ranks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class PlacementPlan:
-    """The groups and, for every actor, its ``(group index, bundle index)``."""
+    """The groups and, for every actor, its ``(group index, bundle index)``.
+
+    ``engine_bundles[i]`` is engine i's actor bundle (``engines[i].bundles[0]``); ``engines[i]`` has all of
+    its GPUs (:class:`EnginePlacement`).
+    """
 
     groups: tuple[GroupPlan, ...]
     rank_bundles: tuple[tuple[int, int], ...]
     engine_bundles: tuple[tuple[int, int], ...]
+    engines: tuple[EnginePlacement, ...] = ()
+
+
+def colocated_engine_ranks(engine: int, engine_tp: int, world_size: int) -> tuple[int, ...]:
+    """The trainer ranks whose GPUs colocated engine ``engine`` runs on, in TP-rank order.
+
+    Args:
+        engine: the engine index i (0 .. num_inference_engines-1).
+        engine_tp: ``generator.inference_engine_tensor_parallel_size`` (N).
+        world_size: the trainer ranks (``policy_num_nodes x policy_num_gpus_per_node``).
+    Returns:
+        N = 1: ``(i % world_size,)`` (the layout rlctl always had); N > 1: ``(i*N, ..., i*N+N-1)``.
+    Raises:
+        ValueError: N > 1 and ``(i+1)*N > world_size`` (naming both config keys).
+    """
+    if engine_tp == 1:
+        return (engine % world_size,)
+    if (engine + 1) * engine_tp > world_size:
+        raise ValueError(f"colocated engine {engine} with generator.inference_engine_tensor_parallel_size={engine_tp} "
+                         f"needs trainer ranks {engine * engine_tp}..{(engine + 1) * engine_tp - 1}, but there are "
+                         f"{world_size} (trainer.placement.policy_num_gpus_per_node x policy_num_nodes)")
+    return tuple(range(engine * engine_tp, (engine + 1) * engine_tp))
 
 
 def plan_placement(num_nodes: int, gpus_per_node: int, num_engines: int, engine_tp: int, colocated: bool,
@@ -59,39 +115,105 @@ def plan_placement(num_nodes: int, gpus_per_node: int, num_engines: int, engine_
         num_nodes: ``trainer.placement.policy_num_nodes``.
         gpus_per_node: ``trainer.placement.policy_num_gpus_per_node`` (ranks per node).
         num_engines: ``generator.num_inference_engines``.
-        engine_tp: ``generator.inference_engine_tensor_parallel_size`` (GPUs of a split-placement engine).
-        colocated: engines share their rank's bundle (``trainer.placement.colocate_all``).
+        engine_tp: ``generator.inference_engine_tensor_parallel_size`` (N, GPUs of one engine).
+        colocated: engines share their ranks' bundles (``trainer.placement.colocate_all``).
         gpu: bundles hold GPUs (``cuda``); else CPU only.
-        with_trainer: False for ``rlctl eval``: engine bundles only, one ``PACK`` group.
+        with_trainer: False for ``rlctl eval``: engine bundles only.
     Returns:
-        The :class:`PlacementPlan`; every bundle holds 1 CPU, and 1 GPU per rank or ``engine_tp`` per engine.
+        The :class:`PlacementPlan`; every bundle holds 1 CPU and 1 GPU, except that a split-placement engine
+        with N = 1 keeps its single bundle of ``engine_tp`` GPUs. N > 1: colocated, engine i gets the bundles
+        of ranks ``i*N .. i*N+N-1``; split (and eval), one ``STRICT_PACK`` group of N bundles per engine,
+        after the trainer's groups.
     Raises:
-        ValueError: ``num_nodes`` or ``gpus_per_node`` below 1, or colocated engines without trainer ranks.
+        ValueError: ``num_nodes``, ``gpus_per_node`` or ``engine_tp`` below 1; colocated N > 1 where N does
+            not divide ``gpus_per_node`` or ``num_engines x N`` differs from the trainer's GPUs (both name
+            the config keys).
     """
     if num_nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"policy_num_nodes ({num_nodes}) and policy_num_gpus_per_node ({gpus_per_node}) must be >= 1")
+    if engine_tp < 1:
+        raise ValueError(f"generator.inference_engine_tensor_parallel_size ({engine_tp}) must be >= 1")
 
     def bundle(gpus: int) -> dict:
         return {"CPU": 1, **({"GPU": gpus} if gpu else {})}
 
-    engine_bundles = tuple(bundle(engine_tp) for _ in range(num_engines))
-    if not with_trainer:
-        return PlacementPlan((GroupPlan(engine_bundles, "PACK"),), (), tuple((0, i) for i in range(num_engines)))
     workers = num_nodes * gpus_per_node
+    if colocated and with_trainer and engine_tp > 1:
+        if gpus_per_node % engine_tp:
+            raise ValueError(f"generator.inference_engine_tensor_parallel_size ({engine_tp}) must divide "
+                             f"trainer.placement.policy_num_gpus_per_node ({gpus_per_node}): a colocated engine's "
+                             "GPUs are on one node")
+        if num_engines * engine_tp != workers:
+            raise ValueError(f"colocated engines need generator.num_inference_engines ({num_engines}) x "
+                             f"generator.inference_engine_tensor_parallel_size ({engine_tp}) to equal the trainer's "
+                             f"{workers} GPUs (trainer.placement.policy_num_nodes x policy_num_gpus_per_node)")
+    # N = 1: one bundle per engine (the layout rlctl always had); N > 1: a STRICT_PACK group per engine
+    engine_bundles = tuple(bundle(engine_tp) for _ in range(num_engines))
+    tp_groups = tuple(GroupPlan(tuple(bundle(1) for _ in range(engine_tp)), "STRICT_PACK") for _ in range(num_engines))
+
+    def tp_engines(first_group: int) -> tuple[EnginePlacement, ...]:
+        return tuple(EnginePlacement(tuple((first_group + i, k) for k in range(engine_tp))) for i in range(num_engines))
+
+    if not with_trainer:
+        if engine_tp > 1:
+            engines = tp_engines(0)
+            return PlacementPlan(tp_groups, (), tuple(e.bundles[0] for e in engines), engines)
+        engines = tuple(EnginePlacement(((0, i),)) for i in range(num_engines))
+        return PlacementPlan((GroupPlan(engine_bundles, "PACK"),), (), tuple(e.bundles[0] for e in engines), engines)
+    split_tp = not colocated and engine_tp > 1
     if num_nodes == 1:
         ranks = tuple(bundle(1) for _ in range(workers))
-        groups = (GroupPlan(ranks if colocated else ranks + engine_bundles, "PACK"),)
+        groups = (GroupPlan(ranks if colocated or split_tp else ranks + engine_bundles, "PACK"),)
         rank_bundles = tuple((0, r) for r in range(workers))
-        split = tuple((0, workers + i) for i in range(num_engines))
+        split = tuple(EnginePlacement(((0, workers + i),)) for i in range(num_engines))
     else:
         groups = tuple(GroupPlan(tuple(bundle(1) for _ in range(gpus_per_node)), "STRICT_PACK", node=k)
                        for k in range(num_nodes))
-        if not colocated and num_engines:
+        if not colocated and num_engines and not split_tp:
             groups += (GroupPlan(engine_bundles, "PACK"),)
         rank_bundles = tuple((r // gpus_per_node, r % gpus_per_node) for r in range(workers))
-        split = tuple((num_nodes, i) for i in range(num_engines))
-    engines = tuple(rank_bundles[i % workers] for i in range(num_engines)) if colocated else split
-    return PlacementPlan(groups, rank_bundles, engines)
+        split = tuple(EnginePlacement(((num_nodes, i),)) for i in range(num_engines))
+    if colocated:
+        engines = []
+        for i in range(num_engines):
+            ranks_i = colocated_engine_ranks(i, engine_tp, workers)
+            engines.append(EnginePlacement(tuple(rank_bundles[r] for r in ranks_i), ranks_i))
+        engines = tuple(engines)
+    elif split_tp:
+        engines = tp_engines(len(groups))
+        groups += tp_groups
+    else:
+        engines = split
+    return PlacementPlan(groups, rank_bundles, tuple(e.bundles[0] for e in engines), engines)
+
+
+def bundle_gpu_ids(pgs: list, bundles: tuple[tuple[int, int], ...]) -> list[str]:
+    """The physical GPU id (as Ray assigns it, e.g. ``"3"``) of each bundle, in ``bundles`` order: one probe
+    task per bundle, holding 1/100 GPU and no CPU while it runs ``ray.get_gpu_ids()``. Needs ``ray.init``.
+
+    Args:
+        pgs: the placement groups of :func:`reserve`.
+        bundles: ``(group index, bundle index)`` pairs (an engine's :attr:`EnginePlacement.bundles`).
+    Returns:
+        One id string per bundle; they are valid ``CUDA_VISIBLE_DEVICES`` entries on that bundle's node.
+    Raises:
+        RuntimeError: a bundle reports no GPU or several (it was not a one-GPU bundle).
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0, num_gpus=0.01)
+    def probe() -> list:
+        return [str(x) for x in ray.get_gpu_ids()]
+
+    refs = [probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=pgs[g], placement_group_bundle_index=b)).remote() for g, b in bundles]
+    out = []
+    for (g, b), ids in zip(bundles, ray.get(refs)):
+        if len(ids) != 1:
+            raise RuntimeError(f"bundle {b} of placement group {g} reports GPU ids {ids}, expected one")
+        out.append(ids[0])
+    return out
 
 
 def reserve(plan: PlacementPlan, timeout_s: float) -> list:

@@ -325,17 +325,19 @@ def test_tensor_parallel_alias():
     loaded = load_config(overrides=["generator.tensor_parallel_size=1"])
     assert loaded.cfg.generator.inference_engine_tensor_parallel_size == 1
     assert any("generator.tensor_parallel_size: alias of generator.inference_engine_tensor_parallel_size" in n for n in loaded.notes)
-    # the alias reaches the canonical key, whose rules then apply (tensor-parallel engines are refused)
-    err = one_error("generator.tensor_parallel_size=2", "generator.num_inference_engines=2")
-    assert err.startswith("generator.inference_engine_tensor_parallel_size=2: tensor-parallel SGLang engines are not "
-                          "supported by this rlctl version yet")
+    # the alias reaches the canonical key, whose rules then apply (a colocated TP 2 engine on nodes of 3 GPUs)
+    err = one_error("generator.tensor_parallel_size=2", "trainer.placement.policy_num_nodes=2",
+                    "trainer.placement.policy_num_gpus_per_node=3", "generator.num_inference_engines=3",
+                    "trainer.train_batch_size=12", "trainer.policy_mini_batch_size=6", "trainer.eval_batch_size=12")
+    assert err.startswith("generator.inference_engine_tensor_parallel_size=2: must divide "
+                          "trainer.placement.policy_num_gpus_per_node (3)")
     assert err.endswith("[given as generator.tensor_parallel_size]")  # the name the user typed, not the preset
 
 
 def test_alias_error_names_the_file_that_set_the_alias(tmp_path):
     f = write(tmp_path, "tp.yaml", "generator:\n  tensor_parallel_size: 2\n")
-    errs = errors_of(preset="gsm8k", config_file=f)
-    assert errs[0].startswith("generator.inference_engine_tensor_parallel_size=2: tensor-parallel SGLang engines")
+    errs = errors_of(preset="gsm8k", config_file=f, backend="hf")
+    assert errs[0].startswith("generator.inference_engine_tensor_parallel_size=2: the hf generator has no tensor parallelism")
     assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}:2]")
 
 
@@ -613,9 +615,34 @@ def test_colocated_layout_error_names_all_three_keys():
                 "trainer.placement.policy_num_nodes", "policy_num_gpus_per_node"):
         assert key in err
     assert "(2) x generator.inference_engine_tensor_parallel_size (1) = 2" in err and "(1 x 4 = 4)" in err
-    # valid layouts (the layout rule is backend-independent; SGLang refuses TP > 1 for now)
-    load_config(overrides=["generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"], backend="hf")
+    # valid layouts (2 SGLang engines of TP 2 on the 4 GPUs; a split engine of TP 1)
+    load_config(overrides=["generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"])
     load_config(overrides=["generator.num_inference_engines=1", "trainer.placement.colocate_all=false"], backend="hf")
+
+
+def test_tensor_parallel_engines():
+    # SGLang: 2 engines x TP 2 colocated on 4 GPUs is valid, with a note that it has not run on GPUs yet
+    loaded = load_config(overrides=["generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"])
+    assert loaded.cfg.generator.inference_engine_tensor_parallel_size == 2
+    assert ("generator.inference_engine_tensor_parallel_size: 2: tensor-parallel SGLang engines are coded and tested on "
+            "CPU with fakes but have not run on GPUs yet") in loaded.notes
+    # ... and split placement: 1 engine of TP 4 beside the 4 policy GPUs
+    load_config(overrides=["trainer.placement.colocate_all=false", "generator.num_inference_engines=1",
+                           "generator.inference_engine_tensor_parallel_size=4"])
+    # the engines must cover the trainer's GPUs exactly (1 x 2 != 4)
+    err = one_error("generator.num_inference_engines=1", "generator.inference_engine_tensor_parallel_size=2")
+    assert "generator.num_inference_engines (1) x generator.inference_engine_tensor_parallel_size (2) = 2" in err
+    # an engine never spans nodes: 2 nodes x 3 GPUs, 3 engines x TP 2 covers the 6 GPUs, but not node by node
+    err = one_error("trainer.placement.policy_num_nodes=2", "trainer.placement.policy_num_gpus_per_node=3",
+                    "generator.num_inference_engines=3", "generator.inference_engine_tensor_parallel_size=2",
+                    "trainer.train_batch_size=12", "trainer.policy_mini_batch_size=6", "trainer.eval_batch_size=12")
+    assert err.startswith("generator.inference_engine_tensor_parallel_size=2: must divide "
+                          "trainer.placement.policy_num_gpus_per_node (3)")
+    # hf: refused with the way out
+    err = one_error("generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2",
+                    "trainer.device=cpu", backend="hf")
+    assert err.startswith("generator.inference_engine_tensor_parallel_size=2: the hf generator has no tensor "
+                          "parallelism (each engine is one process on one device); use 1, or generator.backend=sglang")
 
 
 def test_all_errors_in_one_message():

@@ -13,7 +13,7 @@ G, S, E = "generator.", "generator.sampling_params.", "generator.eval_sampling_p
 # resolved config (and a note mentions the old name); "note" -> a note fragment; "error" -> an error fragment.
 CASES = [
     # generator-level engine keys
-    (G + "tensor_parallel_size=2", "hf", "translate", (G + "inference_engine_tensor_parallel_size", 2)),
+    (G + "tensor_parallel_size=2", "sglang", "translate", (G + "inference_engine_tensor_parallel_size", 2)),
     (G + "enforce_eager=true", "sglang", "translate", (G + "sglang.disable_cuda_graph", True)),
     (G + "enforce_eager=true", "hf", "note", "has no effect: the hf backend has no CUDA graphs"),
     (G + "max_num_seqs=256", "sglang", "translate", (G + "sglang.max_running_requests", 256)),

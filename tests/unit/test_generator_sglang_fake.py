@@ -147,3 +147,28 @@ def test_foreign_options_rejected(fake):
         fake.SGLangGenerator("/m", gpu_memory_utilization=0.5)
     with pytest.raises(ValueError, match="enable_memory_saver"):
         fake.SGLangGenerator("/m", enable_memory_saver=False)
+
+
+def test_tp_engine_gets_one_handle_per_tp_rank_in_order(fake):
+    from rlctl.weight_sync import TensorParallelPayload
+
+    gen = fake.SGLangGenerator("/m", tp_size=2, colocated=False)
+    assert gen.engine.kw["tp_size"] == 2
+    h0 = IPCPayload(data=b"rank0", load_format="flattened_bucket", names=("a",), nbytes=8)
+    h1 = IPCPayload(data=b"rank1", load_format="flattened_bucket", names=("a",), nbytes=8)
+    gen.update_weights(TensorParallelPayload((h0, h1)))
+    assert gen.engine.loads[-1] == ([b"rank0", b"rank1"], "flattened_bucket", True)
+    assert gen.last_stats["update_weights_bytes"] == 8  # one copy per TP rank is counted once
+    # a single-rank payload goes to both ranks (what TP 1 callers send)
+    gen.update_weights(h0)
+    assert gen.engine.loads[-1][0] == [b"rank0", b"rank0"]
+    with pytest.raises(ValueError, match="a TensorParallelPayload of 1 ranks for an engine of tp_size=2"):
+        gen.update_weights(TensorParallelPayload((h0,)))
+    with pytest.raises(ValueError, match="the 2 TP ranks' payloads differ"):
+        TensorParallelPayload((h0, IPCPayload(data=b"x", load_format=None, names=("a",), nbytes=8)))
+
+
+def test_tp1_sends_one_entry_as_before(fake):
+    gen = fake.SGLangGenerator("/m", colocated=False)
+    gen.update_weights(_payload())
+    assert gen.engine.loads[-1] == ([b"\x80\x04xx"], "flattened_bucket", True)

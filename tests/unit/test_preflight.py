@@ -102,6 +102,13 @@ def test_sglang_missing_and_no_gpu_are_one_list(home, monkeypatch):
     # split: 2 policy GPUs + 3 engines x 1
     (["trainer.placement.colocate_all=false", "trainer.placement.policy_num_gpus_per_node=2",
       "generator.num_inference_engines=3", "generator.weight_sync_backend=nccl"], "train", 5),
+    # tensor-parallel engines: colocated 2 engines x TP 2 share the 4 policy GPUs; split adds 2 x 2; eval 2 x 2
+    (["trainer.placement.policy_num_gpus_per_node=4", "trainer.micro_train_batch_size_per_gpu=4",
+      "generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"], "train", 4),
+    (["trainer.placement.colocate_all=false", "trainer.placement.policy_num_gpus_per_node=2",
+      "generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"], "train", 6),
+    (["trainer.placement.colocate_all=false", "trainer.placement.policy_num_gpus_per_node=2",
+      "generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2"], "eval", 4),
     # eval reserves the engines only
     (["trainer.placement.colocate_all=false", "trainer.placement.policy_num_gpus_per_node=2",
       "generator.num_inference_engines=3"], "eval", 3),
