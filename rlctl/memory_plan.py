@@ -37,8 +37,6 @@ import glob
 import json
 import math
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
@@ -289,28 +287,15 @@ def find_config_json(model_path: str) -> Optional[Path]:
 
 
 def local_gpu_bytes(timeout_s: float = 3.0) -> Optional[int]:
-    """Memory of the local GPU in bytes, from ``nvidia-smi`` (the smallest GPU when there are several).
-
-    Runs ``nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits`` (MiB) with a
-    ``timeout_s`` timeout; None when nvidia-smi is absent, fails, times out or prints no number.
+    """Memory in bytes of the smallest GPU a CUDA process started here would see (:mod:`rlctl.gpus`: ``nvidia-smi``
+    restricted by ``CUDA_VISIBLE_DEVICES``), read with a ``timeout_s`` timeout; None when ``nvidia-smi`` is absent,
+    fails, times out, lists no GPU or every GPU is hidden.
     """
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        res = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0:
-        return None
-    sizes = []
-    for line in res.stdout.splitlines():
-        try:
-            sizes.append(int(float(line.strip())) * MiB)
-        except ValueError:
-            continue
-    return min(sizes) if sizes else None
+    from rlctl import gpus
+
+    listed = gpus.query(timeout_s)
+    seen = gpus.visible(listed, os.environ.get("CUDA_VISIBLE_DEVICES")) if listed else []
+    return min(g.memory_bytes for g in seen) if seen else None
 
 
 def gpu_bytes_from_gb(gb: float) -> int:

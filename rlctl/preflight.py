@@ -10,7 +10,7 @@ folder is written, that THIS machine can run it, and collects every problem into
   eval`` reserves only the engines);
 - (``train``) a checkpoint that already completes the run: nothing to train, reported as a note.
 
-GPUs are counted without importing torch (``nvidia-smi -L`` with a short timeout, else
+GPUs are counted without importing torch (:mod:`rlctl.gpus`: one ``nvidia-smi`` query with a short timeout, else
 ``/proc/driver/nvidia/gpus``), restricted by ``CUDA_VISIBLE_DEVICES``. The GPU checks step aside when
 the job joins a Ray cluster (``ray.address`` / ``--ray-address`` / ``RAY_ADDRESS``): its GPUs are not
 local. Imports: stdlib only (plus pyarrow's parquet metadata reader for the step count, only when a
@@ -24,13 +24,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-NVIDIA_SMI_TIMEOUT_S = 3.0
+from rlctl import gpus
+from rlctl.gpus import NVIDIA_SMI_TIMEOUT_S
+
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
 SGLANG_INSTALL = 'pip install "rlctl[sglang]"'
 
@@ -55,29 +55,15 @@ def sglang_installed() -> bool:
     return importlib.util.find_spec("sglang") is not None
 
 
-def _nvidia_smi_gpus(timeout_s: float) -> int | None:
-    """GPUs listed by ``nvidia-smi -L`` (lines ``GPU <i>: ...``); None when it is absent, fails or hangs."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        res = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0:
-        return None
-    return sum(1 for line in res.stdout.splitlines() if line.startswith("GPU "))
-
-
-def physical_gpu_count(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> int:
+def physical_gpu_count(timeout_s: float = NVIDIA_SMI_TIMEOUT_S, listed: list | None = None) -> int:
     """NVIDIA GPUs of this machine (container) without importing torch.
 
-    ``nvidia-smi -L`` first (it sees a container's GPUs only), else the entries of
-    ``/proc/driver/nvidia/gpus``, else 0. ``timeout_s``: seconds ``nvidia-smi`` may take.
+    ``listed`` (:func:`rlctl.gpus.query`, run here when not given) first: ``nvidia-smi`` sees a container's GPUs
+    only; else the entries of ``/proc/driver/nvidia/gpus``, else 0. ``timeout_s``: seconds ``nvidia-smi`` may take.
     """
-    n = _nvidia_smi_gpus(timeout_s)
-    if n is not None:
-        return n
+    listed = gpus.query(timeout_s) if listed is None else listed
+    if listed:
+        return len(listed)
     try:
         return sum(1 for _ in PROC_GPUS.iterdir())
     except OSError:
@@ -85,18 +71,22 @@ def physical_gpu_count(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> int:
 
 
 def visible_gpu_count(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> int:
-    """GPUs a CUDA process started here would see: :func:`physical_gpu_count`, restricted by
-    ``CUDA_VISIBLE_DEVICES`` (empty: none; CUDA stops at the first negative index, e.g. ``-1``)."""
-    physical = physical_gpu_count(timeout_s)
+    """GPUs a CUDA process started here would see: :func:`rlctl.gpus.visible` of ``nvidia-smi``'s list under
+    ``CUDA_VISIBLE_DEVICES``; without ``nvidia-smi``, the ``/proc`` count cut to the variable's leading indices
+    (empty: none; CUDA stops at the first negative index, e.g. ``-1``)."""
+    listed = gpus.query(timeout_s)
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return len(gpus.visible(listed, cvd))
+    physical = physical_gpu_count(timeout_s, listed=[])
     if cvd is None:
         return physical
-    listed = 0
+    count = 0
     for entry in (e.strip() for e in cvd.split(",")):
         if not entry or re.fullmatch(r"-\d+", entry):
             break
-        listed += 1
-    return min(listed, physical)
+        count += 1
+    return min(count, physical)
 
 
 def _ray_address(cfg) -> str | None:

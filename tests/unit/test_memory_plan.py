@@ -281,8 +281,14 @@ def _fake_smi(tmp_path, body):
 def test_local_gpu_bytes(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert mp.local_gpu_bytes() is None  # no nvidia-smi
-    monkeypatch.setenv("PATH", _fake_smi(tmp_path, 'printf "143771\\n81559\\n"'))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", _fake_smi(tmp_path, 'printf "0, GPU-a1, 143771\\n1, GPU-b2, 81559\\n"'))
     assert mp.local_gpu_bytes() == 81559 * MiB  # the smallest GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the plan checks only the GPU the run would see
+    assert mp.local_gpu_bytes() == 143771 * MiB
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert mp.local_gpu_bytes() is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("PATH", _fake_smi(tmp_path, "echo 'NVIDIA-SMI has failed'; exit 9"))
     assert mp.local_gpu_bytes() is None
     monkeypatch.setenv("PATH", _fake_smi(tmp_path, "sleep 5"))

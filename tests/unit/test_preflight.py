@@ -34,7 +34,7 @@ def fake_nvidia_smi(tmp_path: Path, monkeypatch, body: str) -> None:
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
-SMI_TWO = 'echo "GPU 0: NVIDIA H100 (UUID: GPU-aaa)"; echo "  MIG 1g.10gb Device 0: (UUID: MIG-x)"; echo "GPU 1: NVIDIA H100 (UUID: GPU-bbb)"'
+SMI_TWO = 'echo "0, GPU-aaa, 81559"; echo "1, GPU-bbb, 81559"'  # --query-gpu=index,uuid,memory.total
 
 
 # ------------------------------------------------------------------------------------------ GPU count
@@ -43,9 +43,9 @@ SMI_TWO = 'echo "GPU 0: NVIDIA H100 (UUID: GPU-aaa)"; echo "  MIG 1g.10gb Device
 def test_gpu_count_from_nvidia_smi_and_cuda_visible_devices(tmp_path, monkeypatch):
     fake_nvidia_smi(tmp_path, monkeypatch, SMI_TWO)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert preflight.physical_gpu_count() == 2  # MIG lines are not GPUs
+    assert preflight.physical_gpu_count() == 2
     assert preflight.visible_gpu_count() == 2
-    for cvd, n in (("", 0), ("1", 1), ("0,1,2,3", 2), ("0,-1,1", 1), ("-1", 0), ("GPU-aaa", 1)):
+    for cvd, n in (("", 0), ("1", 1), ("0,1,2,3", 2), ("0,-1,1", 1), ("-1", 0), ("GPU-aaa", 1), ("GPU-bbb,0", 2), ("1,1", 1), ("GPU-zzz,0", 0)):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
         assert preflight.visible_gpu_count() == n, cvd
 
