@@ -5,6 +5,9 @@
 ``chat_template.jinja``) that every part of rlctl can load like a real checkpoint: the generator
 backends, the trainer, the chat-template prompt builder. It takes well under a second on 2 CPU cores.
 
+:func:`trainer_section` builds the ``trainer`` section of the run config for tests and probes that drive
+:class:`rlctl.trainer.PolicyTrainer` directly: the real, validated schema model, so a renamed field fails there.
+
 Tokenizer: byte-level BPE with no merges, so every UTF-8 byte is one token and any text encodes.
 Vocabulary (ids are stable, tests may rely on them)::
 
@@ -21,8 +24,14 @@ Test: ``pytest tests/unit/test_models.py -k tiny``.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlctl.config.schema import TrainerConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -176,3 +185,50 @@ def tiny_run_overrides(model_path: str, root: str | os.PathLike, run_name: str, 
         o["environment.reward.custom_reward_fn"] = reward_fn
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
+
+
+def trainer_section(overrides: Mapping[str, object] | None = None, *, base: TrainerConfig | None = None,
+                    **kw: object) -> TrainerConfig:
+    """The ``trainer`` section of the run config (:class:`rlctl.config.schema.TrainerConfig`, frozen) with the
+    schema defaults except ``overrides`` and ``kw`` (tests and probes only).
+
+    Args:
+        overrides: dotted keys relative to ``trainer.`` and Python values, e.g.
+            ``{"algorithm.use_kl_loss": False, "policy.optimizer_config.lr": 1e-2}``.
+        base: start from this section instead of the schema defaults (the model is frozen: to change a
+            built section, e.g. ``tr.tcfg``, build a new one from it and assign that).
+        kw: top-level trainer keys, e.g. ``micro_train_batch_size_per_gpu=2`` (applied after ``overrides``).
+
+    The result goes through the schema's own validation (strict types, ranges, unknown keys), but not through
+    the cross-section rules of :func:`rlctl.config.load_config` (batch sizes against the placement and the
+    generator, a decaying scheduler needs ``max_steps``): the trainer alone needs none of the other sections,
+    and tests check the trainer's own guards with values those rules refuse.
+
+    Raises:
+        KeyError: a key that is not a leaf of the trainer section (the message names it, with a suggestion).
+        pydantic.ValidationError: a value the schema refuses (its location names the key).
+    """
+    from rlctl.config.schema import TrainerConfig, _submodel
+
+    data: dict[str, Any] = base.model_dump() if base is not None else {}
+    for key, value in {**(overrides or {}), **kw}.items():
+        model: Any = TrainerConfig
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            info = model.model_fields.get(part)
+            sub = _submodel(info.annotation) if info is not None else None
+            last = i == len(parts) - 1
+            if info is None or (sub is None) != last:
+                names = list(model.model_fields)
+                hint = difflib.get_close_matches(part, names, n=1)
+                where = "trainer." + ".".join(parts[:i + 1])
+                what = "a section, not a leaf" if info is not None and last else (
+                    "a leaf, not a section" if info is not None else "not a key of the trainer section")
+                raise KeyError(f"{where}: {what}" + (f"; did you mean {hint[0]!r}?" if info is None and hint else ""))
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                model = sub
+    return TrainerConfig.model_validate(data)

@@ -10,24 +10,41 @@ import torch
 import torch.distributed as dist
 
 from rlctl.loop import build_batch
-from rlctl.testing import build_tiny_llama
+from rlctl.testing import build_tiny_llama, trainer_section
 from rlctl.trainer import PolicyTrainer, length_order, response_logits_forward, trim_padding
 
 
-def _tcfg(**over):
-    algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.2, policy_loss_type="regular", clip_ratio_c=3.0,
-                           loss_reduction="token_mean", use_kl_loss=over.pop("use_kl_loss", False), kl_loss_coef=0.1,
-                           kl_estimator_type="k3", use_entropy_loss=False, entropy_loss_coef=0.0)
-    opt = SimpleNamespace(lr=over.pop("lr", 1e-2), adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0,
-                          scheduler=over.pop("scheduler", "constant_with_warmup"), num_warmup_steps=over.pop("warmup", 0))
-    policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
-    t = SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=False,
-                        micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=over.pop("micro", 2),
-                        update_epochs_per_batch=1, max_bad_steps=3, max_steps=None, train_batch_size=2,
-                        policy_mini_batch_size=1)
-    for k, v in over.items():
-        setattr(t, k, v)
-    return t
+def _tcfg(*, micro: int = 2, use_kl_loss: bool = False, lr: float = 1e-2, scheduler: str = "constant_with_warmup",
+          warmup: int = 0, max_steps: int | None = None):
+    """The trainer section these tests run with (schema defaults elsewhere)."""
+    return trainer_section({
+        "algorithm.use_kl_loss": use_kl_loss, "algorithm.kl_loss_coef": 0.1, "algorithm.entropy_loss_coef": 0.0,
+        "policy.optimizer_config.lr": lr, "policy.optimizer_config.weight_decay": 0.0,
+        "policy.optimizer_config.scheduler": scheduler, "policy.optimizer_config.num_warmup_steps": warmup,
+    }, seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=micro,
+        max_steps=max_steps, train_batch_size=2, policy_mini_batch_size=1)
+
+
+def test_trainer_section_applies_overrides_on_the_schema_defaults():
+    t = trainer_section({"algorithm.use_kl_loss": False, "policy.optimizer_config.lr": 1e-2},
+                        micro_train_batch_size_per_gpu=2)
+    assert (t.algorithm.use_kl_loss, t.policy.optimizer_config.lr, t.micro_train_batch_size_per_gpu) == (False, 1e-2, 2)
+    assert (t.algorithm.kl_loss_coef, t.policy.optimizer_config.max_grad_norm, t.seed) == (0.001, 1.0, 42)  # defaults
+    t2 = trainer_section(base=t, update_epochs_per_batch=3)  # a changed copy; the frozen original stays
+    assert (t2.update_epochs_per_batch, t2.policy.optimizer_config.lr, t.update_epochs_per_batch) == (3, 1e-2, 1)
+    with pytest.raises(Exception, match="frozen"):
+        t.seed = 1
+
+
+def test_trainer_section_refuses_unknown_keys_and_bad_values():
+    with pytest.raises(KeyError, match=r"trainer\.algorithm\.use_kl_los: not a key.*did you mean 'use_kl_loss'"):
+        trainer_section({"algorithm.use_kl_los": True})
+    with pytest.raises(KeyError, match=r"trainer\.micro_batch: not a key"):
+        trainer_section(micro_batch=2)
+    with pytest.raises(KeyError, match=r"trainer\.algorithm: a section, not a leaf"):
+        trainer_section({"algorithm": {"use_kl_loss": True}})
+    with pytest.raises(ValueError, match="policy.optimizer_config.lr"):  # pydantic: lr must be > 0
+        trainer_section({"policy.optimizer_config.lr": 0.0})
 
 
 @pytest.fixture(scope="module")
