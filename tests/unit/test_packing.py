@@ -21,7 +21,7 @@ from rlctl.packing import (
     packed_logprobs_forward,
     plan_micro_batches,
 )
-from rlctl.testing import build_tiny_llama
+from rlctl.testing import build_tiny_llama, trainer_section
 from rlctl.trainer import RESPONSE_KEYS, PolicyTrainer, response_logprobs_forward
 
 
@@ -141,16 +141,12 @@ def pg():
 
 
 def _tcfg():
-    algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.2, policy_loss_type="regular", clip_ratio_c=3.0,
-                           loss_reduction="token_mean", use_kl_loss=True, kl_loss_coef=0.1, kl_estimator_type="k3",
-                           use_entropy_loss=True, entropy_loss_coef=0.01)
-    opt = SimpleNamespace(lr=1e-2, adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1e9,  # no clipping
-                          scheduler="constant_with_warmup", num_warmup_steps=0)
-    policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
-    return SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=False,
-                           micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=2,
-                           update_epochs_per_batch=1, max_bad_steps=3, remove_microbatch_padding=False,
-                           max_tokens_per_microbatch=None)
+    """The trainer section of these tests (schema defaults elsewhere); max_grad_norm 1e9: no clipping."""
+    return trainer_section({
+        "algorithm.kl_loss_coef": 0.1, "algorithm.use_entropy_loss": True,
+        "policy.optimizer_config.lr": 1e-2, "policy.optimizer_config.weight_decay": 0.0,
+        "policy.optimizer_config.max_grad_norm": 1e9,
+    }, seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=2)
 
 
 def _random_batch(seed: int, n: int, min_len: int, max_len: int) -> dict[str, torch.Tensor]:
@@ -168,8 +164,7 @@ def _random_batch(seed: int, n: int, min_len: int, max_len: int) -> dict[str, to
 
 def _one_step_grads(tr: PolicyTrainer, batch, **cfg) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Gradients of one optimizer step (the step itself is replaced, so the weights never change)."""
-    for k, v in cfg.items():
-        setattr(tr.tcfg, k, v)
+    tr.tcfg = trainer_section(base=tr.tcfg, **cfg)  # the section is frozen: a changed copy
     grads: dict[str, torch.Tensor] = {}
 
     def capture():
@@ -231,7 +226,7 @@ def test_computed_tokens_count_the_padding_the_forward_ran(pg, tiny):
     assert m["train/computed_tokens"] == 2 * 5 + 2 * 8
     _, m = _one_step_grads(tr, b, remove_microbatch_padding=True)
     assert m["train/computed_tokens"] == 7 + 4 + 8 + 5
-    tr.tcfg.update_epochs_per_batch = 2  # per update epoch, as the loop's train/tokens
+    tr.tcfg = trainer_section(base=tr.tcfg, update_epochs_per_batch=2)  # per update epoch, as the loop's train/tokens
     _, m = _one_step_grads(tr, b, remove_microbatch_padding=True)
     assert m["train/computed_tokens"] == 24
 
@@ -251,9 +246,9 @@ def _two_rank_worker(rank: int, port: int, path: str, q) -> None:  # a spawned p
         # rank 0: six 2-token sequences (1 micro-batch of 16 tokens), rank 1: 8 to 14 tokens each (several)
         b = _random_batch(10 + rank, 6, 2 if rank == 0 else 8, 2 if rank == 0 else 14)
         counts = len(plan_micro_batches(b["attention_mask"].sum(1), 1, 16))
-        tr.tcfg.max_tokens_per_microbatch = 16  # uneven no-grad forwards too
+        tr.tcfg = trainer_section(base=tr.tcfg, max_tokens_per_microbatch=16)  # uneven no-grad forwards too
         lp_budget = tr.compute_logprobs(b, 1.0)
-        tr.tcfg.max_tokens_per_microbatch = None
+        tr.tcfg = trainer_section(base=tr.tcfg, max_tokens_per_microbatch=None)
         lp_fixed = tr.compute_logprobs(b, 1.0)
         lp_diff = float((lp_budget - lp_fixed).mul(b["response_mask"]).abs().max())
         b["old_logprobs"] = lp_fixed + 0.05 * torch.randn(b["response_mask"].shape)
