@@ -281,18 +281,15 @@ def test_trainer_forward_equals_full_vocabulary_path_two_ranks(tmp_path):
 
 
 def test_policy_trainer_entropy_is_differentiable_only_with_the_entropy_loss(pg, tmp_path):
-    from types import SimpleNamespace
-
+    from rlctl.testing import trainer_section
     from rlctl.trainer import PolicyTrainer
 
     path = _build_large_vocab_llama(tmp_path / "m", tied=True)
     for use_entropy_loss in (False, True):
-        algo = SimpleNamespace(use_kl_loss=False, use_entropy_loss=use_entropy_loss)
-        opt = SimpleNamespace(lr=1e-3, adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1.0,
-                              scheduler="constant_with_warmup", num_warmup_steps=0)
-        tcfg = SimpleNamespace(algorithm=algo, seed=0, gradient_checkpointing=False,
-                               policy=SimpleNamespace(optimizer_config=opt,
-                                                      fsdp_config=SimpleNamespace(reshard_after_forward=True)))
+        tcfg = trainer_section({
+            "algorithm.use_kl_loss": False, "algorithm.use_entropy_loss": use_entropy_loss,
+            "policy.optimizer_config.lr": 1e-3, "policy.optimizer_config.weight_decay": 0.0,
+        }, seed=0, gradient_checkpointing=False)
         tr = PolicyTrainer(path, tcfg, rank=0, world_size=1, device="cpu", max_response_len=8)
         b = _batch(5)
         logp, ent = tr._logprobs_entropy(tr.model, b, 0.7, with_entropy=True)

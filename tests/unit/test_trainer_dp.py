@@ -16,7 +16,6 @@ Run: ``pytest -q tests/unit/test_trainer_dp.py`` (about a minute on 2 CPU cores)
 from __future__ import annotations
 
 import socket
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,16 +25,15 @@ METRICS = ("policy/loss", "policy/pg_loss", "policy/kl", "policy/entropy", "poli
 
 
 def _tcfg(loss_reduction: str):
-    algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.2, policy_loss_type="regular", clip_ratio_c=3.0,
-                           loss_reduction=loss_reduction, use_kl_loss=True, kl_loss_coef=0.1,
-                           kl_estimator_type="k3", use_entropy_loss=True, entropy_loss_coef=0.01)
+    """The trainer section of these tests (schema defaults elsewhere)."""
+    from rlctl.testing import trainer_section
+
     # max_grad_norm huge: the captured gradient is the raw one (clipping is checked through policy/grad_norm)
-    opt = SimpleNamespace(lr=1e-2, adam_betas=[0.9, 0.999], weight_decay=0.0, max_grad_norm=1e9,
-                          offload_after_step=True, scheduler="constant_with_warmup", num_warmup_steps=0)
-    policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
-    return SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=False,
-                           micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=2,
-                           update_epochs_per_batch=1, max_bad_steps=3)
+    return trainer_section({
+        "algorithm.loss_reduction": loss_reduction, "algorithm.kl_loss_coef": 0.1, "algorithm.use_entropy_loss": True,
+        "policy.optimizer_config.lr": 1e-2, "policy.optimizer_config.weight_decay": 0.0,
+        "policy.optimizer_config.max_grad_norm": 1e9,
+    }, seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=2, micro_train_batch_size_per_gpu=2)
 
 
 def _batch() -> dict[str, torch.Tensor]:
