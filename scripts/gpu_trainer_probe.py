@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,21 +29,16 @@ def main() -> int:
     import torch
 
     from rlctl.loop import build_batch
-    from rlctl.testing import build_tiny_llama
+    from rlctl.testing import build_tiny_llama, trainer_section
     from rlctl.trainer import PolicyTrainer
 
     model = build_tiny_llama(Path(tempfile.mkdtemp()) / "m", hidden_size=a.hidden, num_layers=a.layers,
                              num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 256),
                              intermediate_size=a.hidden * 3, max_position_embeddings=a.len + 64)
-    algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.28, policy_loss_type="regular", clip_ratio_c=3.0,
-                           loss_reduction="token_mean", use_kl_loss=True, kl_loss_coef=0.01, kl_estimator_type="k3",
-                           use_entropy_loss=False, entropy_loss_coef=0.0)
-    opt = SimpleNamespace(lr=1e-6, adam_betas=[0.9, 0.999], weight_decay=0.01, max_grad_norm=1.0,
-                          offload_after_step=True, scheduler="constant_with_warmup", num_warmup_steps=0)
-    tcfg = SimpleNamespace(algorithm=algo, seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=16,
-                           micro_train_batch_size_per_gpu=8, update_epochs_per_batch=1, max_bad_steps=3,
-                           policy=SimpleNamespace(optimizer_config=opt,
-                                                  fsdp_config=SimpleNamespace(reshard_after_forward=True)))
+    tcfg = trainer_section({"algorithm.eps_clip_high": 0.28, "algorithm.kl_loss_coef": 0.01,
+                            "algorithm.entropy_loss_coef": 0.0},
+                           seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=16,
+                           micro_train_batch_size_per_gpu=8)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import socket
-from types import SimpleNamespace
 
 import pytest
 
@@ -22,15 +21,12 @@ torch = pytest.importorskip("torch")
 
 
 def _tcfg():
-    algo = SimpleNamespace(eps_clip_low=0.2, eps_clip_high=0.28, policy_loss_type="regular", clip_ratio_c=3.0,
-                           loss_reduction="token_mean", use_kl_loss=True, kl_loss_coef=0.01,
-                           kl_estimator_type="k3", use_entropy_loss=False, entropy_loss_coef=0.0)
-    opt = SimpleNamespace(lr=1e-6, adam_betas=[0.9, 0.999], weight_decay=0.01, max_grad_norm=1.0,
-                          offload_after_step=True, scheduler="constant_with_warmup", num_warmup_steps=0)
-    policy = SimpleNamespace(optimizer_config=opt, fsdp_config=SimpleNamespace(reshard_after_forward=True))
-    return SimpleNamespace(algorithm=algo, policy=policy, seed=0, gradient_checkpointing=True,
-                           micro_forward_batch_size_per_gpu=8, micro_train_batch_size_per_gpu=4,
-                           update_epochs_per_batch=1, max_bad_steps=3)
+    """The trainer section of this test (schema defaults elsewhere: lr 1e-6, weight decay 0.01, clipping at 1)."""
+    from rlctl.testing import trainer_section
+
+    return trainer_section({"algorithm.eps_clip_high": 0.28, "algorithm.kl_loss_coef": 0.01,
+                            "algorithm.entropy_loss_coef": 0.0},
+                           seed=0, micro_forward_batch_size_per_gpu=8, micro_train_batch_size_per_gpu=4)
 
 
 def test_offload_leaves_at_most_1_gib_reserved(model_path, prompt_ids, metrics):
