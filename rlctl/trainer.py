@@ -408,7 +408,7 @@ class PolicyTrainer:
         self.bad_steps_in_a_row = 0
         # SkyRL's trainer.policy.optimizer_config.offload_after_step: with colocation on CUDA, the
         # optimizer state leaves the GPU after each step only when true (parameters always do)
-        self.offload_optimizer = bool(getattr(opt, "offload_after_step", True))
+        self.offload_optimizer = bool(opt.offload_after_step)
         pin = self.device.type == "cuda"
         self._host = {"policy": HostBuffers(pin), "ref": HostBuffers(pin), "optimizer": HostBuffers(pin)}
         self.offloaded = False
@@ -447,8 +447,8 @@ class PolicyTrainer:
 
     @property
     def _packed(self) -> bool:
-        """``trainer.remove_microbatch_padding`` (False when the config object lacks it)."""
-        return bool(getattr(self.tcfg, "remove_microbatch_padding", False))
+        """``trainer.remove_microbatch_padding``."""
+        return bool(self.tcfg.remove_microbatch_padding)
 
     def _micro_batches(self, batch: dict[str, torch.Tensor], size: int,
                        train: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -465,7 +465,7 @@ class PolicyTrainer:
         """
         from rlctl.packing import computed_tokens, empty_micro_batch, plan_micro_batches
 
-        max_tokens = getattr(self.tcfg, "max_tokens_per_microbatch", None)
+        max_tokens = self.tcfg.max_tokens_per_microbatch
         plan = plan_micro_batches(batch["attention_mask"].sum(1), size, max_tokens)
         target = len(plan)
         if max_tokens is not None and self.world_size > 1:
@@ -957,7 +957,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, tcfg: Any) -> torch.optim.l
         raise ValueError(f"trainer.policy.optimizer_config.scheduler={opt.scheduler!r}: one of {', '.join(SCHEDULERS)}")
     total = None
     if name not in ("constant", "constant_with_warmup", "inverse_sqrt"):
-        if getattr(tcfg, "max_steps", None) is None:
+        if tcfg.max_steps is None:
             raise ValueError(f"trainer.policy.optimizer_config.scheduler={opt.scheduler} decays over trainer.max_steps; set it")
         total = tcfg.max_steps * optimizer_steps_per_train_step(tcfg)
     return get_scheduler(name, optimizer, num_warmup_steps=opt.num_warmup_steps, num_training_steps=total)

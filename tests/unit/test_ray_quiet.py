@@ -45,15 +45,28 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_token_auth_notice_filter_drops_only_the_enabled_notice(caplog):
+def test_token_auth_notice_filter_drops_only_the_enabled_notice():
     quiet_token_auth_notice()
     quiet_token_auth_notice()  # idempotent: one filter
     log = logging.getLogger(TOKEN_AUTH_LOGGER)
     assert sum(type(f).__name__ == "_DropTokenAuthNotice" for f in log.filters) == 1
-    with caplog.at_level(logging.WARNING, logger=TOKEN_AUTH_LOGGER):
+
+    class Keep(logging.Handler):  # on the logger itself: Ray's own logging setup may stop propagation to root
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.seen: list[str] = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    keep = Keep()
+    log.addHandler(keep)
+    try:
         log.warning(TOKEN_AUTH_NOTICE + ". Set RAY_AUTH_MODE=disabled to opt out.")
         log.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
-    assert [r.getMessage()[:47] for r in caplog.records] == ["Token authentication is disabled for this Ray c"]
+    finally:
+        log.removeHandler(keep)
+    assert [m[:47] for m in keep.seen] == ["Token authentication is disabled for this Ray c"]
 
 
 @pytest.mark.timeout(240)
