@@ -446,13 +446,12 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
     _normalize(raw, c, "sglang")
 
     # deterministic run name
-    if _get(raw, "trainer.run_name") is None:
-        seed = _get(raw, "trainer.seed", 42)
-        seed_s = str(seed) if isinstance(seed, int) else "42"
-        stem = Path(str(preset)).stem if preset is not None else "custom"
-        name = re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", f"{stem}-seed{seed_s}")
-        if isinstance(raw.get("trainer", {}), dict):
-            _set(raw, "trainer.run_name", name)
+    seed = _get(raw, "trainer.seed", 42)
+    seed_s = str(seed) if isinstance(seed, int) else "42"
+    stem = Path(str(preset)).stem if preset is not None else "custom"
+    default_run_name = re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", f"{stem}-seed{seed_s}")
+    if _get(raw, "trainer.run_name") is None and isinstance(raw.get("trainer", {}), dict):
+        _set(raw, "trainer.run_name", default_run_name)
 
     # Validate. Leaves with type errors are reported, then replaced by their defaults so that the
     # rules still run on everything else (all errors in one message); rule errors that mention a
@@ -469,6 +468,8 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
                 base = path.split("[")[0]
                 if base not in repaired and base not in c.reported:
                     hint = f"; the default is {_fmt(LEAF_DEFAULTS[base])}" if base in LEAF_DEFAULTS else ""
+                    if base == "trainer.run_name":  # the schema's null is filled at load time
+                        hint = f"; the default is <preset>-seed<seed>, here {default_run_name}"
                     below = _value_below(layers, base, source_at.get(base))
                     if below is not None and below[1] != LEAF_DEFAULTS.get(base, object()):
                         # e.g. the preset's value, which the bad one replaced

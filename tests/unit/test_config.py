@@ -461,7 +461,8 @@ def test_eval_max_new_tokens_follows_train_unless_set():
     ("trainer.max_ckpts_to_keep=0", "must be -1 (keep all) or a positive count"),
     ("trainer.logger=mlflow", "trainer.logger=mlflow: must be one of wandb, tensorboard, console"),
     ("trainer.logger=[tensorboard,tensorboard]", "without repeats"),
-    ("trainer.run_name=a/b", "trainer.run_name=a/b: must be a folder name"),
+    ("trainer.run_name=a/b", "trainer.run_name=a/b: must be a folder name: letters, digits and _ . + = @ , - only "
+                             "(no '/'); the default is <preset>-seed<seed>, here custom-seed42"),
     ("trainer.project_name=..", "must be a folder name"),
     ("trainer.device=tpu", "must be one of 'auto', 'cpu' or 'cuda'"),
     ("trainer.device=cpu", "trainer.device=cpu: SGLang needs CUDA GPUs; use generator.backend=hf"),
@@ -873,3 +874,10 @@ def test_token_budget_replaces_the_micro_batch_sequence_counts():
                           "generator.n_samples_per_prompt=5 = 5 sequences must split evenly over the 4 policy workers")
     # micro_train_batch_size_per_gpu=3 does not divide 1280 / 4 sequences, but is unused with a token budget
     assert load_config(overrides=["trainer.max_tokens_per_microbatch=4096", "trainer.micro_train_batch_size_per_gpu=3"])
+
+
+def test_bad_run_name_states_the_real_default_not_null():
+    """The schema's run_name default is null, filled at load time with <preset>-seed<seed>: the message says so."""
+    err = one_error("trainer.run_name=a/b", "trainer.seed=7", preset="gsm8k-cpu")
+    assert err.endswith("(no '/'); the default is <preset>-seed<seed>, here gsm8k-cpu-seed7"), err
+    assert "null" not in err
