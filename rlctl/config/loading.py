@@ -306,7 +306,8 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
         info = model.model_fields.get(k)
         if info is None and k not in extra:
             line = getattr(d, "key_lines", {}).get(k)
-            where = "" if layer.kind == "override" else f" (in {layer.label}{f':{line}' if line else ''})"
+            # the source as every other error names it (_Collector.src): " [file:line]" at the end
+            where = "" if layer.kind == "override" else f" [{_label_with_line(layer.label, line)}]"
             hint = _suggest(path, names)
             leaves = _dict_leaves(v, path) if isinstance(v, dict) else []
             if len(leaves) == 1:  # a.typo.b.c=x: echo what was typed, suggest the whole corrected path
@@ -314,9 +315,9 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
                 fixed = hint.removeprefix("; did you mean ").removesuffix("?") + leaf[len(path):] if hint else ""
                 if fixed in LEAF_DEFAULTS:
                     hint = f"; did you mean {fixed}?"
-                errors.append(f"{_kv(leaf, leaf_v)}: unknown key {path}{where}{hint}; remove or rename it")
+                errors.append(f"{_kv(leaf, leaf_v)}: unknown key {path}{hint}; remove or rename it{where}")
             else:
-                errors.append(f"{_kv(path, v)}: unknown key{where}{hint}; remove or rename it")
+                errors.append(f"{_kv(path, v)}: unknown key{hint}; remove or rename it{where}")
             continue
         sub = _submodel(info.annotation) if info is not None else None
         if sub is not None and v is None:  # an empty YAML section ("trainer:") means no keys

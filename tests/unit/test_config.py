@@ -237,7 +237,7 @@ def test_unknown_override_key_with_suggestion():
 def test_unknown_key_in_file_names_file(tmp_path):
     f = write(tmp_path, "c.yaml", "trainer:\n  sed: 1\n")
     err = one_error(config_file=f)
-    assert err.startswith("trainer.sed=1: unknown key (in ") and str(f) in err and "did you mean trainer.seed?" in err
+    assert err == f"trainer.sed=1: unknown key; did you mean trainer.seed?; remove or rename it [{f}:2]"
 
 
 def test_empty_section_and_empty_file(tmp_path):
@@ -373,9 +373,21 @@ def test_duplicate_yaml_key_is_an_error_with_lines(tmp_path):
 def test_unknown_key_in_a_file_names_its_line(tmp_path):
     f = write(tmp_path, "typo.yaml", "trainer:\n  seed: 1\n  polcy:\n    model: {path: x}\n  epochz: 3\n")
     assert errors_of(config_file=f) == [
-        f"trainer.polcy.model.path=x: unknown key trainer.polcy (in {f}:3); did you mean trainer.policy.model.path?; "
-        "remove or rename it",
-        f"trainer.epochz=3: unknown key (in {f}:5); did you mean trainer.epochs?; remove or rename it"]
+        f"trainer.polcy.model.path=x: unknown key trainer.polcy; did you mean trainer.policy.model.path?; "
+        f"remove or rename it [{f}:3]",
+        f"trainer.epochz=3: unknown key; did you mean trainer.epochs?; remove or rename it [{f}:5]"]
+
+
+def test_unknown_key_and_type_error_name_their_file_line_the_same_way(tmp_path, monkeypatch):
+    """One source format for every error from a --config / preset line: ' [file:line]' at the end."""
+    f = write(tmp_path, "mix.yaml", "trainer:\n  seed: x\n  foo: 1\n")
+    assert errors_of(config_file=f) == [f"trainer.foo=1: unknown key; remove or rename it [{f}:3]",
+                                        f"trainer.seed=x: expected an integer; the default is 42 [{f}:2]"]
+    monkeypatch.setenv("RLCTL_PRESETS_DIR", str(tmp_path))
+    write(tmp_path, "mine.yaml", "trainer:\n  seed: x\n  foo: 1\n")
+    assert errors_of(preset="mine") == [
+        f"trainer.foo=1: unknown key; remove or rename it [preset mine ({tmp_path / 'mine.yaml'}:3)]",
+        f"trainer.seed=x: expected an integer; the default is 42 [preset mine ({tmp_path / 'mine.yaml'}:2)]"]
 
 
 def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
