@@ -376,7 +376,7 @@ def load_config(
     try:
         return _load(preset, config_file, overrides, backend, for_training)
     except ConfigError as exc:
-        raise ConfigError([_redact_text(e) for e in exc.errors]) from None
+        raise ConfigError([_redact_text(e) for e in exc.errors], cfg=exc.cfg, unsure=exc.unsure) from None
     except RecursionError:
         raise ConfigError("configuration: nested too deeply") from None
 
@@ -421,6 +421,8 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
         except ConfigError as exc:
             errors += exc.errors
 
+    # a preset, file or override that could not be read: only the keys the command line set are known for sure
+    unread = bool(errors)
     # known keys, per layer (so errors name the file)
     for layer in layers:
         layer.data = _check_keys(layer.data, layer, errors)
@@ -486,7 +488,13 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
             new_errors = [e for e in c.errors[n_before:] if not any(p.search(e.split(":", 1)[-1]) or e.startswith(r) for p, r in zip(pats, repaired))]
             c.errors[n_before:] = new_errors
     if c.errors:
-        raise ConfigError(c.errors)
+        if cfg is not None and not repaired and all(e in c.machine for e in c.errors):
+            raise ConfigError(c.errors, cfg=cfg)  # the user's configuration, valid but for this machine
+        # the keys an error starts with ("trainer.device=x: ...", "trainer.device: override value ...")
+        named = {m.group(1) for e in c.errors if (m := re.match(r"([A-Za-z_][\w.]*)(?:\[\d+\])?[=:]", e))}
+        if unread:
+            named |= set(LEAF_DEFAULTS) - {p for layer in layers if layer.kind == "override" for p in _flatten(layer.data)}
+        raise ConfigError(c.errors, cfg=cfg, unsure=repaired | named)
     assert cfg is not None
     return LoadedConfig(
         cfg=cfg,
