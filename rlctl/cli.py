@@ -124,8 +124,12 @@ def _err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _load(preset, config, overrides, backend, for_training: bool = False, extra: list[str] | None = None) -> "LoadedConfig":
-    """load_config, printing a ConfigError and exiting 2 (no traceback)."""
+def _load(preset, config, overrides, backend, for_training: bool = False, extra: list[str] | None = None,
+          command: Optional[str] = None, dry_run: bool = False) -> "LoadedConfig":
+    """load_config, printing a ConfigError and exiting 2 (no traceback). With ``command`` (train / eval), the
+    environment preflight's problems follow the configuration errors in the same message: all of them when
+    the configuration failed only on this machine's files, else those that need no more than the values
+    the errors left sure (:func:`rlctl.preflight.check`'s ``unsure``)."""
     from rlctl.config import ConfigError, load_config
 
     try:
@@ -141,19 +145,24 @@ def _load(preset, config, overrides, backend, for_training: bool = False, extra:
         _err(f"rlctl: invalid configuration ({n} error{'s' if n != 1 else ''}):")
         for line in exc.errors:
             _err(f"  - {line}")
+        if command is not None and exc.cfg is not None:
+            _preflight(exc.cfg, command, dry_run=dry_run, failed=True, unsure=exc.unsure)
         raise typer.Exit(2) from None
 
 
-def _preflight(loaded: "LoadedConfig", command: str, *, dry_run: bool = False) -> None:
-    """The environment preflight (:mod:`rlctl.preflight`), before Ray starts or a folder is written.
+def _preflight(cfg: Any, command: str, *, dry_run: bool = False, failed: bool = False, unsure: Any = None) -> None:
+    """The environment preflight (:mod:`rlctl.preflight`) of the run config ``cfg``, before Ray starts or a
+    folder is written.
 
     Every problem is printed in one message and the command exits 2 (a dry run only warns: it may be
     prepared on another machine). A checkpoint that already completes the run prints a note and exits 0.
+    ``failed``: the configuration's errors were just printed; the problems join them and it exits 2 either way
+    (``unsure``: see :func:`rlctl.preflight.check`).
     """
     from rlctl import preflight
     from rlctl.config import redact
 
-    result = preflight.check(loaded.cfg, command)
+    result = preflight.check(cfg, command, unsure=unsure)
     if result.errors:
         if dry_run:
             for line in result.errors:
@@ -164,6 +173,8 @@ def _preflight(loaded: "LoadedConfig", command: str, *, dry_run: bool = False) -
             for line in result.errors:
                 _err(redact(f"  - {line}"))
             raise typer.Exit(2)
+    if failed:
+        raise typer.Exit(2)
     if result.finished:
         _err(redact(f"note: {result.finished}"))
         if not dry_run:
@@ -297,9 +308,9 @@ def train(
 ) -> None:
     """Train with GRPO. The run folder is <trainer.log_path>/<trainer.project_name>/<trainer.run_name>."""
     extra = [f"ray.address={ray_address}"] if ray_address else []
-    loaded = _load(preset, config, overrides, backend, for_training=True, extra=extra)
+    loaded = _load(preset, config, overrides, backend, for_training=True, extra=extra, command="train", dry_run=dry_run)
     _print_notes(loaded)
-    _preflight(loaded, "train", dry_run=dry_run)
+    _preflight(loaded.cfg, "train", dry_run=dry_run)
     _memory_plan(loaded, gpu_memory_gb, ray_address, ignore_memory_plan or dry_run)
     run_dir = loaded.cfg.run_dir
     if dry_run:
@@ -340,13 +351,12 @@ def eval_(
     """Greedy pass@1 of a model on data.val_data (strict and flexible GSM8K scores)."""
     model = _eval_model_folder(model)
     extra = [f"trainer.policy.model.path={model}"] + ([f"ray.address={ray_address}"] if ray_address else [])
-    loaded = _load(preset, config, overrides, backend, extra=extra)
+    loaded = _load(preset, config, overrides, backend, extra=extra, command="eval")
     _print_notes(loaded)
     missing = [p for p in loaded.cfg.data.val_data if not Path(p).is_file()]
-    if missing:
+    if missing:  # with this machine's other problems, in one message
         _err(f"rlctl: data.val_data: file(s) do not exist: {', '.join(missing)}; run `rlctl prepare-data gsm8k`")
-        raise typer.Exit(2)
-    _preflight(loaded, "eval")
+    _preflight(loaded.cfg, "eval", failed=bool(missing))
     job = _import_runtime("rlctl.job")
     from rlctl.models import ModelSourceError
 

@@ -133,8 +133,9 @@ def gpus_needed(cfg, command: Literal["train", "eval"]) -> tuple[int, str]:
     return cfg.num_policy_workers + engines, f"{policy_txt} for the policy + {engines_txt} for the engines (split placement)"
 
 
-def _gpu_errors(cfg, command: str, gpus: int) -> list[str]:
-    device, backend = cfg.trainer.device, cfg.generator.backend
+def _gpu_errors(cfg, command: str, gpus: int, device: str | None, backend: str | None, layout: bool = True) -> list[str]:
+    """No GPU at all for ``trainer.device=cuda`` / the sglang backend (``None``: that key's value is unknown); with
+    ``layout``, fewer GPUs than the layout needs."""
     where = ("CUDA_VISIBLE_DEVICES=" + repr(os.environ["CUDA_VISIBLE_DEVICES"])
              if "CUDA_VISIBLE_DEVICES" in os.environ else "none found by nvidia-smi or in /proc/driver/nvidia")
     errors = []
@@ -147,6 +148,8 @@ def _gpu_errors(cfg, command: str, gpus: int) -> list[str]:
             errors.append(f"generator.backend=sglang: SGLang engines need a CUDA GPU and this machine has none "
                           f"({where}); use --backend hf with trainer.device=cpu (e.g. --preset gsm8k-cpu), or run on "
                           "a GPU machine or a Ray cluster (--ray-address)")
+        return errors
+    if not layout:
         return errors
     need, how = gpus_needed(cfg, command)
     have = gpus
@@ -210,30 +213,41 @@ def _finished(cfg) -> str | None:
             "(use a new trainer.run_name, trainer.resume_mode=none, or raise trainer.max_steps / trainer.epochs)")
 
 
-def check(cfg: Any, command: Literal["train", "eval"], gpu_count: Callable[[], int] | None = None) -> Preflight:
+def check(cfg: Any, command: Literal["train", "eval"], gpu_count: Callable[[], int] | None = None,
+          unsure: Any = None) -> Preflight:
     """Check that this machine can run the validated ``cfg`` (an ``rlctl.config.RunConfig``).
 
     Args:
         cfg: the validated run config.
         command: ``train`` or ``eval`` (eval reserves GPUs for the engines only and has no checkpoint check).
         gpu_count: returns the visible GPU count; default :func:`visible_gpu_count` (tests pass a fake).
+        unsure: for a configuration that failed validation (``ConfigError.cfg``, so that its errors and this
+            machine's problems are reported in one message): the key paths whose value in ``cfg`` is not the
+            user's (``ConfigError.unsure``). Given, only the checks that need no more than ``generator.backend``,
+            ``trainer.device`` and ``ray.address`` run (SGLang installed, a GPU at all), each only when the keys
+            it reads are not unsure (an unsure ``ray.address`` counts as unset); no layout count, no checkpoint.
     Returns:
         :class:`Preflight`; never raises for a missing GPU or package: the caller prints ``errors`` at once.
     """
     out = Preflight()
-    if cfg.generator.backend == "sglang" and not sglang_installed():
+    partial = unsure is not None
+    unsure = set(unsure or ())
+    backend = None if "generator.backend" in unsure else cfg.generator.backend
+    device = None if "trainer.device" in unsure else cfg.trainer.device
+    if backend == "sglang" and not sglang_installed():
         out.errors.append(f"generator.backend=sglang: SGLang is not installed in this Python environment; "
                           f"install it with {SGLANG_INSTALL} on a GPU machine, or use --backend hf "
                           "(e.g. --preset gsm8k-cpu)")
-    address = _ray_address(cfg)
+    # an unsure ray.address (e.g. in a --config file that did not parse) counts as unset; RAY_ADDRESS still counts
+    address = (os.environ.get("RAY_ADDRESS") or None) if "ray.address" in unsure else _ray_address(cfg)
     if address is not None:
         problem = ray_address_problem(address)
         if problem:
             out.errors.append(problem)
-    if address is None:
-        if cfg.trainer.device != "cpu":  # cuda, or auto (cuda when a GPU is visible); sglang is never on cpu
-            out.gpus = (gpu_count or visible_gpu_count)()
-            out.errors.extend(_gpu_errors(cfg, command, out.gpus))
-    if command == "train" and not out.errors:
+    # cuda, or auto (cuda when a GPU is visible); sglang is never on cpu (device None: unsure)
+    if address is None and (device in ("cuda", "auto") or (device is None and backend == "sglang")):
+        out.gpus = (gpu_count or visible_gpu_count)()
+        out.errors.extend(_gpu_errors(cfg, command, out.gpus, device, backend, layout=not partial))
+    if command == "train" and not out.errors and not partial:
         out.finished = _finished(cfg)
     return out

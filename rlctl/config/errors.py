@@ -21,10 +21,21 @@ from rlctl.config.yamlio import safe_load
 
 
 class ConfigError(Exception):
-    """Every problem found in a configuration; ``errors`` holds one line per problem."""
+    """Every problem found in a configuration; ``errors`` holds one line per problem.
 
-    def __init__(self, errors: list[str] | str):
+    So that ``rlctl train`` / ``eval`` can report this machine's problems (:mod:`rlctl.preflight`) in the same
+    message, a failed :func:`~rlctl.config.load_config` also carries:
+
+    - ``cfg``: the config validated with every invalid value replaced by its default (None when none could be made);
+    - ``unsure``: the key paths whose value in ``cfg`` is not the user's (replaced, or named by an error), or None
+      when every error is about this machine only (a missing data file, model folder or package: ``check-config``
+      only warns about those): then ``cfg`` is exactly the user's configuration.
+    """
+
+    def __init__(self, errors: list[str] | str, cfg: Any = None, unsure: Optional[set[str]] = None):
         self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
+        self.cfg = cfg
+        self.unsure = unsure
         super().__init__("\n".join(self.errors))
 
     def __str__(self) -> str:
@@ -49,6 +60,7 @@ class _Collector:
         self.given_as: dict[str, str] = {}  # canonical key -> the alias / vLLM name the user wrote
         # key path -> the layer that set it last, all command-line overrides counting as one layer
         self.source_group: dict[str, int] = source_group or {}
+        self.machine: list[str] = []  # errors only because of this machine (files, packages): warnings in check-config
 
     def src(self, path: str) -> str:
         label = self.sources.get(path)
@@ -57,10 +69,10 @@ class _Collector:
             where = f"given as {self.given_as[path]}" + (f" in {where}" if where else "")
         return f" [{where}]" if where else ""
 
-    def error(self, path: str, value: Any, msg: str, also: tuple[str, ...] = ()) -> None:
+    def error(self, path: str, value: Any, msg: str, also: tuple[str, ...] = (), machine: bool = False) -> None:
         """An error on ``path``; ``also``: the other keys the rule involves, whose sources are named too
         when they differ (``[trainer.policy_mini_batch_size: preset gsm8k-cpu; trainer.train_batch_size:
-        command line]``)."""
+        command line]``); ``machine``: an error only because of this machine (a missing file or package)."""
         self.reported.add(path)
         where = self.src(path)
         if also:
@@ -71,6 +83,8 @@ class _Collector:
             if len(set(names.values())) > 1:
                 where = " [" + "; ".join(f"{k}: {v}" for k, v in names.items()) + "]"
         self.errors.append(f"{_kv(path, value)}: {msg}{where}")
+        if machine:
+            self.machine.append(self.errors[-1])
 
     def note(self, path: str, msg: str) -> None:
         self.notes.append(f"{path}: {msg}")

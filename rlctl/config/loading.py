@@ -306,7 +306,8 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
         info = model.model_fields.get(k)
         if info is None and k not in extra:
             line = getattr(d, "key_lines", {}).get(k)
-            where = "" if layer.kind == "override" else f" (in {layer.label}{f':{line}' if line else ''})"
+            # the source as every other error names it (_Collector.src): " [file:line]" at the end
+            where = "" if layer.kind == "override" else f" [{_label_with_line(layer.label, line)}]"
             hint = _suggest(path, names)
             leaves = _dict_leaves(v, path) if isinstance(v, dict) else []
             if len(leaves) == 1:  # a.typo.b.c=x: echo what was typed, suggest the whole corrected path
@@ -314,9 +315,9 @@ def _check_keys(d: dict, layer: _Layer, errors: list[str], model: type[BaseModel
                 fixed = hint.removeprefix("; did you mean ").removesuffix("?") + leaf[len(path):] if hint else ""
                 if fixed in LEAF_DEFAULTS:
                     hint = f"; did you mean {fixed}?"
-                errors.append(f"{_kv(leaf, leaf_v)}: unknown key {path}{where}{hint}; remove or rename it")
+                errors.append(f"{_kv(leaf, leaf_v)}: unknown key {path}{hint}; remove or rename it{where}")
             else:
-                errors.append(f"{_kv(path, v)}: unknown key{where}{hint}; remove or rename it")
+                errors.append(f"{_kv(path, v)}: unknown key{hint}; remove or rename it{where}")
             continue
         sub = _submodel(info.annotation) if info is not None else None
         if sub is not None and v is None:  # an empty YAML section ("trainer:") means no keys
@@ -375,7 +376,7 @@ def load_config(
     try:
         return _load(preset, config_file, overrides, backend, for_training)
     except ConfigError as exc:
-        raise ConfigError([_redact_text(e) for e in exc.errors]) from None
+        raise ConfigError([_redact_text(e) for e in exc.errors], cfg=exc.cfg, unsure=exc.unsure) from None
     except RecursionError:
         raise ConfigError("configuration: nested too deeply") from None
 
@@ -420,6 +421,8 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
         except ConfigError as exc:
             errors += exc.errors
 
+    # a preset, file or override that could not be read: only the keys the command line set are known for sure
+    unread = bool(errors)
     # known keys, per layer (so errors name the file)
     for layer in layers:
         layer.data = _check_keys(layer.data, layer, errors)
@@ -446,13 +449,12 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
     _normalize(raw, c, "sglang")
 
     # deterministic run name
-    if _get(raw, "trainer.run_name") is None:
-        seed = _get(raw, "trainer.seed", 42)
-        seed_s = str(seed) if isinstance(seed, int) else "42"
-        stem = Path(str(preset)).stem if preset is not None else "custom"
-        name = re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", f"{stem}-seed{seed_s}")
-        if isinstance(raw.get("trainer", {}), dict):
-            _set(raw, "trainer.run_name", name)
+    seed = _get(raw, "trainer.seed", 42)
+    seed_s = str(seed) if isinstance(seed, int) else "42"
+    stem = Path(str(preset)).stem if preset is not None else "custom"
+    default_run_name = re.sub(r"[^A-Za-z0-9_.+=@,-]", "_", f"{stem}-seed{seed_s}")
+    if _get(raw, "trainer.run_name") is None and isinstance(raw.get("trainer", {}), dict):
+        _set(raw, "trainer.run_name", default_run_name)
 
     # Validate. Leaves with type errors are reported, then replaced by their defaults so that the
     # rules still run on everything else (all errors in one message); rule errors that mention a
@@ -469,6 +471,8 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
                 base = path.split("[")[0]
                 if base not in repaired and base not in c.reported:
                     hint = f"; the default is {_fmt(LEAF_DEFAULTS[base])}" if base in LEAF_DEFAULTS else ""
+                    if base == "trainer.run_name":  # the schema's null is filled at load time
+                        hint = f"; the default is <preset>-seed<seed>, here {default_run_name}"
                     below = _value_below(layers, base, source_at.get(base))
                     if below is not None and below[1] != LEAF_DEFAULTS.get(base, object()):
                         # e.g. the preset's value, which the bad one replaced
@@ -484,7 +488,13 @@ def _load(preset, config_file, overrides, backend, for_training) -> LoadedConfig
             new_errors = [e for e in c.errors[n_before:] if not any(p.search(e.split(":", 1)[-1]) or e.startswith(r) for p, r in zip(pats, repaired))]
             c.errors[n_before:] = new_errors
     if c.errors:
-        raise ConfigError(c.errors)
+        if cfg is not None and not repaired and all(e in c.machine for e in c.errors):
+            raise ConfigError(c.errors, cfg=cfg)  # the user's configuration, valid but for this machine
+        # the keys an error starts with ("trainer.device=x: ...", "trainer.device: override value ...")
+        named = {m.group(1) for e in c.errors if (m := re.match(r"([A-Za-z_][\w.]*)(?:\[\d+\])?[=:]", e))}
+        if unread:
+            named |= set(LEAF_DEFAULTS) - {p for layer in layers if layer.kind == "override" for p in _flatten(layer.data)}
+        raise ConfigError(c.errors, cfg=cfg, unsure=repaired | named)
     assert cfg is not None
     return LoadedConfig(
         cfg=cfg,

@@ -1,6 +1,7 @@
 """Secret redaction, and values as shown in messages.
 
-A secret-looking key (``hf_token``, ``*_api_key``, ``password``, ``secrets.*``) has its value replaced by
+A secret-looking key (``hf_token``, ``*_api_key``, ``*_access_key``, ``password``, ``secrets.*``; not
+``answer_key`` or ``prompt_key``) has its value replaced by
 :data:`REDACTED`; so do the values of ``$WANDB_API_KEY`` / ``$HF_TOKEN`` / ``$HUGGING_FACE_HUB_TOKEN``
 and passwords in URLs, wherever they appear in a config, a message or a source label.
 
@@ -19,17 +20,23 @@ REDACTED = "***REDACTED***"
 
 _SECRET_ANY = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "credential", "credentials",
                "authorization", "bearer"}
-_SECRET_LAST = {"token", "key", "apikey", "auth"}
+_SECRET_LAST = {"token", "apikey", "accesskey", "secretkey", "privatekey", "auth"}
+# a last segment ``key`` is a secret alone (``key``, ``wandb.key``) or after one of these words (``api_key``,
+# ``aws_access_key``, ``ssh_private_key``); ``answer_key``, ``sort_key``, ``prompt_key`` (SkyRL's ``input_key``
+# style: column names) are not
+_SECRET_KEY_AFTER = {"api", "access", "secret", "private", "auth", "signing", "encryption", "ssh", "license",
+                     "master", "session"}
 _ENV_SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # scheme://[user]:password@host -- the password may itself hold '@' (the last '@' before the path ends it)
 _URL_CRED_RE = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s]+@")
 
 
 def is_secret_key(key: Any) -> bool:
-    """Secret-looking key: a segment secret/password/..., or a last segment token/key/apikey.
+    """Secret-looking key: a segment secret/password/..., a last segment token/apikey/auth, or a last segment
+    ``key`` alone or after api/access/private/... (:data:`_SECRET_KEY_AFTER`).
 
-    ``hf_token``, ``wandb_api_key``, ``password`` and ``client_secret`` are secrets;
-    ``max_new_tokens`` and ``stop_token_ids`` are not.
+    ``hf_token``, ``wandb_api_key``, ``password``, ``client_secret`` and ``aws_access_key`` are secrets;
+    ``max_new_tokens``, ``stop_token_ids``, ``answer_key`` and ``prompt_key`` are not.
     """
     if not isinstance(key, str):
         return False
@@ -37,7 +44,9 @@ def is_secret_key(key: Any) -> bool:
     segs = [x for x in re.split(r"[^A-Za-z0-9]+", s.lower()) if x]
     if not segs:
         return False
-    return any(x in _SECRET_ANY for x in segs) or segs[-1] in _SECRET_LAST
+    if any(x in _SECRET_ANY for x in segs) or segs[-1] in _SECRET_LAST:
+        return True
+    return segs[-1] == "key" and (len(segs) == 1 or segs[-2] in _SECRET_KEY_AFTER)
 
 
 def _redact_override(item: Any) -> Any:

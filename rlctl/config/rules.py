@@ -234,7 +234,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     if "trainer.logger" in ex and "wandb" in t.loggers and importlib.util.find_spec("wandb") is None:
         msg = "wandb is not installed; pip install 'rlctl[wandb]' or use trainer.logger=tensorboard"
         if for_training:
-            c.error("trainer.logger", t.logger, msg)
+            c.error("trainer.logger", t.logger, msg, machine=True)
         else:
             c.warn("trainer.logger", msg)
 
@@ -244,7 +244,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
             if not _exists(p):
                 fix = "run `rlctl prepare-data gsm8k` or fix the path"
                 if for_training:
-                    c.error(f"{key}[{i}]", p, f"file does not exist; {fix}")
+                    c.error(f"{key}[{i}]", p, f"file does not exist; {fix}", machine=True)
                 else:
                     c.warn(f"{key}[{i}]", f"file {p} does not exist; {fix}")
     mp = t.policy.model.path
@@ -255,7 +255,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
         else:
             fix = "point it at a folder with a Hugging Face model (config.json + weights) or give a hub name like Qwen/Qwen2.5-1.5B-Instruct"
         if for_training:
-            c.error("trainer.policy.model.path", mp, f"local model folder does not exist; {fix}")
+            c.error("trainer.policy.model.path", mp, f"local model folder does not exist; {fix}", machine=True)
         else:
             c.warn("trainer.policy.model.path", f"local model folder {mp} does not exist; {fix}")
     fn = cfg.environment.reward.custom_reward_fn
@@ -263,6 +263,6 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
         left = fn.rpartition(":")[0]
         if (left.endswith(".py") or "/" in left) and not _exists(os.path.expanduser(left)):
             if for_training:
-                c.error("environment.reward.custom_reward_fn", fn, f"file {left} does not exist")
+                c.error("environment.reward.custom_reward_fn", fn, f"file {left} does not exist", machine=True)
             else:
                 c.warn("environment.reward.custom_reward_fn", f"file {left} does not exist")

@@ -234,6 +234,53 @@ def test_preflight_problems_one_message_exit_2_before_anything(monkeypatch, home
     assert "warning: on this machine: generator.backend=sglang: SGLang is not installed" in res.stderr
 
 
+def test_config_errors_and_machine_problems_are_one_message(monkeypatch, home, gpu_machine):
+    """A new user's `train --preset gsm8k-cpu trainer.device=cuda` with a missing data file on a machine without a
+    GPU: the config error AND the missing GPU in one message, exit 2 (not the GPU as a second surprise)."""
+    monkeypatch.setattr(gpu_machine, "sglang_installed", lambda: False)
+    monkeypatch.setattr(gpu_machine, "visible_gpu_count", lambda: 0)
+    fake_module(monkeypatch, "rlctl.job", train=_never, evaluate=_never)
+    model = home / "models" / "smollm2-135m-instruct"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    no_gpu = "  - trainer.device=cuda: this machine has no visible NVIDIA GPU"
+    # only a missing file: the whole preflight runs on the user's config
+    res = runner.invoke(app, ["train", "--preset", "gsm8k-cpu", "trainer.device=cuda", "data.train_data=[/nope.parquet]"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.splitlines()
+    assert lines[:2] == ["rlctl: invalid configuration (1 error):",
+                         "  - data.train_data[0]=/nope.parquet: file does not exist; run `rlctl prepare-data gsm8k` "
+                         "or fix the path"]
+    assert lines[2] == "rlctl train: this machine cannot run this configuration (1 problem):"
+    assert lines[3].startswith(no_gpu) and len(lines) == 4 and "Traceback" not in res.output
+    # a real config error: only the checks whose keys it left sure (--backend sglang, trainer.device=cuda)
+    res = runner.invoke(app, ["train", "--preset", "gsm8k-cpu", "trainer.device=cuda", "trainer.seed=x",
+                              "--backend", "sglang"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.splitlines()
+    assert lines[:2] == ["rlctl: invalid configuration (1 error):", "  - trainer.seed=x: expected an integer; the default is 42"]
+    assert lines[2] == "rlctl train: this machine cannot run this configuration (3 problems):"
+    assert [ln.split(":")[0] for ln in lines[3:]] == ["  - generator.backend=sglang", "  - trainer.device=cuda",
+                                                      "  - generator.backend=sglang"]
+    # an invalid trainer.device or an unread preset: nothing is claimed about the values it could not know
+    res = runner.invoke(app, ["train", "--preset", "gsm8k-cpu", "trainer.device=gpu"])
+    assert res.exit_code == 2 and "this machine cannot run" not in res.stderr, res.output
+    res = runner.invoke(app, ["train", "--preset", "gsm8k-cpux", "trainer.device=cuda"])
+    assert res.exit_code == 2 and "preset 'gsm8k-cpux' not found" in res.stderr, res.output
+    assert res.stderr.count("  - ") == 2 and no_gpu in res.stderr  # the preset's backend (sglang?) is not guessed
+    # the dry run keeps the problems as warnings; eval: a missing val_data file and the GPU together
+    res = runner.invoke(app, ["train", "--dry-run", "--preset", "gsm8k-cpu", "trainer.device=cuda", "trainer.foo=1"])
+    assert res.exit_code == 2 and "warning: on this machine: trainer.device=cuda: this machine has no" in res.stderr
+    res = runner.invoke(app, ["eval", "--model", "m", "--preset", "gsm8k-cpu", "trainer.device=cuda",
+                              "data.val_data=[/nope.parquet]"])
+    assert res.exit_code == 2, res.output
+    assert "rlctl: data.val_data: file(s) do not exist: /nope.parquet" in res.stderr
+    assert "rlctl eval: this machine cannot run this configuration (1 problem):\n" + no_gpu in res.stderr
+    # check-config runs no preflight
+    res = runner.invoke(app, ["check-config", "--preset", "gsm8k-cpu", "trainer.device=cuda", "trainer.seed=x"])
+    assert res.exit_code == 2 and "this machine" not in res.stderr
+
+
 def test_train_with_a_checkpoint_that_completes_the_run_exits_0_at_once(monkeypatch, home):
     fake_module(monkeypatch, "rlctl.job", train=_never)
     cfg = RunConfig.model_validate(yaml.safe_load(runner.invoke(

@@ -237,7 +237,7 @@ def test_unknown_override_key_with_suggestion():
 def test_unknown_key_in_file_names_file(tmp_path):
     f = write(tmp_path, "c.yaml", "trainer:\n  sed: 1\n")
     err = one_error(config_file=f)
-    assert err.startswith("trainer.sed=1: unknown key (in ") and str(f) in err and "did you mean trainer.seed?" in err
+    assert err == f"trainer.sed=1: unknown key; did you mean trainer.seed?; remove or rename it [{f}:2]"
 
 
 def test_empty_section_and_empty_file(tmp_path):
@@ -373,9 +373,21 @@ def test_duplicate_yaml_key_is_an_error_with_lines(tmp_path):
 def test_unknown_key_in_a_file_names_its_line(tmp_path):
     f = write(tmp_path, "typo.yaml", "trainer:\n  seed: 1\n  polcy:\n    model: {path: x}\n  epochz: 3\n")
     assert errors_of(config_file=f) == [
-        f"trainer.polcy.model.path=x: unknown key trainer.polcy (in {f}:3); did you mean trainer.policy.model.path?; "
-        "remove or rename it",
-        f"trainer.epochz=3: unknown key (in {f}:5); did you mean trainer.epochs?; remove or rename it"]
+        f"trainer.polcy.model.path=x: unknown key trainer.polcy; did you mean trainer.policy.model.path?; "
+        f"remove or rename it [{f}:3]",
+        f"trainer.epochz=3: unknown key; did you mean trainer.epochs?; remove or rename it [{f}:5]"]
+
+
+def test_unknown_key_and_type_error_name_their_file_line_the_same_way(tmp_path, monkeypatch):
+    """One source format for every error from a --config / preset line: ' [file:line]' at the end."""
+    f = write(tmp_path, "mix.yaml", "trainer:\n  seed: x\n  foo: 1\n")
+    assert errors_of(config_file=f) == [f"trainer.foo=1: unknown key; remove or rename it [{f}:3]",
+                                        f"trainer.seed=x: expected an integer; the default is 42 [{f}:2]"]
+    monkeypatch.setenv("RLCTL_PRESETS_DIR", str(tmp_path))
+    write(tmp_path, "mine.yaml", "trainer:\n  seed: x\n  foo: 1\n")
+    assert errors_of(preset="mine") == [
+        f"trainer.foo=1: unknown key; remove or rename it [preset mine ({tmp_path / 'mine.yaml'}:3)]",
+        f"trainer.seed=x: expected an integer; the default is 42 [preset mine ({tmp_path / 'mine.yaml'}:2)]"]
 
 
 def test_quoted_number_in_yaml_says_remove_the_quotes(tmp_path):
@@ -461,7 +473,8 @@ def test_eval_max_new_tokens_follows_train_unless_set():
     ("trainer.max_ckpts_to_keep=0", "must be -1 (keep all) or a positive count"),
     ("trainer.logger=mlflow", "trainer.logger=mlflow: must be one of wandb, tensorboard, console"),
     ("trainer.logger=[tensorboard,tensorboard]", "without repeats"),
-    ("trainer.run_name=a/b", "trainer.run_name=a/b: must be a folder name"),
+    ("trainer.run_name=a/b", "trainer.run_name=a/b: must be a folder name: letters, digits and _ . + = @ , - only "
+                             "(no '/'); the default is <preset>-seed<seed>, here custom-seed42"),
     ("trainer.project_name=..", "must be a folder name"),
     ("trainer.device=tpu", "must be one of 'auto', 'cpu' or 'cuda'"),
     ("trainer.device=cpu", "trainer.device=cpu: SGLang needs CUDA GPUs; use generator.backend=hf"),
@@ -731,10 +744,24 @@ def test_custom_reward_file_checked(tmp_path):
 
 def test_secret_key_detection():
     for k in ("hf_token", "wandb_api_key", "password", "secret", "api_key", "client_secret", "accessToken", "HF_TOKEN",
-              "db-password-file", "authorization", "bearer_token", "db_pwd"):
+              "db-password-file", "authorization", "bearer_token", "db_pwd", "key", "apiKey", "apikey",
+              "aws_access_key", "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "ssh_private_key", "privateKey",
+              "signing_key", "encryption_key", "secret_key"):
         assert C.is_secret_key(k), k
-    for k in ("max_new_tokens", "stop_token_ids", "tokenizer", "keyboard", "monkey", "num_keys", "key_path_len"):
+    for k in ("max_new_tokens", "stop_token_ids", "tokenizer", "keyboard", "monkey", "num_keys", "key_path_len",
+              "answer_key", "sort_key", "prompt_key", "reward_key", "input_key", "dedup_key", "primaryKey"):
         assert not C.is_secret_key(k), k
+
+
+def test_unknown_key_ending_in_key_shows_its_value_unless_it_is_a_secret():
+    """A column-name key such as answer_key / foo_key is echoed with its value; *_api_key is still redacted."""
+    errs = errors_of(overrides=["environment.reward.answer_key=x", "trainer.foo_key=1", "trainer.sort_key=len",
+                                "trainer.aws_access_key=AKIA123", "trainer.key=k1"])
+    text = "\n".join(errs)
+    assert "environment.reward.answer_key=x: unknown key" in text
+    assert "trainer.foo_key=1: unknown key" in text and "trainer.sort_key=len: unknown key" in text
+    assert f"trainer.aws_access_key={C.REDACTED}: unknown key" in text and f"trainer.key={C.REDACTED}: unknown key" in text
+    assert "AKIA123" not in text and "k1" not in text
 
 
 def test_redact_keys_env_values_and_urls(monkeypatch):
@@ -873,3 +900,10 @@ def test_token_budget_replaces_the_micro_batch_sequence_counts():
                           "generator.n_samples_per_prompt=5 = 5 sequences must split evenly over the 4 policy workers")
     # micro_train_batch_size_per_gpu=3 does not divide 1280 / 4 sequences, but is unused with a token budget
     assert load_config(overrides=["trainer.max_tokens_per_microbatch=4096", "trainer.micro_train_batch_size_per_gpu=3"])
+
+
+def test_bad_run_name_states_the_real_default_not_null():
+    """The schema's run_name default is null, filled at load time with <preset>-seed<seed>: the message says so."""
+    err = one_error("trainer.run_name=a/b", "trainer.seed=7", preset="gsm8k-cpu")
+    assert err.endswith("(no '/'); the default is <preset>-seed<seed>, here gsm8k-cpu-seed7"), err
+    assert "null" not in err

@@ -140,6 +140,33 @@ def test_layout_message_names_the_keys(home, monkeypatch):
     assert "but this machine has 1 (ray.num_gpus=1 of 8 visible); " in err
 
 
+def test_a_failed_config_carries_what_the_preflight_may_read(home, monkeypatch):
+    """ConfigError.cfg / .unsure: a config that failed only on this machine's files is the user's own (unsure None);
+    otherwise the keys an error named (or replaced by its default) are unsure and the preflight skips them."""
+    from rlctl.config import ConfigError
+
+    monkeypatch.setattr(preflight, "sglang_installed", lambda: False)
+    with pytest.raises(ConfigError) as exc:
+        load_config(preset="gsm8k-cpu", overrides=["trainer.device=cuda", "data.train_data=[/nope.parquet]"],
+                    for_training=True)
+    assert exc.value.unsure is None and exc.value.cfg.trainer.device == "cuda"
+    assert preflight.check(exc.value.cfg, "train", gpu_count=lambda: 0).errors[0].startswith("trainer.device=cuda: ")
+    with pytest.raises(ConfigError) as exc:
+        load_config(preset="gsm8k-cpu", overrides=["generator.backend=vllm", "trainer.device=cuda", "trainer.seed=x"])
+    assert {"generator.backend", "trainer.seed"} <= exc.value.unsure and "trainer.device" not in exc.value.unsure
+    res = preflight.check(exc.value.cfg, "train", gpu_count=lambda: 0, unsure=exc.value.unsure)
+    assert [e.split(":")[0] for e in res.errors] == ["trainer.device=cuda"]  # the default backend is not checked
+    # partial: no layout count (the layout's keys may be the broken ones), no checkpoint look-up
+    assert preflight.check(exc.value.cfg, "train", gpu_count=lambda: 1, unsure=exc.value.unsure).errors == []
+    with pytest.raises(ConfigError) as exc:
+        load_config(preset="gsm8k", overrides=["trainer.device=auto", "trainer.seed=x"])
+    res = preflight.check(exc.value.cfg, "eval", gpu_count=lambda: 0, unsure=exc.value.unsure)
+    assert [e.split(";")[0] for e in res.errors] == [
+        "generator.backend=sglang: SGLang is not installed in this Python environment",
+        "generator.backend=sglang: SGLang engines need a CUDA GPU and this machine has none (none found by nvidia-smi "
+        "or in /proc/driver/nvidia)"]
+
+
 def test_gpu_checks_step_aside_for_a_ray_cluster(home, monkeypatch):
     monkeypatch.setattr(preflight, "sglang_installed", lambda: False)
     monkeypatch.setattr(preflight, "ray_address_problem", lambda address: None)  # as if the cluster answered
