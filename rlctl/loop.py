@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -382,45 +382,57 @@ def step_rollouts(src: RolloutSource, colo, ds, step: int, position: int, timer:
     informative = k = 0
     gave_up = False
     version = -1  # the weight version of the first generation
-    while True:  # one pass without dynamic sampling "filter"; with it, until the batch is full or we give up
-        prompts, rows = src.prompts(position)
-        position += tbs
-        sampling = src.sampling(step, k)
-        # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
-        # resume), the trainer leaves the GPU, the engine wakes its KV cache, generates and sleeps. One-step-off:
-        # the engines generated this batch while the previous step trained; wait for it
-        if started is not None and k == 0:
-            with timer("generate"):
-                out = colo.collect(started)
-            first_version = started.weight_version
-        else:
-            with timer("weight_sync"):
-                colo.sync_weights()
-                colo.offload_trainer()
-            with timer("generate"), colo.rollout():
-                first_version = colo.engine_version
-                out = colo.generate(prompts, sampling)
-        if k == 0:
-            version = first_version
-        gen_stats = colo.generators.last_stats()
-        k += 1
+    # the engine stays awake (weights and KV cache) over every generation of this step: dynamic sampling's extra
+    # batches need no second weight push, since the trainer does not change the weights within a step
+    awake, entered = ExitStack(), False
+    try:
+        while True:  # one pass without dynamic sampling "filter"; with it, until the batch is full or we give up
+            prompts, rows = src.prompts(position)
+            position += tbs
+            sampling = src.sampling(step, k)
+            # 1 rollout: the engine gets current weights (pushed in phase 6 of the previous step, or here after a
+            # resume), the trainer leaves the GPU, the engine wakes its KV cache and generates (and sleeps once
+            # the step's last generation is done). One-step-off: the engines generated this batch while the
+            # previous step trained; wait for it
+            if started is not None and k == 0:
+                with timer("generate"):
+                    out = colo.collect(started)
+                first_version = started.weight_version
+            else:
+                if not entered:
+                    with timer("weight_sync"):
+                        colo.sync_weights()
+                        colo.offload_trainer()
+                with timer("generate"):
+                    if not entered:
+                        awake.enter_context(colo.rollout())
+                        entered = True
+                    first_version = colo.engine_version
+                    out = colo.generate(prompts, sampling)
+            if k == 0:
+                version = first_version
+            gen_stats = colo.generators.last_stats()
+            k += 1
 
-        # 2 reward (+ the overlong penalty)
-        with timer("reward"):
-            ro = src.score(prompts, rows, out)
-        if ds.type != "filter":
-            break
-        # DAPO dynamic sampling: keep the informative groups, generate the next prompts until there are enough
-        keep = grpo.select_informative(ro.rewards, n)
-        flat = torch.tensor(sorted(set(range(len(prompts))) - set(keep.tolist())), dtype=torch.long)
-        informative_parts.append(ro.take(keep))
-        flat_parts.append(ro.take(flat))
-        informative += len(keep) // n
-        if informative >= tbs:
-            break
-        if k >= ds.max_sample_batches:
-            gave_up = True
-            break
+            # 2 reward (+ the overlong penalty)
+            with timer("reward"):
+                ro = src.score(prompts, rows, out)
+            if ds.type != "filter":
+                break
+            # DAPO dynamic sampling: keep the informative groups, generate the next prompts until there are enough
+            keep = grpo.select_informative(ro.rewards, n)
+            flat = torch.tensor(sorted(set(range(len(prompts))) - set(keep.tolist())), dtype=torch.long)
+            informative_parts.append(ro.take(keep))
+            flat_parts.append(ro.take(flat))
+            informative += len(keep) // n
+            if informative >= tbs:
+                break
+            if k >= ds.max_sample_batches:
+                gave_up = True
+                break
+    finally:
+        with timer("generate"):
+            awake.close()  # the engine sleeps (shared GPU) after the step's last generation
     ds_metrics: dict[str, float] = {}
     if ds.type == "filter":
         ro = fill_filtered_batch(informative_parts, flat_parts, tbs, n)

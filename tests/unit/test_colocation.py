@@ -289,3 +289,29 @@ def test_impossible_orders_raise():
             colo.generate([[1]], None)
     assert colo.state() == {"trainer": "offloaded", "engine": "asleep", "weights": "released"}
     assert w.violations == []
+
+
+class FlatTokenizer(FakeTokenizer):
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["#### 3"] * len(ids)  # every group right: all flat, so dynamic sampling "filter" keeps asking
+
+
+def test_filter_dynamic_sampling_keeps_the_engine_awake_over_the_steps_batches():
+    """DAPO ``filter`` on a shared GPU: the extra generations of one step reuse the awake engine -- one push, one KV
+    wake and one sleep per step, not one per sample batch (the trainer does not change the weights in between)."""
+    cfg = load_config(preset="gsm8k-cpu", backend="hf", overrides=[
+        "trainer.train_batch_size=2", "trainer.policy_mini_batch_size=2", "generator.n_samples_per_prompt=2",
+        "trainer.max_steps=2", "trainer.eval_interval=-1", "trainer.ckpt_interval=-1",
+        "trainer.eval_before_train=false", "trainer.algorithm.dynamic_sampling.type=filter",
+        "trainer.algorithm.dynamic_sampling.max_sample_batches=3"]).cfg
+    w = World()
+    colo = Colocation(FakeTrainers(w), FakeGenerators(w, True), shared_gpu=True, engine_sleeps=True,
+                      engine_state="asleep")
+    logger = FakeLogger()
+    run(cfg, colo, FlatTokenizer(), _data(32), _data(5), logger, FakeCheckpointer(w, False), [0])
+    assert w.violations == []
+    per_step = ["wake_weights", "push", "offload", "wake_kv_cache_cuda_graph", "generate", "generate", "generate",
+                "sleep", "onload"]
+    assert [e for e in w.events if e != "train"][:2 * len(per_step)] == per_step * 2
+    assert [logger.rows[s]["dynamic_sampling/sample_batches"] for s in (1, 2)] == [3.0, 3.0]
+    assert [logger.rows[s]["dynamic_sampling/gave_up"] for s in (1, 2)] == [1.0, 1.0]
