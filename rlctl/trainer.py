@@ -274,13 +274,6 @@ def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, T
 
 
-def length_order(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Indices sorting sequences by their real length (tokens; stable), so that micro-batches hold
-    sequences of similar length and :func:`trim_padding` removes most padding. ``attention_mask``
-    [N, L] -> [N] int64 permutation."""
-    return torch.sort(attention_mask.sum(1), stable=True).indices
-
-
 OFFLOADED_RESERVE_LIMIT_BYTES = 1 << 30  # 1 GiB: CUDA memory a colocated trainer may keep reserved while offloaded
 
 

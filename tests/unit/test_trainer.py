@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from rlctl.loop import build_batch
 from rlctl.testing import build_tiny_llama, trainer_section
-from rlctl.trainer import PolicyTrainer, length_order, response_logits_forward, trim_padding
+from rlctl.packing import plan_micro_batches
+from rlctl.trainer import PolicyTrainer, response_logits_forward, trim_padding
 
 
 def _tcfg(*, micro: int = 2, use_kl_loss: bool = False, lr: float = 1e-2, scheduler: str = "constant_with_warmup",
@@ -249,7 +250,8 @@ def test_trim_padding_keeps_only_the_micro_batch_span():
     # rows 0 and 2 use every prompt column and up to 4 response tokens: nothing to trim
     full, _ = trim_padding({k: v[[0, 2]] for k, v in b.items()})
     assert full["input_ids"].shape == (2, 8) and full["response_mask"].shape == (2, 4)
-    assert length_order(b["attention_mask"]).tolist() == [1, 3, 0, 2]  # lengths 4, 7, 5, 6
+    # the trainer plans micro-batches in stable length order: real lengths 7, 4, 8, 5 -> rows 1, 3 | 0, 2
+    assert [m.tolist() for m in plan_micro_batches(b["attention_mask"].sum(1), 2, None)] == [[1, 3], [0, 2]]
 
 
 def test_trimmed_sorted_micro_batches_match_one_full_forward(pg, tiny):
