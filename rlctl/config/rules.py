@@ -14,6 +14,24 @@ from rlctl.config.errors import _Collector
 from rlctl.config.paths import _exists, _looks_like_local_path
 from rlctl.config.schema import LEAF_DEFAULTS, LEAF_EFFECT, RunConfig, _value_at
 
+def _attention_heads(model_path: str) -> tuple[int, int, str] | None:
+    """``(num_attention_heads, num_key_value_heads, config.json path)`` of the model when its ``config.json`` is in a
+    local folder or the Hugging Face cache (:func:`rlctl.memory_plan.find_config_json`; no torch); None otherwise."""
+    import json
+
+    from rlctl.memory_plan import find_config_json
+
+    found = find_config_json(model_path)
+    if found is None:
+        return None
+    try:
+        data = json.loads(found.read_text())
+        heads = int(data["num_attention_heads"])
+        return heads, int(data.get("num_key_value_heads") or heads), str(found)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     t, g, a, pl = cfg.trainer, cfg.generator, cfg.trainer.algorithm, cfg.trainer.placement
     ex = c.explicit
@@ -44,6 +62,12 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                     f"must divide trainer.placement.policy_num_gpus_per_node ({pl.policy_num_gpus_per_node}): a "
                     "colocated engine runs on the GPUs of trainer ranks i*N..i*N+N-1, which must be on one node",
                     also=("trainer.placement.policy_num_gpus_per_node",))
+        heads = _attention_heads(t.policy.model.path)
+        if heads is not None and (heads[0] % tp or heads[1] % tp):
+            c.error("generator.inference_engine_tensor_parallel_size", tp,
+                    f"the model's attention heads ({heads[0]} query, {heads[1]} key/value in {heads[2]}) are not "
+                    f"divisible by {tp}: SGLang splits the heads over the tensor-parallel ranks; use a size that "
+                    "divides both", also=("trainer.policy.model.path",))
         c.note("generator.inference_engine_tensor_parallel_size",
                f"{tp}: tensor-parallel SGLang engines are coded and tested on CPU with fakes but have not run on GPUs yet")
     if sg and pl.colocate_all and not g.sglang.enable_memory_saver:

@@ -907,3 +907,18 @@ def test_bad_run_name_states_the_real_default_not_null():
     err = one_error("trainer.run_name=a/b", "trainer.seed=7", preset="gsm8k-cpu")
     assert err.endswith("(no '/'); the default is <preset>-seed<seed>, here gsm8k-cpu-seed7"), err
     assert "null" not in err
+
+
+def test_tensor_parallel_size_must_divide_the_models_attention_heads(tmp_path):
+    """SmolLM2-135M has 9 query / 3 key-value heads: TP 2 cannot split them (SGLang would fail at engine start)."""
+    model = tmp_path / "smol"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 9, "num_key_value_heads": 3}))
+    err = one_error("generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2",
+                    f"trainer.policy.model.path={model}")
+    assert err.startswith("generator.inference_engine_tensor_parallel_size=2: the model's attention heads (9 query, "
+                          f"3 key/value in {model / 'config.json'}) are not divisible by 2"), err
+    # 14 / 2 heads (Qwen2.5-0.5B) split over 2 ranks
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 14, "num_key_value_heads": 2}))
+    load_config(overrides=["generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2",
+                           f"trainer.policy.model.path={model}"])
