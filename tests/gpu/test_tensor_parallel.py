@@ -1,7 +1,7 @@
 """Tensor-parallel SGLang engines on 2 GPUs (``generator.inference_engine_tensor_parallel_size=2``).
 
 Colocated: 2 FSDP2 trainer ranks and ONE engine of TP 2 spanning both GPUs; each rank serializes its CUDA IPC
-   handles, rank 0 sends the engine both (TP-rank order), 2 steps; trainer and engine agree on the rollout log-probs.
+handles, rank 0 sends the engine both (TP-rank order), 2 steps; trainer and engine agree on the rollout log-probs.
 (Split placement with a TP-2 engine needs 3 GPUs: 1 trainer rank + 2 engine ranks.)
 
 Skipped unless 2 GPUs are visible (a multi-GPU kind, e.g. nvidia-h100-x2). Not run yet: no multi-GPU machine was lent
