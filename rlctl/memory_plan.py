@@ -33,13 +33,14 @@ Test: ``pytest tests/unit/test_memory_plan.py``; calibration against measured ru
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+from rlctl.config.paths import find_config_json  # noqa: F401 - part of this module's interface
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.tree import Tree
@@ -251,39 +252,6 @@ class ModelShape:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV-cache bytes per token of one sequence: k and v of every layer."""
         return 2 * self.num_layers * self.kv_dim * dtype_bytes
-
-
-def find_config_json(model_path: str) -> Optional[Path]:
-    """The ``config.json`` of a model, without network access.
-
-    ``model_path`` is a local folder (``~`` and ``$VARS`` expanded) holding ``config.json``, a path to a
-    ``config.json`` file, or a hub name ``Org/Name`` looked up in the Hugging Face hub cache:
-    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; inside it
-    ``models--Org--Name/snapshots/<rev>/config.json``, the revision ``refs/main`` names when it exists,
-    else the newest snapshot. Returns None when nothing is found.
-    """
-    p = Path(os.path.expandvars(os.path.expanduser(model_path)))
-    if p.is_file() and p.name == "config.json":
-        return p
-    if p.is_dir():
-        return p / "config.json" if (p / "config.json").is_file() else None
-    parts = model_path.strip("/").split("/")
-    if len(parts) != 2 or not all(parts):
-        return None
-    if os.environ.get("HF_HUB_CACHE"):
-        cache = Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    elif os.environ.get("HF_HOME"):
-        cache = Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    else:
-        cache = Path.home() / ".cache" / "huggingface" / "hub"
-    repo = cache / f"models--{parts[0]}--{parts[1]}"
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        cand = repo / "snapshots" / ref.read_text(encoding="utf-8").strip() / "config.json"
-        if cand.is_file():
-            return cand
-    found = [Path(f) for f in glob.glob(str(glob.escape(repo) + "/snapshots/*/config.json"))]
-    return max(found, key=lambda f: f.stat().st_mtime) if found else None
 
 
 def local_gpu_bytes(timeout_s: float = 3.0) -> Optional[int]:

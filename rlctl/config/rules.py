@@ -16,10 +16,10 @@ from rlctl.config.schema import LEAF_DEFAULTS, LEAF_EFFECT, RunConfig, _value_at
 
 def _attention_heads(model_path: str) -> tuple[int, int, str] | None:
     """``(num_attention_heads, num_key_value_heads, config.json path)`` of the model when its ``config.json`` is in a
-    local folder or the Hugging Face cache (:func:`rlctl.memory_plan.find_config_json`; no torch); None otherwise."""
+    local folder or the Hugging Face cache (:func:`rlctl.config.paths.find_config_json`; no torch); None otherwise."""
     import json
 
-    from rlctl.memory_plan import find_config_json
+    from rlctl.config.paths import find_config_json
 
     found = find_config_json(model_path)
     if found is None:
