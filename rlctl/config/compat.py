@@ -36,7 +36,6 @@ class Translate:
     ``check``: a value test; a failing value is the error ``invalid`` (and the name is dropped).
     ``convert``: old value -> new value. ``give_only``: the end of the conflict error (default
     "give only {new}"). ``note``: the note template (default "{old}: {why}; using {new}={value}").
-    ``record_alias``: errors on the new key name the old one ("[given as ...]") and its source.
     ``neutral``: values for which the name means "off" / "unset": dropped with a "has no effect: neutral
     value" note instead of being translated.
     """
@@ -48,7 +47,6 @@ class Translate:
     convert: Callable[[Any], Any] = lambda v: v
     give_only: Optional[str] = None
     note: Optional[str] = None
-    record_alias: bool = True
     neutral: Optional[Callable[[Any], bool]] = None
 
 
@@ -142,7 +140,7 @@ VLLM_GENERATOR_KEYS: dict[str, dict[str, Outcome]] = {
 
 # vLLM names in ``generator.sampling_params`` / ``generator.eval_sampling_params`` (rlctl uses SGLang's).
 _MAX_NEW_TOKENS = _both(Translate("max_new_tokens", "is the vLLM name", note="{old} {why}; using {new}={value}",
-                                  give_only="{key} {why}, give only max_new_tokens", record_alias=False))
+                                  give_only="{key} {why}, give only max_new_tokens"))
 _MIN_TOKENS = _both(NoEffect("neutral value", neutral=_equals(0),  # vLLM's default: no minimum
                              otherwise="{engine} does not support {key} (the engine runs without its tokenizer); remove it"))
 _STOP = _both(Refuse("string stops are not supported: the engine runs without its tokenizer; use {prefix}.stop_token_ids=[...] (token ids)"))
@@ -235,10 +233,11 @@ def _translate(raw: dict, c: _Collector, rule: Translate, old: str, new: str, va
     else:
         _set(raw, new, value)
         c.explicit.add(new)
-        if rule.record_alias:
-            c.given_as[new] = old
-            if old in c.sources:  # errors on ``new`` name the file / preset / override that set ``old``
-                c.sources[new] = c.sources[old]
+        # errors on ``new`` name the key the user wrote and the file / preset / override that set it
+        # (``[command line, as generator.tensor_parallel_size]``, see _Collector.src)
+        c.given_as[new] = old
+        if old in c.sources:
+            c.sources[new] = c.sources[old]
         c.notes.append((rule.note or "{old}: {why}; using {new}={value}").format(**words, value=_fmt(value)))
     _pop(raw, old)
 

@@ -63,10 +63,12 @@ class _Collector:
         self.machine: list[str] = []  # errors only because of this machine (files, packages): warnings in check-config
 
     def src(self, path: str) -> str:
+        """`` [file:line]`` (nothing for a command-line key); a key the user wrote under an alias / vLLM name
+        (:mod:`rlctl.config.compat`) names it: `` [command line, as generator.tensor_parallel_size]``."""
         label = self.sources.get(path)
         where = f"{label}" if label and not label.startswith("override") else ""
         if path in self.given_as:
-            where = f"given as {self.given_as[path]}" + (f" in {where}" if where else "")
+            where = f"{where or 'command line'}, as {self.given_as[path]}"
         return f" [{where}]" if where else ""
 
     def error(self, path: str, value: Any, msg: str, also: tuple[str, ...] = (), machine: bool = False) -> None:
@@ -80,7 +82,9 @@ class _Collector:
                 return "command line" if label.startswith("override") else _short_label(label)
 
             names = {k: name(self.sources[k]) for k in (path, *also) if self.sources.get(k)}
-            if len(set(names.values())) > 1:
+            # per key when the sources differ, or when another key of the rule was written under an alias
+            if len(set(names.values())) > 1 or any(k in self.given_as for k in names if k != path):
+                names = {k: f"{v}, as {self.given_as[k]}" if k in self.given_as else v for k, v in names.items()}
                 where = " [" + "; ".join(f"{k}: {v}" for k, v in names.items()) + "]"
         self.errors.append(f"{_kv(path, value)}: {msg}{where}")
         if machine:

@@ -133,6 +133,7 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                 f"generator.inference_engine_tensor_parallel_size ({g.inference_engine_tensor_parallel_size}) = {gen_gpus} "
                 f"to equal the policy workers trainer.placement.policy_num_nodes x policy_num_gpus_per_node "
                 f"({pl.policy_num_nodes} x {pl.policy_num_gpus_per_node} = {workers}); change one of the three keys",
+                also=("generator.inference_engine_tensor_parallel_size", "trainer.placement.policy_num_gpus_per_node"),
             )
     fs = t.policy.fsdp_config.fsdp_size
     if fs != -1 and (fs < 1 or workers % fs):

@@ -331,14 +331,27 @@ def test_tensor_parallel_alias():
                     "trainer.train_batch_size=12", "trainer.policy_mini_batch_size=6", "trainer.eval_batch_size=12")
     assert err.startswith("generator.inference_engine_tensor_parallel_size=2: must divide "
                           "trainer.placement.policy_num_gpus_per_node (3)")
-    assert err.endswith("[given as generator.tensor_parallel_size]")  # the name the user typed, not the preset
+    assert err.endswith("[command line, as generator.tensor_parallel_size]")  # the name the user typed, not the preset
 
 
 def test_alias_error_names_the_file_that_set_the_alias(tmp_path):
     f = write(tmp_path, "tp.yaml", "generator:\n  tensor_parallel_size: 2\n")
     errs = errors_of(preset="gsm8k", config_file=f, backend="hf")
     assert errs[0].startswith("generator.inference_engine_tensor_parallel_size=2: the hf generator has no tensor parallelism")
-    assert errs[0].endswith(f"[given as generator.tensor_parallel_size in {f}:2]")
+    assert errs[0].endswith(f"[{f}:2, as generator.tensor_parallel_size]")
+
+
+def test_translated_key_errors_name_the_key_the_user_wrote():
+    # multi-key rules name the alias too, not a key the user never typed (gsm8k: 1 GPU, 1 engine)
+    errs = errors_of(preset="gsm8k", overrides=["generator.tensor_parallel_size=2"])
+    assert errs[0].endswith("[generator.inference_engine_tensor_parallel_size: command line, as generator.tensor_parallel_size; "
+                            "trainer.placement.policy_num_gpus_per_node: preset gsm8k]")
+    assert errs[1].startswith("generator.num_inference_engines=1: colocated layout needs")
+    assert "generator.inference_engine_tensor_parallel_size: command line, as generator.tensor_parallel_size;" in errs[1]
+    # every translated name: a bad value reported on the rlctl key names the command line, not the preset's line
+    err = one_error("generator.sampling_params.max_generate_length=0", preset="gsm8k-cpu")
+    assert err.startswith("generator.sampling_params.max_new_tokens=0: must be >= 1")
+    assert err.endswith("[command line, as generator.sampling_params.max_generate_length]")
 
 
 def test_multi_key_rule_names_the_source_of_each_key(tmp_path):
