@@ -296,7 +296,8 @@ def _normalize(raw: dict, c: _Collector, backend_hint: str) -> None:
     if backend == "vllm":
         c.error("generator.backend", "vllm", "rlctl runs sglang or hf, not vLLM; set generator.backend=sglang (GPU) or generator.backend=hf (CPU)")
         gen.pop("backend")
-        backend = "sglang"
+        backend = "sglang"  # the other checks treat it as sglang (the GPU engine); their messages say so
+        c.backend_given = "vllm"
     for section, table in COMPAT_TABLES.items():
         if section.startswith("generator") and isinstance(_get(raw, section), dict):
             _apply_table(raw, section, table, c, backend)

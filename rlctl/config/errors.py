@@ -60,6 +60,8 @@ class _Collector:
         self.given_as: dict[str, str] = {}  # canonical key -> the alias / vLLM name the user wrote
         # key path -> the layer that set it last, all command-line overrides counting as one layer
         self.source_group: dict[str, int] = source_group or {}
+        # generator.backend as the user gave it when rlctl checks another one in its place (vllm: as sglang)
+        self.backend_given: Optional[str] = None
         self.machine: list[str] = []  # errors only because of this machine (files, packages): warnings in check-config
 
     def src(self, path: str) -> str:

@@ -44,7 +44,10 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
     if not g.run_engines_locally:
         c.error("generator.run_engines_locally", False, "remote inference engines are not supported; set generator.run_engines_locally=true")
     if sg and t.device == "cpu":
-        c.error("trainer.device", "cpu", "SGLang needs CUDA GPUs; use generator.backend=hf (--backend hf) for CPU runs, or trainer.device=auto")
+        asked = (f"generator.backend={c.backend_given} is checked as sglang, rlctl's GPU engine; "
+                 if c.backend_given else "")
+        c.error("trainer.device", "cpu", f"{asked}SGLang needs CUDA GPUs; use --backend hf (generator.backend=hf) for CPU "
+                "runs; on a GPU machine set trainer.device=auto (or cuda) instead")
     if not pl.colocate_all and g.weight_sync_backend == "gloo" and sg:
         c.error("generator.weight_sync_backend", "gloo", "SGLang engines receive split-placement weights over NCCL "
                 "(GPU to GPU); set generator.weight_sync_backend=nccl")

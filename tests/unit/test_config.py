@@ -310,6 +310,16 @@ def test_vllm_backend_error():
     assert err.startswith("generator.backend=vllm: rlctl runs sglang or hf")
 
 
+def test_sglang_on_cpu_says_auto_needs_a_gpu_machine_and_names_vllm():
+    err = one_error(preset="gsm8k-cpu", backend="sglang")
+    assert err.startswith("trainer.device=cpu: SGLang needs CUDA GPUs; use --backend hf (generator.backend=hf) for CPU "
+                          "runs; on a GPU machine set trainer.device=auto (or cuda) instead [preset gsm8k-cpu")
+    errs = errors_of(preset="gsm8k-cpu", backend="vllm")
+    assert errs[0].startswith("generator.backend=vllm: rlctl runs sglang or hf, not vLLM")
+    assert errs[1].startswith("trainer.device=cpu: generator.backend=vllm is checked as sglang, rlctl's GPU engine; "
+                              "SGLang needs CUDA GPUs; use --backend hf")
+
+
 def test_remote_engines_error():
     assert "remote inference engines are not supported; set generator.run_engines_locally=true" in one_error(
         "generator.run_engines_locally=false")
@@ -490,7 +500,7 @@ def test_eval_max_new_tokens_follows_train_unless_set():
                              "(no '/'); the default is <preset>-seed<seed>, here custom-seed42"),
     ("trainer.project_name=..", "must be a folder name"),
     ("trainer.device=tpu", "must be one of 'auto', 'cpu' or 'cuda'"),
-    ("trainer.device=cpu", "trainer.device=cpu: SGLang needs CUDA GPUs; use generator.backend=hf"),
+    ("trainer.device=cpu", "trainer.device=cpu: SGLang needs CUDA GPUs; use --backend hf (generator.backend=hf)"),
     ("trainer.policy.optimizer_config.lr=0", "trainer.policy.optimizer_config.lr=0: must be > 0"),
     ("trainer.policy.optimizer_config.adam_betas=[0.9]", "must be two numbers [beta1, beta2]"),
     ("trainer.policy.fsdp_config.fsdp_size=3", "trainer.policy.fsdp_config.fsdp_size=3: must be -1 (all 4 policy workers) or a divisor of 4"),
