@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from rlctl.config.paths import find_config_json  # noqa: F401 - part of this module's interface
+from rlctl.config.paths import _looks_like_local_path, find_config_json  # noqa: F401 - find_config_json: part of this module's interface
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.tree import Tree
@@ -525,10 +525,14 @@ def plan_for_config(cfg: "RunConfig", gpu_bytes: Optional[int]) -> tuple[Optiona
         return None, ["memory plan: trainer.device=cpu, no GPU memory to plan"]
     path = cfg.trainer.policy.model.path
     found = find_config_json(path)
+    if found is None and _looks_like_local_path(path):
+        return None, [f"memory plan: no config.json in the folder trainer.policy.model.path={path}; no plan. Point "
+                      "trainer.policy.model.path at a local folder holding its config.json, or at a Hugging Face model name"]
     if found is None:
         return None, [f"memory plan: no config.json for trainer.policy.model.path={path} (not a local folder and "
-                      "not in the Hugging Face cache); no plan. Download it (`huggingface-cli download NAME`) or point "
-                      "trainer.policy.model.path at a local folder holding its config.json"]
+                      f"not in the Hugging Face cache); no plan. Download it (`hf download {path}`, or only its "
+                      f"config.json for the plan: `hf download {path} config.json`; older huggingface_hub: "
+                      "`huggingface-cli download`) or point trainer.policy.model.path at a local folder holding its config.json"]
     try:
         shape = ModelShape.from_config_json(found)
     except ValueError as e:

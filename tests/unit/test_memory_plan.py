@@ -237,8 +237,14 @@ def test_unknown_model_gives_no_plan_and_a_note(tmp_path, monkeypatch):
     p, notes = mp.plan_for_config(cfg, 80 * GiB)
     assert p is None
     assert notes == ["memory plan: no config.json for trainer.policy.model.path=Nobody/no-such-model (not a local "
-                     "folder and not in the Hugging Face cache); no plan. Download it (`huggingface-cli download NAME`) or point "
-                     "trainer.policy.model.path at a local folder holding its config.json"]
+                     "folder and not in the Hugging Face cache); no plan. Download it (`hf download Nobody/no-such-model`, "
+                     "or only its config.json for the plan: `hf download Nobody/no-such-model config.json`; older "
+                     "huggingface_hub: `huggingface-cli download`) or point trainer.policy.model.path at a local folder "
+                     "holding its config.json"]
+    cfg = load_config(preset="gsm8k", overrides=[f"trainer.policy.model.path={tmp_path}/empty"], backend="sglang").cfg
+    assert mp.plan_for_config(cfg, 80 * GiB) == (None, [
+        f"memory plan: no config.json in the folder trainer.policy.model.path={tmp_path}/empty; no plan. Point "
+        "trainer.policy.model.path at a local folder holding its config.json, or at a Hugging Face model name"])
 
 
 # ------------------------------------------------------------------------------- config.json lookup
