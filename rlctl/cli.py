@@ -182,22 +182,33 @@ def _preflight(cfg: Any, command: str, *, dry_run: bool = False, failed: bool = 
 
 
 def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_address: Optional[str],
-                 ignore: bool, fmt: Optional[str] = None) -> None:
+                 ignore: bool, fmt: Optional[str] = None, asked: bool = False) -> None:
     """The GPU memory plan (:mod:`rlctl.memory_plan`): printed as ``fmt`` (``tree`` / ``yaml`` / ``json`` on stdout)
     when given, then checked against ``--gpu-memory-gb`` or the local GPU (not assumed under a Ray address; no
     GPU: no check). Over the GPU by more than the estimator's error: exit 2 naming the keys that would make it fit
-    (``--ignore-memory-plan`` turns that into a warning); within the error: a warning."""
+    (``--ignore-memory-plan`` turns that into a warning); within the error: a warning.
+
+    A plan that cannot be made (no config.json, trainer.device=cpu) is a note, but a ``warning:`` when the user
+    asked for it (``--gpu-memory-gb`` given, or ``asked``: ``--memory-plan``), saying the fit check was not done;
+    the exit code stays 0 except for ``--memory-plan`` in yaml/json (``fmt``): stdout would be empty, so exit 2."""
     from rlctl import memory_plan as mp
     from rlctl.config import redact
 
     remote = ray_address or loaded.cfg.ray.address or os.environ.get("RAY_ADDRESS")
     gpu = mp.gpu_bytes_from_gb(gpu_memory_gb) if gpu_memory_gb else (None if remote else mp.local_gpu_bytes())
     plan, notes = mp.plan_for_config(loaded.cfg, gpu)
+    if plan is None and (gpu_memory_gb or asked or fmt in ("yaml", "json")):
+        head = (f"memory plan: the fit check against {gpu_memory_gb:g} GiB (--gpu-memory-gb) was NOT done"
+                if gpu_memory_gb else "memory plan: --memory-plan made no plan")
+        for note in notes:
+            text = f"{head}: {note.removeprefix('memory plan: ')}"
+            _err(redact(f"rlctl: {text}" if fmt in ("yaml", "json") else f"warning: {text}"))
+        if fmt in ("yaml", "json"):  # --memory-plan asked for a plan that cannot be made
+            raise typer.Exit(2)
+        return
     for note in notes:
         _err(redact(f"note: {note}"))
     if plan is None:
-        if fmt in ("yaml", "json"):  # --memory-plan asked for a plan that cannot be made
-            raise typer.Exit(2)
         return
     if fmt == "tree":
         mp.print_plan_tree(plan)
@@ -292,7 +303,7 @@ def check_config(
     _print_notes(loaded)
     # the tree output shows the plan after the config; yaml/json keep stdout to the config unless --memory-plan
     _memory_plan(loaded, gpu_memory_gb, ray_address, ignore_memory_plan,
-                 fmt.value if memory else ("tree" if fmt is Format.tree else None))
+                 fmt.value if memory else ("tree" if fmt is Format.tree else None), asked=memory)
 
 
 @app.command()

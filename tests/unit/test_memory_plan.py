@@ -349,3 +349,28 @@ def test_check_config_refuses_at_24_gib_and_prints_the_plan_at_141(tmp_path):
     res = runner.invoke(app, [*args, "--gpu-memory-gb", "141", "--memory-plan", "--format", "json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["peak"]["gib"] > 24
+
+
+def test_explicit_gpu_size_without_a_plan_is_a_warning(tmp_path, monkeypatch):
+    """--gpu-memory-gb N (or --memory-plan) with a hub model whose config.json is not local: a visible warning
+    that the fit check was NOT done (exit 0), not a quiet note; --memory-plan in json/yaml exits 2."""
+    from typer.testing import CliRunner
+
+    from rlctl.cli import app
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    runner = CliRunner()
+    args = ["check-config", "--backend", "sglang", "--preset", "gsm8k", "trainer.policy.model.path=Nobody/no-such-model"]
+    res = runner.invoke(app, [*args, "--gpu-memory-gb", "24"])
+    assert res.exit_code == 0, res.output
+    assert ("warning: memory plan: the fit check against 24 GiB (--gpu-memory-gb) was NOT done: no config.json for "
+            "trainer.policy.model.path=Nobody/no-such-model (not a local folder") in res.stderr
+    assert "note: memory plan: no config.json" not in res.stderr
+    res = runner.invoke(app, [*args, "--memory-plan"])
+    assert res.exit_code == 0 and "warning: memory plan: --memory-plan made no plan: no config.json" in res.stderr
+    res = runner.invoke(app, [*args, "--memory-plan", "--format", "json", "--gpu-memory-gb", "141"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert "rlctl: memory plan: the fit check against 141 GiB (--gpu-memory-gb) was NOT done: no config.json" in res.stderr
+    res = runner.invoke(app, args)  # not asked for: a note
+    assert res.exit_code == 0 and "note: memory plan: no config.json for trainer.policy.model.path=Nobody/no-such-model" in res.stderr
+    assert "warning: memory plan" not in res.stderr
