@@ -257,5 +257,5 @@ def test_train_cuda_on_a_cpu_machine_exits_2_fast_without_traceback_or_heavy_imp
                                  "  - trainer.device=cuda: this machine has no visible NVIDIA GPU "
                                  "(CUDA_VISIBLE_DEVICES=''); set trainer.device=cpu"), res.stderr
     assert "Traceback" not in res.stderr and "HEAVY=\n" in res.stderr
-    assert not (home / "rlctl_runs").exists() and not (home / "rlctl_ckpts").exists()
+    assert not (home / "rlctl_runs").exists() and not (home / "ckpts").exists()
     assert elapsed < 30  # ~1 s idle; loose for a busy shared machine (Ray's start alone took ~20 s)

@@ -97,7 +97,7 @@ def test_gsm8k_cpu_values(home):
     assert (t.eval_before_train, t.eval_interval, t.eval_batch_size) == (False, -1, 32)
     assert t.algorithm.use_kl_loss is False and t.gradient_checkpointing is False
     assert t.policy.optimizer_config.lr == 1e-6 and t.logger == "tensorboard" and t.max_ckpts_to_keep == 2
-    assert t.log_path == f"{home}/rlctl_runs" and t.ckpt_path == f"{home}/rlctl_ckpts"
+    assert t.log_path == f"{home}/rlctl_runs" and t.ckpt_path == f"{home}/ckpts/"  # as gsm8k and the seed
     assert loaded.notes == []
     # the only complaint is the model folder that `rlctl prepare-model smollm2` creates
     assert [w.split(":")[0] for w in loaded.warnings] == ["trainer.policy.model.path"]
