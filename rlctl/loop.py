@@ -35,6 +35,19 @@ from rlctl.colocation import ResidencyError
 from rlctl.generator import GenerationOutput, Sampling, derive_seed
 
 PHASES = ("weight_sync", "generate", "reward", "advantages", "logprobs", "train", "eval", "log", "checkpoint")
+# phases that are not training: timing/step minus these is a step's training time (trainer.max_train_time_s)
+NOT_TRAINING = ("eval", "log", "checkpoint")
+
+
+def train_seconds(phase_seconds: dict[str, float]) -> float:
+    """A step's training time in seconds: the sum of its phases except eval, log (rollout dump) and checkpoint,
+    i.e. ``timing/step - timing/eval - timing/log - timing/checkpoint``.
+
+    Args:
+        phase_seconds: seconds per phase (:attr:`PhaseTimer.seconds`, or a metrics row's ``timing/<phase>``
+            values keyed by phase).
+    """
+    return sum(v for k, v in phase_seconds.items() if k not in NOT_TRAINING)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -555,7 +568,13 @@ def evaluate(generate: Callable[[list, Sampling], Any], prompts: PromptData, tok
 # ---------------------------------------------------------------------------------------------- loop
 def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger, checkpointer,
         stop_token_ids: Sequence[int]) -> dict[str, Any]:
-    """Run GRPO until ``trainer.max_steps``, the end of ``trainer.epochs`` or ``trainer.max_wall_time_s``.
+    """Run GRPO until ``trainer.max_steps``, the end of ``trainer.epochs``, ``trainer.max_wall_time_s`` or
+    ``trainer.max_train_time_s``.
+
+    Training time (``trainer.max_train_time_s``): each step adds :func:`train_seconds` of its phases (not eval,
+    log or checkpoint) to a total in seconds, logged as ``timing/train_time_total_s`` and saved in the checkpoint
+    (``train_time_s``), so a resumed run continues the same budget. The step after which the total reaches the
+    budget is the last one (final eval, checkpoint, ``stopped_because="max_train_time_s"``).
 
     Args:
         cfg: the validated :class:`rlctl.config.RunConfig`.
@@ -598,6 +617,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
 
     # 0 resume (the trainer is resident: it was just built); the engines then need the restored weights
     done = 0  # last finished step
+    train_time = 0.0  # seconds: sum of the finished steps' train_seconds (checkpoint state, trainer.max_train_time_s)
     data_position = 0  # prompts consumed (in epoch_order); saved in checkpoints next to "step"
     colo.onload_trainer()
     restored = checkpointer.restore(trainers)
@@ -605,6 +625,11 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         done = restored["step"]
         # checkpoints written before data_position was saved: every step consumed train_batch_size prompts
         data_position = restored.get("data_position", done * tbs)
+        # checkpoints written before train_time_s was saved: the budget restarts at 0 (said below)
+        train_time = float(restored.get("train_time_s", 0.0))
+        if "train_time_s" not in restored and t_cfg.max_train_time_s is not None:
+            logger.console.log(f"note: the checkpoint of step {done} holds no training time (written before "
+                               "trainer.max_train_time_s existed): the budget counts from 0 s at this resume")
         logger.truncate_after(done)
     for note in checkpointer.notes:
         logger.console.log(f"note: {note}")
@@ -612,6 +637,12 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         logger.console.log(f"note: the checkpoint of step {done} already completes this run's {total_steps} steps: "
                            "nothing to train (use a new trainer.run_name, trainer.resume_mode=none, or raise "
                            "trainer.max_steps / trainer.epochs)")
+    budget = t_cfg.max_train_time_s
+    if budget is not None and train_time >= budget and done < total_steps:
+        logger.console.log(f"note: the checkpoint of step {done} has used {train_time:.1f} s of "
+                           f"trainer.max_train_time_s={budget:g}: nothing to train (use a new trainer.run_name or "
+                           "raise trainer.max_train_time_s)")
+        total_steps = done  # the loop below runs no step
     colo.mark_stale(version=done)
     saved = (restored or {}).get("in_flight")
     if saved is not None and done < total_steps:
@@ -625,6 +656,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
                                "with the restored weights")
     wall_start = time.time()
     stopped_because = "max_steps" if t_cfg.max_steps is not None and total_steps == t_cfg.max_steps else "epochs"
+    if budget is not None and train_time >= budget:
+        stopped_because = "max_train_time_s"
     last_eval: dict[str, float] = {}
 
     def run_eval() -> dict[str, float]:
@@ -723,8 +756,12 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         metrics["data/prompts_consumed"] = float(data_position)
         metrics["data/dropped_long_prompts"] = float(train.dropped_too_long)
         done = step
+        # the step's training time: its phases so far (eval, log and checkpoint come below and are not counted)
+        train_time += train_seconds(timer.seconds)
+        metrics["timing/train_time_total_s"] = train_time
+        out_of_budget = budget is not None and train_time >= budget
         out_of_time = t_cfg.max_wall_time_s is not None and time.time() - wall_start >= t_cfg.max_wall_time_s
-        final = step == total_steps or out_of_time
+        final = step == total_steps or out_of_time or out_of_budget
         if (t_cfg.eval_interval > 0 and step % t_cfg.eval_interval == 0 and val is not None) or (final and eval_enabled):
             with timer("eval"):
                 last_eval = run_eval()
@@ -739,13 +776,16 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
             with timer("checkpoint"):
                 colo.onload_trainer()
-                extra: dict[str, Any] = {"step": step, "data_position": data_position}
+                extra: dict[str, Any] = {"step": step, "data_position": data_position, "train_time_s": train_time}
                 if ahead is not None:
                     extra["in_flight"] = in_flight_state(ahead, colo.collect(ahead))
                 checkpointer.save(trainers, extra)
         metrics.update(timer.metrics())
         metrics["timing/step"] = sum(timer.seconds.values())
         logger.log(step, metrics)
+        if out_of_budget and step < total_steps:
+            stopped_because = "max_train_time_s"
+            break
         if out_of_time:
             stopped_because = "max_wall_time_s"
             break

@@ -247,6 +247,9 @@ class TrainerConfig(_Model):
     run_name: Optional[str] = runtime(None, via="run_dir")
     max_steps: Optional[PosInt] = runtime(None)  # None = until the epochs end
     max_wall_time_s: Optional[Annotated[float, Field(gt=0)]] = runtime(None)
+    # rlctl addition: seconds of training (the steps' timing/step without eval, log and checkpoint), summed
+    # across resumes (checkpoint state); the run ends after the step that reaches it. None = no budget.
+    max_train_time_s: Optional[Annotated[float, Field(gt=0)]] = runtime(None)
     # rlctl additions:
     max_bad_steps: PosInt = runtime(3)  # stop after this many consecutive steps with a NaN/inf loss or grad norm
     rollout_dump_interval: int = runtime(1)  # write sampled rollouts every N steps; -1 disables

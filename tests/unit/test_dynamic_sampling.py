@@ -100,7 +100,9 @@ def test_filter_collects_informative_groups_then_gives_up():
     assert (m2["dynamic_sampling/sample_batches"], m2["dynamic_sampling/gave_up"], m2["data/prompts_consumed"]) == (3.0, 1.0, 12.0)
     assert (m1["dynamic_sampling/informative_groups"], m2["dynamic_sampling/informative_groups"]) == (2.0, 1.0)
     assert m2["train/loss_tokens"] == 4.0
-    assert ckpt.extras == [{"step": 1, "data_position": 6}, {"step": 2, "data_position": 12}]
+    # train_time_s (trainer.max_train_time_s's running total, real seconds here) is only checked to grow
+    assert [(e["step"], e["data_position"]) for e in ckpt.extras] == [(1, 6), (2, 12)]
+    assert 0 < ckpt.extras[0]["train_time_s"] < ckpt.extras[1]["train_time_s"]
 
 
 def test_filter_resumes_at_the_saved_data_position():
