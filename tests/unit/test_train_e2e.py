@@ -111,6 +111,11 @@ def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path, ca
         ma = {k: v for k, v in a[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
         mb = {k: v for k, v in b[step].items() if not k.startswith(("timing/", "rollout/tokens_per_s", "generator/"))}
         assert ma == mb, step
+    # trainer.max_train_time_s's running total survives the real checkpoint: step 3 (after the resume) adds its
+    # own training seconds (timing/step without eval, log, checkpoint) to the total saved at step 2
+    t3 = b[3]["timing/step"] - sum(b[3].get(f"timing/{p}", 0.0) for p in ("eval", "log", "checkpoint"))
+    assert b[2]["timing/train_time_total_s"] > 0
+    assert b[3]["timing/train_time_total_s"] == pytest.approx(b[2]["timing/train_time_total_s"] + t3, rel=1e-9)
     # the same command again: the latest checkpoint already completes the run -> a note, nothing trained
     capfd.readouterr()
     assert train(resumed)["last_step"] == 3
