@@ -21,11 +21,12 @@ REDACTED = "***REDACTED***"
 _SECRET_ANY = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "credential", "credentials",
                "authorization", "bearer"}
 _SECRET_LAST = {"token", "apikey", "accesskey", "secretkey", "privatekey", "auth"}
-# a last segment ``key`` is a secret alone (``key``, ``wandb.key``) or after one of these words (``api_key``,
-# ``aws_access_key``, ``ssh_private_key``); ``answer_key``, ``sort_key``, ``prompt_key`` (SkyRL's ``input_key``
-# style: column names) are not
-_SECRET_KEY_AFTER = {"api", "access", "secret", "private", "auth", "signing", "encryption", "ssh", "license",
-                     "master", "session"}
+# a last segment ``key`` is a secret (``key``, ``wandb_key``, ``openai_key``, ``api_key``) unless the word before it
+# names a data column or a lookup, as SkyRL's ``input_key``-style keys do: those values are shown in messages.
+# Unknown words stay secret: a printed secret cannot be taken back, a redacted column name costs little.
+_COLUMN_KEY_BEFORE = {"answer", "sort", "prompt", "reward", "input", "output", "label", "dedup", "primary", "foreign",
+                      "group", "partition", "join", "index", "lookup", "column", "field", "text", "solution", "question",
+                      "target", "response", "data", "dataset", "cache", "hash", "dict", "map", "order", "split", "id"}
 _ENV_SECRETS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # scheme://[user]:password@host -- the password may itself hold '@' (the last '@' before the path ends it)
 _URL_CRED_RE = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s]+@")
@@ -33,10 +34,10 @@ _URL_CRED_RE = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s]+@")
 
 def is_secret_key(key: Any) -> bool:
     """Secret-looking key: a segment secret/password/..., a last segment token/apikey/auth, or a last segment
-    ``key`` alone or after api/access/private/... (:data:`_SECRET_KEY_AFTER`).
+    ``key`` unless the word before it names a data column (:data:`_COLUMN_KEY_BEFORE`).
 
-    ``hf_token``, ``wandb_api_key``, ``password``, ``client_secret`` and ``aws_access_key`` are secrets;
-    ``max_new_tokens``, ``stop_token_ids``, ``answer_key`` and ``prompt_key`` are not.
+    ``hf_token``, ``wandb_api_key``, ``wandb_key``, ``password``, ``client_secret`` and ``aws_access_key`` are
+    secrets; ``max_new_tokens``, ``stop_token_ids``, ``answer_key`` and ``prompt_key`` are not.
     """
     if not isinstance(key, str):
         return False
@@ -46,7 +47,7 @@ def is_secret_key(key: Any) -> bool:
         return False
     if any(x in _SECRET_ANY for x in segs) or segs[-1] in _SECRET_LAST:
         return True
-    return segs[-1] == "key" and (len(segs) == 1 or segs[-2] in _SECRET_KEY_AFTER)
+    return segs[-1] == "key" and (len(segs) == 1 or segs[-2] not in _COLUMN_KEY_BEFORE)
 
 
 def _redact_override(item: Any) -> Any:

@@ -769,7 +769,8 @@ def test_secret_key_detection():
     for k in ("hf_token", "wandb_api_key", "password", "secret", "api_key", "client_secret", "accessToken", "HF_TOKEN",
               "db-password-file", "authorization", "bearer_token", "db_pwd", "key", "apiKey", "apikey",
               "aws_access_key", "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "ssh_private_key", "privateKey",
-              "signing_key", "encryption_key", "secret_key"):
+              "signing_key", "encryption_key", "secret_key", "wandb_key", "openai_key", "hf_key", "anthropic_key",
+              "foo_key"):
         assert C.is_secret_key(k), k
     for k in ("max_new_tokens", "stop_token_ids", "tokenizer", "keyboard", "monkey", "num_keys", "key_path_len",
               "answer_key", "sort_key", "prompt_key", "reward_key", "input_key", "dedup_key", "primaryKey"):
@@ -777,12 +778,13 @@ def test_secret_key_detection():
 
 
 def test_unknown_key_ending_in_key_shows_its_value_unless_it_is_a_secret():
-    """A column-name key such as answer_key / foo_key is echoed with its value; *_api_key is still redacted."""
-    errs = errors_of(overrides=["environment.reward.answer_key=x", "trainer.foo_key=1", "trainer.sort_key=len",
+    """A column-name key such as answer_key / sort_key is echoed with its value; *_api_key, wandb_key and keys
+    whose first word is unknown stay redacted."""
+    errs = errors_of(overrides=["environment.reward.answer_key=x", "trainer.wandb_key=sk-secret123", "trainer.sort_key=len",
                                 "trainer.aws_access_key=AKIA123", "trainer.key=k1"])
     text = "\n".join(errs)
-    assert "environment.reward.answer_key=x: unknown key" in text
-    assert "trainer.foo_key=1: unknown key" in text and "trainer.sort_key=len: unknown key" in text
+    assert "environment.reward.answer_key=x: unknown key" in text and "trainer.sort_key=len: unknown key" in text
+    assert f"trainer.wandb_key={C.REDACTED}: unknown key" in text and "sk-secret123" not in text
     assert f"trainer.aws_access_key={C.REDACTED}: unknown key" in text and f"trainer.key={C.REDACTED}: unknown key" in text
     assert "AKIA123" not in text and "k1" not in text
 
