@@ -451,7 +451,9 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
         weights = math.ceil(dt * P / tp)
         static = None if gpu_bytes is None else int(frac * gpu_bytes)
         kv_pool = None if static is None else static - weights - ctx
-        kvt = shape.kv_bytes_per_token(dt) / tp
+        # KV heads per TP rank: split when tp divides them, else each rank holds a replica of one head (SGLang's
+        # QKVParallelLinear replicates key/value heads when tp is a multiple of their count)
+        kvt = shape.kv_bytes_per_token(dt) * max(1, shape.num_kv_heads // tp) / shape.num_kv_heads
         seqs = math.ceil(x["trainer.train_batch_size"] * x["generator.n_samples_per_prompt"] / engines)
         if kv_pool is None:
             kv_detail = f"generator.gpu_memory_utilization={frac} x GPU - weights - context (GPU size unknown)"

@@ -66,11 +66,13 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                     "colocated engine runs on the GPUs of trainer ranks i*N..i*N+N-1, which must be on one node",
                     also=("trainer.placement.policy_num_gpus_per_node",))
         heads = _attention_heads(t.policy.model.path)
-        if heads is not None and (heads[0] % tp or heads[1] % tp):
+        # SGLang splits the query heads over the TP ranks, and the key/value heads too, or replicates them when the
+        # TP size is a multiple of their count (QKVParallelLinear: num_kv_head_replicas = tp // kv_heads)
+        if heads is not None and (heads[0] % tp or (heads[1] % tp and tp % heads[1])):
             c.error("generator.inference_engine_tensor_parallel_size", tp,
-                    f"the model's attention heads ({heads[0]} query, {heads[1]} key/value in {heads[2]}) are not "
-                    f"divisible by {tp}: SGLang splits the heads over the tensor-parallel ranks; use a size that "
-                    "divides both", also=("trainer.policy.model.path",))
+                    f"the model's attention heads ({heads[0]} query, {heads[1]} key/value in {heads[2]}) do not "
+                    f"split over {tp} ranks: SGLang needs the query heads divisible by the size and the key/value "
+                    "heads divisible by it or dividing it", also=("trainer.policy.model.path",))
         c.note("generator.inference_engine_tensor_parallel_size",
                f"{tp}: tensor-parallel SGLang engines are coded and tested on CPU with fakes but have not run on GPUs yet")
     if sg and pl.colocate_all and not g.sglang.enable_memory_saver:

@@ -942,7 +942,16 @@ def test_tensor_parallel_size_must_divide_the_models_attention_heads(tmp_path):
     err = one_error("generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2",
                     f"trainer.policy.model.path={model}")
     assert err.startswith("generator.inference_engine_tensor_parallel_size=2: the model's attention heads (9 query, "
-                          f"3 key/value in {model / 'config.json'}) are not divisible by 2"), err
+                          f"3 key/value in {model / 'config.json'}) do not split over 2 ranks"), err
+    # 12 query / 2 key-value heads (Qwen2.5-1.5B) at TP 4: the key/value heads are replicated, 2 ranks each
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 12, "num_key_value_heads": 2}))
+    load_config(overrides=["generator.num_inference_engines=1", "generator.inference_engine_tensor_parallel_size=4",
+                           f"trainer.policy.model.path={model}"])
+    # ... but 3 key/value heads neither divide nor are divided by 2
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 12, "num_key_value_heads": 3}))
+    assert "do not split over 2 ranks" in one_error("generator.num_inference_engines=2",
+                                                    "generator.inference_engine_tensor_parallel_size=2",
+                                                    f"trainer.policy.model.path={model}")
     # 14 / 2 heads (Qwen2.5-0.5B) split over 2 ranks
     (model / "config.json").write_text(json.dumps({"num_attention_heads": 14, "num_key_value_heads": 2}))
     load_config(overrides=["generator.num_inference_engines=2", "generator.inference_engine_tensor_parallel_size=2",

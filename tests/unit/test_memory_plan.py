@@ -148,15 +148,20 @@ def test_toy_plan_with_checkpointing_split_and_no_kl():
 
 def test_toy_plan_with_tensor_parallel_engines():
     # 1 engine of TP 2 on the 2 GPUs (colocated): each TP rank holds half the weights, ceil(2 B x 2040 / 2) = 2040,
-    # and half of every token's KV: 2 (k, v) x 3 layers x kv 4 x 2 B = 48 B / 2 = 24 B; the KV pool is the
-    # 1 GiB fraction - 2040 - the context = 536,868,872 B = ~22,369,536 tokens of 24 B
+    # but the toy's ONE key/value head cannot be split: SGLang replicates it on both ranks, so each holds every
+    # token's whole KV: 2 (k, v) x 3 layers x kv 4 x 2 B = 48 B; the KV pool is the 1 GiB fraction - 2040 - the
+    # context = 536,868,872 B = ~11,184,768 tokens of 48 B
     s = mp.ModelShape.from_config_json(TOY)
     ov = [o for o in TOY_OVERRIDES if not o.startswith("generator.num_inference_engines")]
     tp2 = ["generator.num_inference_engines=1", "generator.inference_engine_tensor_parallel_size=2"]
     p = mp.plan(_cfg([*ov, *tp2]), s, 2 * GiB)
     assert p.item("engine", "weights").bytes == 2040 and p.item("engine", "weights").detail == "2 B x 2,040 params / TP 2"
     assert p.item("engine", "kv_cache").bytes == GiB - 2040 - CTX == 536_868_872
-    assert "~22,369,536 tokens of 24 B" in p.item("engine", "kv_cache").detail
+    assert "~11,184,768 tokens of 48 B" in p.item("engine", "kv_cache").detail
+    # with 2 key/value heads each rank holds one of them: 2 x 3 layers x kv 8 x 2 B = 96 B / 2 ranks = 48 B
+    s2 = mp.ModelShape.from_config_json({**TOY, "num_key_value_heads": 2})
+    p2 = mp.plan(_cfg([*ov, *tp2]), s2, 2 * GiB)
+    assert "tokens of 48 B" in p2.item("engine", "kv_cache").detail
     assert (p.layout, p.num_gpus) == ("colocated", 2)
     # split: the 2 policy GPUs + 1 engine x TP 2
     p = mp.plan(_cfg([*ov, *tp2, "trainer.placement.colocate_all=false"]), s, 2 * GiB)
