@@ -58,21 +58,29 @@ def query(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> list[Gpu] | None:
     return gpus or None
 
 
-def visible(gpus: list[Gpu], cuda_visible_devices: str | None) -> list[Gpu]:
+def visible(gpus: list[Gpu], cuda_visible_devices: str | None) -> list[Gpu] | None:
     """The GPUs a CUDA process sees under ``CUDA_VISIBLE_DEVICES`` (None: all), in that variable's order.
 
-    Entries are indices or UUID prefixes (``GPU-8a1...``); like CUDA, the list stops at the first entry that
-    names no GPU (``-1``, an index past the last GPU, an unknown UUID) and an empty value hides every GPU.
+    Entries are indices or UUID prefixes (``GPU-8a1...``); like CUDA, the list stops at the first entry that names no
+    GPU (an index past the last GPU, an unknown UUID, ``-1``) or repeats one, and an empty value hides every GPU.
+
+    Returns:
+        The visible GPUs; ``None`` when an entry is a MIG instance (``MIG-...``), which this list of whole GPUs cannot
+        map: the caller then counts the variable's entries instead.
     """
     if cuda_visible_devices is None:
         return list(gpus)
     by_index = {g.index: g for g in gpus}
     out: list[Gpu] = []
     for entry in (e.strip() for e in cuda_visible_devices.split(",")):
+        if not entry or re.fullmatch(r"-\d+", entry):
+            break
         if re.fullmatch(r"\d+", entry):
             g = by_index.get(int(entry))
         else:
-            g = next((x for x in gpus if entry and x.uuid.startswith(entry)), None)
+            if entry.upper().startswith("MIG-"):
+                return None  # a MIG instance: nvidia-smi --query-gpu lists only whole GPUs
+            g = next((x for x in gpus if x.uuid.startswith(entry)), None)
         if g is None or g in out:
             break
         out.append(g)

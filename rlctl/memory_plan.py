@@ -262,8 +262,8 @@ def local_gpu_bytes(timeout_s: float = 3.0) -> Optional[int]:
     from rlctl import gpus
 
     listed = gpus.query(timeout_s)
-    seen = gpus.visible(listed, os.environ.get("CUDA_VISIBLE_DEVICES")) if listed else []
-    return min(g.memory_bytes for g in seen) if seen else None
+    seen = gpus.visible(listed, os.environ.get("CUDA_VISIBLE_DEVICES")) if listed else None
+    return min(g.memory_bytes for g in seen) if seen else None  # None also for MIG entries: their size is unknown
 
 
 def gpu_bytes_from_gb(gb: float) -> int:

@@ -76,9 +76,10 @@ def visible_gpu_count(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> int:
     (empty: none; CUDA stops at the first negative index, e.g. ``-1``)."""
     listed = gpus.query(timeout_s)
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed:
-        return len(gpus.visible(listed, cvd))
-    physical = physical_gpu_count(timeout_s, listed=[])
+    seen = gpus.visible(listed, cvd) if listed else None
+    if seen is not None:
+        return len(seen)
+    physical = physical_gpu_count(timeout_s, listed=listed or [])
     if cvd is None:
         return physical
     count = 0

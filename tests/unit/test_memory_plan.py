@@ -299,6 +299,8 @@ def test_local_gpu_bytes(tmp_path, monkeypatch):
     assert mp.local_gpu_bytes() == 143771 * MiB
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert mp.local_gpu_bytes() is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-5c1e0f2a")  # a MIG slice's size is not the GPU's: no fit check
+    assert mp.local_gpu_bytes() is None
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("PATH", _fake_smi(tmp_path, "echo 'NVIDIA-SMI has failed'; exit 9"))
     assert mp.local_gpu_bytes() is None

@@ -45,7 +45,8 @@ def test_gpu_count_from_nvidia_smi_and_cuda_visible_devices(tmp_path, monkeypatc
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert preflight.physical_gpu_count() == 2
     assert preflight.visible_gpu_count() == 2
-    for cvd, n in (("", 0), ("1", 1), ("0,1,2,3", 2), ("0,-1,1", 1), ("-1", 0), ("GPU-aaa", 1), ("GPU-bbb,0", 2), ("1,1", 1), ("GPU-zzz,0", 0)):
+    for cvd, n in (("", 0), ("1", 1), ("0,1,2,3", 2), ("0,-1,1", 1), ("-1", 0), ("GPU-aaa", 1), ("GPU-bbb,0", 2), ("1,1", 1), ("GPU-zzz,0", 0),
+                    ("MIG-5c1e0f2a-aaaa", 1), ("MIG-x,MIG-y", 2)):  # MIG instances: counted, not mapped
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", cvd)
         assert preflight.visible_gpu_count() == n, cvd
 
