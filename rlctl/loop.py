@@ -424,7 +424,6 @@ def step_rollouts(src: RolloutSource, colo, ds, step: int, position: int, timer:
                     out = colo.generate(prompts, sampling)
             if k == 0:
                 version = first_version
-            gen_stats = colo.generators.last_stats()
             k += 1
 
             # 2 reward (+ the overlong penalty)
@@ -446,6 +445,7 @@ def step_rollouts(src: RolloutSource, colo, ds, step: int, position: int, timer:
     finally:
         with timer("generate"):
             awake.close()  # the engine sleeps (shared GPU) after the step's last generation
+    gen_stats = colo.generators.last_stats()  # after the sleep: its seconds and freed bytes are this step's
     ds_metrics: dict[str, float] = {}
     if ds.type == "filter":
         ro = fill_filtered_batch(informative_parts, flat_parts, tbs, n)

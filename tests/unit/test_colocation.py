@@ -315,3 +315,29 @@ def test_filter_dynamic_sampling_keeps_the_engine_awake_over_the_steps_batches()
     assert [e for e in w.events if e != "train"][:2 * len(per_step)] == per_step * 2
     assert [logger.rows[s]["dynamic_sampling/sample_batches"] for s in (1, 2)] == [3.0, 3.0]
     assert [logger.rows[s]["dynamic_sampling/gave_up"] for s in (1, 2)] == [1.0, 1.0]
+
+
+class CountingGenerators(FakeGenerators):
+    """last_stats as the SGLang wrapper keeps them: the latest sleep's numbers (here: how many sleeps so far)."""
+
+    def __init__(self, w: World, shared_gpu: bool) -> None:
+        super().__init__(w, shared_gpu)
+        self.sleeps = 0
+
+    def sleep(self) -> None:
+        super().sleep()
+        self.sleeps += 1
+
+    def last_stats(self) -> dict[str, float]:
+        return {"sleeps_so_far": float(self.sleeps)}
+
+
+def test_a_steps_engine_metrics_are_read_after_its_sleep():
+    """Step s's row carries step s's sleep (sleep seconds / freed bytes), not step s-1's."""
+    w = World()
+    colo = Colocation(FakeTrainers(w), CountingGenerators(w, True), shared_gpu=True, engine_sleeps=True,
+                      engine_state="asleep")
+    logger = FakeLogger()
+    run(_cfg(-1, -1, False, None), colo, FakeTokenizer(), _data(8), _data(5), logger, FakeCheckpointer(w, False), [0])
+    assert w.violations == []
+    assert [logger.rows[s]["generator/sleeps_so_far"] for s in (1, 2, 3, 4)] == [1.0, 2.0, 3.0, 4.0]
