@@ -758,11 +758,21 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
         done = step
         # the step's training time: its phases so far (eval, log and checkpoint come below and are not counted)
         train_time += train_seconds(timer.seconds)
-        metrics["timing/train_time_total_s"] = train_time
         out_of_budget = budget is not None and train_time >= budget
         out_of_time = t_cfg.max_wall_time_s is not None and time.time() - wall_start >= t_cfg.max_wall_time_s
         final = step == total_steps or out_of_time or out_of_budget
-        if (t_cfg.eval_interval > 0 and step % t_cfg.eval_interval == 0 and val is not None) or (final and eval_enabled):
+        eval_now = (t_cfg.eval_interval > 0 and step % t_cfg.eval_interval == 0 and val is not None) or (
+            final and eval_enabled)
+        ckpt_now = (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final
+        if ahead is not None and (eval_now or ckpt_now):
+            # one-step-off: the eval / checkpoint waits for the rollouts in flight; that wait is generation (the next
+            # step's collect is then instant), so it is timed as such and counted in the training time
+            waited = timer.seconds.get("generate", 0.0)
+            with timer("generate"):
+                colo.collect(ahead)
+            train_time += timer.seconds["generate"] - waited
+        metrics["timing/train_time_total_s"] = train_time
+        if eval_now:
             with timer("eval"):
                 last_eval = run_eval()
             metrics.update(last_eval)
@@ -773,7 +783,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
                 logger.dump_rollouts(step, rows, texts, scored, out.finish_reasons)
         # 9 checkpoint (the trainer on the GPU; the next rollout offloads it again before the KV cache wakes).
         # One-step-off: with the next step's rollouts (waited for), so a resume trains on exactly them
-        if (t_cfg.ckpt_interval > 0 and step % t_cfg.ckpt_interval == 0) or final:
+        if ckpt_now:
             with timer("checkpoint"):
                 colo.onload_trainer()
                 extra: dict[str, Any] = {"step": step, "data_position": data_position, "train_time_s": train_time}

@@ -338,3 +338,33 @@ def test_resume_through_ray_repeats_the_uninterrupted_run(tmp_path):
     assert a[2]["policy/rollout_train_logprobs_abs_diff_mean"] > 1e-4  # step 2 really trained on older rollouts
     for step in (1, 2, 3):
         assert a[step] == b[step], step
+
+
+def test_the_wait_for_in_flight_rollouts_at_a_checkpoint_counts_as_training_time(monkeypatch):
+    """With a checkpoint every step, each step (but the last) waits for the next step's rollouts before saving. That
+    wait is generation: timed as ``generate`` and counted in ``timing/train_time_total_s`` (the budget of
+    ``trainer.max_train_time_s``), not hidden in ``timing/checkpoint``. Fake clock: a train step takes 4 s, a collect
+    3 s -> totals 4 + 3, + 4 + 3, + 4 + 3, + 4 = 7, 14, 21, 25 (the last step starts no rollout)."""
+    import types
+
+    import rlctl.loop
+
+    now = [1000.0]
+    clock = lambda: now[0]  # noqa: E731
+    monkeypatch.setattr(rlctl.loop, "time", types.SimpleNamespace(perf_counter=clock, time=clock))
+    train, collect = SplitTrainers.train_step, SplitGenerators.collect
+
+    def timed_train(self, *a):
+        now[0] += 4.0
+        return train(self, *a)
+
+    def timed_collect(self, handle):
+        now[0] += 3.0
+        return collect(self, handle)
+
+    monkeypatch.setattr(SplitTrainers, "train_step", timed_train)
+    monkeypatch.setattr(SplitGenerators, "collect", timed_collect)
+    w, colo, logger, summary = _drive(_cfg("trainer.ckpt_interval=1"))
+    assert summary["last_step"] == 4 and w.violations == []
+    assert [logger.rows[s]["timing/train_time_total_s"] for s in (1, 2, 3, 4)] == [7.0, 14.0, 21.0, 25.0]
+    assert [logger.rows[s]["timing/checkpoint"] for s in (1, 2, 3, 4)] == [0.0] * 4
