@@ -1,6 +1,7 @@
 """A GPU probe of the trainer alone, without the devkit (the machine's own torch and transformers): a random
 Llama (byte tokenizer vocabulary, ``--hidden`` / ``--layers``) as one colocated FSDP2 rank on CUDA, KL on, two
-cycles of onload -> old / ref log-probs -> train step -> offload. Prints one JSON line: the CUDA reserve after each
+cycles of onload -> old / ref log-probs -> train step -> offload, then a third padding-free (packed) cycle with
+the max difference of its log-probs from the padded path. Prints one JSON line: the CUDA reserve after each
 offload (bytes), the peak reserve of each step, seconds per phase, fused AdamW and the reference dtype, skipped steps.
 
     python3 scripts/gpu_trainer_probe.py [--hidden 1024 --layers 8 --seqs 32 --len 512] > $OUT/probe.json
@@ -25,6 +26,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--len", type=int, default=512, help="response tokens per sequence")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (no memory numbers)")
     a = ap.parse_args()
     import torch
 
@@ -42,8 +44,8 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", port, "cuda")
-    tr = PolicyTrainer(str(model), tcfg, rank=0, world_size=1, device="cuda", max_response_len=a.len,
+    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", port, a.device)
+    tr = PolicyTrainer(str(model), tcfg, rank=0, world_size=1, device=a.device, max_response_len=a.len,
                        compute_dtype="bfloat16", colocated=True)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 250, (40,), generator=g).tolist() for _ in range(a.seqs)]
@@ -51,34 +53,48 @@ def main() -> int:
                for i in range(a.seqs)]
     batch = build_batch(prompts, outputs, pad_id=0)
     batch["advantages"] = torch.tensor([1.0, -1.0] * (a.seqs // 2))
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    cuda = a.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "params": sum(p.numel() for p in tr.model.parameters()), "fused_adamw": tr.optimizer.defaults.get("fused"),
            "ref_dtype": str(next(tr.ref_model.parameters()).dtype), "tokens": int(batch["attention_mask"].sum()),
            "cycles": []}
-    for _ in range(2):
-        c = {}
+    for cycle in range(3):
+        c = {"packed": cycle == 2}
+        if cycle == 2:  # the same batch padding-free (trainer.remove_microbatch_padding + a token budget)
+            padded_old = batch["old_logprobs"].clone()
+            tr.tcfg = tr.tcfg.model_copy(update={"remove_microbatch_padding": True,
+                                                 "max_tokens_per_microbatch": 8 * (a.len + 40)})
         t0 = time.perf_counter()
         tr.onload()
-        torch.cuda.synchronize()
+        sync()
         c["onload_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         batch["old_logprobs"] = tr.compute_logprobs(batch, 1.0)
         batch["ref_logprobs"] = tr.compute_logprobs(batch, 1.0, "ref")
-        torch.cuda.synchronize()
+        sync()
         c["logprobs_s"] = time.perf_counter() - t0
+        if cycle == 2:  # packed vs a padded pass over the same (current) weights
+            packed_old = batch["old_logprobs"]
+            tr.tcfg = tr.tcfg.model_copy(update={"remove_microbatch_padding": False})
+            padded_now = tr.compute_logprobs(batch, 1.0)
+            tr.tcfg = tr.tcfg.model_copy(update={"remove_microbatch_padding": True})
+            mask = batch["response_mask"].bool()
+            c["packed_vs_padded_max_abs"] = float((packed_old - padded_now)[mask].abs().max())
+            c["step_change_max_abs"] = float((padded_old - padded_now)[mask].abs().max())
         t0 = time.perf_counter()
         m = tr.train_step(batch, 1.0, mini_batch_size=a.seqs // 2)
-        torch.cuda.synchronize()
+        sync()
         c["train_s"] = time.perf_counter() - t0
         c["train_tokens_per_s"] = res["tokens"] / c["train_s"]
-        c["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        c["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else 0
         c["skipped_steps"] = m["policy/skipped_steps"]
         t0 = time.perf_counter()
         try:
             c["reserved_after_offload_bytes"] = tr.offload()
         except RuntimeError as e:
             c["offload_error"] = str(e)
-            c["reserved_after_offload_bytes"] = torch.cuda.memory_reserved()
+            c["reserved_after_offload_bytes"] = torch.cuda.memory_reserved() if cuda else 0
         c["offload_s"] = time.perf_counter() - t0
         res["cycles"].append(c)
     print(json.dumps(res))
