@@ -22,6 +22,11 @@ from pathlib import Path
 
 #: Architectures by name: the fields of their published ``config.json`` that fix the shape.
 SHAPES: dict[str, dict] = {
+    # Qwen/Qwen2.5-0.5B-Instruct config.json (the Coder variant has the same shape)
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
     # Qwen/Qwen2.5-1.5B-Instruct config.json
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,

@@ -27,6 +27,12 @@ def main() -> int:
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--len", type=int, default=512, help="response tokens per sequence")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (no memory numbers)")
+    ap.add_argument("--like", default=None, help="a shape of benchmarks/random_model.py (e.g. qwen2.5-0.5b: its "
+                    "151,936-row vocabulary) instead of the byte-vocabulary Llama")
+    ap.add_argument("--micro-train", type=int, default=8)
+    ap.add_argument("--micro-forward", type=int, default=16)
+    ap.add_argument("--bare", action="store_true", help="also the bare bf16 fwd(+bwd) rate of the same model "
+                    "(benchmarks/_common.bare_model_rates, same micro-batches, no FSDP, no padding)")
     a = ap.parse_args()
     import torch
 
@@ -34,13 +40,20 @@ def main() -> int:
     from rlctl.testing import build_tiny_llama, trainer_section
     from rlctl.trainer import PolicyTrainer
 
-    model = build_tiny_llama(Path(tempfile.mkdtemp()) / "m", hidden_size=a.hidden, num_layers=a.layers,
-                             num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 256),
-                             intermediate_size=a.hidden * 3, max_position_embeddings=a.len + 64)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    if a.like:
+        from random_model import build_random_model
+
+        model = Path(tempfile.mkdtemp()) / a.like
+        build_random_model(a.like, model, None)
+    else:
+        model = build_tiny_llama(Path(tempfile.mkdtemp()) / "m", hidden_size=a.hidden, num_layers=a.layers,
+                                 num_heads=a.hidden // 64, num_kv_heads=max(1, a.hidden // 256),
+                                 intermediate_size=a.hidden * 3, max_position_embeddings=a.len + 64)
     tcfg = trainer_section({"algorithm.eps_clip_high": 0.28, "algorithm.kl_loss_coef": 0.01,
                             "algorithm.entropy_loss_coef": 0.0},
-                           seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=16,
-                           micro_train_batch_size_per_gpu=8)
+                           seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=a.micro_forward,
+                           micro_train_batch_size_per_gpu=a.micro_train)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,6 +110,11 @@ def main() -> int:
             c["reserved_after_offload_bytes"] = torch.cuda.memory_reserved() if cuda else 0
         c["offload_s"] = time.perf_counter() - t0
         res["cycles"].append(c)
+    if a.bare and cuda:
+        tr.offload()
+        from _common import bare_model_rates_subprocess
+
+        res["bare"] = bare_model_rates_subprocess(str(model), 40 + a.len, a.micro_train, a.micro_forward)
     print(json.dumps(res))
     return 0
 
