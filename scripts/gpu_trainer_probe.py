@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--like", default=None, help="a shape of benchmarks/random_model.py (e.g. qwen2.5-0.5b: its "
                     "151,936-row vocabulary) instead of the byte-vocabulary Llama")
     ap.add_argument("--micro-train", type=int, default=8)
+    ap.add_argument("--grad-ckpt", action="store_true", help="trainer.gradient_checkpointing=true (preset gsm8k's)")
     ap.add_argument("--micro-forward", type=int, default=16)
     ap.add_argument("--bare", action="store_true", help="also the bare bf16 fwd(+bwd) rate of the same model "
                     "(benchmarks/_common.bare_model_rates, same micro-batches, no FSDP, no padding)")
@@ -52,7 +53,7 @@ def main() -> int:
                                  intermediate_size=a.hidden * 3, max_position_embeddings=a.len + 64)
     tcfg = trainer_section({"algorithm.eps_clip_high": 0.28, "algorithm.kl_loss_coef": 0.01,
                             "algorithm.entropy_loss_coef": 0.0},
-                           seed=0, gradient_checkpointing=False, micro_forward_batch_size_per_gpu=a.micro_forward,
+                           seed=0, gradient_checkpointing=a.grad_ckpt, micro_forward_batch_size_per_gpu=a.micro_forward,
                            micro_train_batch_size_per_gpu=a.micro_train)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
