@@ -313,13 +313,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def to_host_buffer(buffers: HostBuffers, key: Any, t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into the host buffer of ``key``: a plain tensor, or for a DTensor (FSDP2 parameter
-    or optimizer state) a DTensor of the same mesh, placements and global shape whose local shard is
-    the buffer."""
+    or optimizer state) a DTensor of the same spec (mesh, placements, global shape) whose local shard is
+    the buffer.
+
+    The DTensor is built from ``t``'s spec directly, as FSDP2's own CPU offload does
+    (``_fsdp_common._from_local_no_grad``): ``DTensor.from_local`` moves a local tensor to the mesh's
+    device type, so on a CUDA mesh it copied every host buffer straight back to the GPU (measured on an
+    H200: the offload then freed nothing, 6.55 GiB of a 0.5B model's shards and AdamW state stayed).
+    """
     from torch.distributed.tensor import DTensor
 
     buf = buffers.copy_in(key, _local(t))
     if isinstance(t, DTensor):
-        return DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+        return DTensor(buf, t._spec, requires_grad=False)
     return buf
 
 

@@ -467,6 +467,25 @@ def test_module_offload_reuses_its_host_buffers_and_keeps_the_parameters(pg, tin
     assert tr.offload() == 0 and not tr.offloaded  # CPU: offload is a no-op
 
 
+def test_host_copy_of_a_dtensor_stays_on_the_host_whatever_the_mesh_device(pg, tiny, monkeypatch):
+    """The host copy of an FSDP2 shard keeps the buffer as its local tensor even when the mesh is a CUDA
+    mesh. ``DTensor.from_local`` moves the local tensor to the mesh's device type: on the GPU the offload
+    then copied every shard back and freed nothing. Here the CPU mesh is relabelled "cuda" for the call,
+    so a move would fail (no CUDA) or leave another storage."""
+    from rlctl.trainer import HostBuffers, to_host_buffer
+
+    tr = PolicyTrainer(tiny, _tcfg(), rank=0, world_size=1, device="cpu", max_response_len=8)
+    p = next(tr.model.parameters())
+    hb = HostBuffers(pin=False)
+    with monkeypatch.context() as m:
+        m.setattr(type(p.device_mesh), "device_type", property(lambda self: "cuda"))
+        host = to_host_buffer(hb, "w", p)
+    assert host._local_tensor.data_ptr() == hb._bufs["w"].data_ptr()
+    assert host._local_tensor.device.type == "cpu" and host.shape == p.shape and host.placements == p.placements
+    assert not host.requires_grad
+    torch.testing.assert_close(host._local_tensor, p._local_tensor, atol=0, rtol=0)
+
+
 def test_nonfinite_step_is_diagnosed_down_to_the_module(pg, tiny, tmp_path):
     """A NaN planted in one weight of decoder block 1's MLP: the skipped step's diagnosis names that module's
     output as the first non-finite activation, writes the report and the micro-batch, and the step stays skipped."""
