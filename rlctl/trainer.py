@@ -300,6 +300,12 @@ class HostBuffers:
         buf.copy_(t, non_blocking=self.pin)
         return buf
 
+    def wait(self) -> None:
+        """Block until every :meth:`copy_in` issued so far has landed (pinned: the copies are
+        non-blocking on the current CUDA stream; pageable: they are synchronous, nothing to wait for)."""
+        if self.pin:
+            torch.cuda.current_stream().synchronize()
+
     @property
     def nbytes(self) -> int:
         """Host memory held, bytes."""
@@ -333,17 +339,26 @@ def move_module_to_host(model: torch.nn.Module, buffers: HostBuffers) -> None:
     """Move every parameter and buffer of ``model`` (an FSDP2 module: parameters are DTensors, this
     rank's shard is moved) into ``buffers`` (keyed by traversal order, which is fixed for a model), in
     place: the ``Parameter`` objects stay the same, so an optimizer keeps pointing at them. Gradients
-    must be None (they would be moved as new tensors). Non-blocking with pinned buffers: synchronize
-    before reading them. Inverse: :func:`move_module_to_device`."""
-    index, seen = [0], {}
+    must be None (they would be moved as new tensors). Inverse: :func:`move_module_to_device`.
 
-    def to_host(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in seen:  # a tied weight (embeddings / LM head) is visited once per module holding it
-            seen[id(t)] = to_host_buffer(buffers, index[0], t)
-            index[0] += 1
-        return seen[id(t)]
+    Two passes: every tensor is copied into its host buffer, :meth:`HostBuffers.wait` lets the
+    (non-blocking, pinned) copies land, and only then does ``model._apply`` swap the host tensors in.
+    FSDP2's ``_apply`` re-pads an unevenly sharded parameter (``FSDPParam.reset_sharded_param``: a rank
+    whose shard is shorter than the padded size gets a new tensor copied from the swapped-in one) right
+    away, so swapping before the copies landed would pad stale host memory (garbage weights on that rank).
+    """
+    from torch.distributed.fsdp import FSDPModule
 
-    model._apply(to_host)
+    for m in model.modules():  # sharded parameters registered (an unsharded root after a forward is not)
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    host: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None and id(t) not in host:  # a tied weight (embeddings / LM head) once
+                host[id(t)] = to_host_buffer(buffers, len(host), t)
+    buffers.wait()
+    model._apply(lambda t: host.get(id(t), t))
 
 
 def move_module_to_device(model: torch.nn.Module, device: torch.device) -> None:
@@ -401,6 +416,10 @@ class PolicyTrainer:
         if self.algo.use_kl_loss:
             self.ref_model = load_and_shard(model_path, mesh=self.mesh, device=self.device, param_dtype=param_dtype,
                                             gradient_checkpointing=False, trainable=False)
+        if self.device.type == "cuda":
+            # load_and_shard put each whole model on this GPU before FSDP2 copied out the shards: return
+            # those freed blocks (a colocated engine built after this would see them as taken)
+            torch.cuda.empty_cache()
         self.global_step = 0
         # where a non-finite optimizer step's diagnosis is written (the Ray actor sets <run dir>/nonfinite)
         self.diagnosis_dir: Path | None = None
