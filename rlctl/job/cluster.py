@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from rlctl.job.actors import GeneratorWorker, TrainerWorker
@@ -247,6 +248,33 @@ def generator_kwargs(cfg, device: str) -> dict[str, Any]:
             **({} if s.disable_cuda_graph or s.prefill_cuda_graph else {"cuda_graph_backend_prefill": "disabled"})}
 
 
+def start_in_order(gens: list, setup_trainers: Callable[[], TrainerGroup] | None, colocated: bool,
+                   wait: Callable[[list], Any]) -> TrainerGroup | None:
+    """Build the engines (``GeneratorWorker.start``) and the trainer ranks in the order colocation needs.
+
+    Colocated: every engine is built (and, being colocated, has released its GPU memory) before any trainer
+    rank loads a model. SGLang sizes its KV cache once, at build, from the GPU memory free then
+    (``mem_fraction_static`` of the card minus what others hold), so an engine built beside a loaded trainer
+    gets a KV cache smaller by the trainer's share for the whole run, and the memory plan (which assumes the
+    whole card) is wrong. Split placement: engines and trainer ranks start concurrently (own GPUs).
+
+    Args:
+        gens: generator actor handles (``.start.remote()``).
+        setup_trainers: creates and sets up the trainer ranks, returns their group; None without a trainer.
+        colocated: trainer and engines share GPUs.
+        wait: ``ray.get`` over a list of object refs (a start-up error surfaces here).
+    Returns:
+        The trainer group, or None.
+    """
+    starts = [g.start.remote() for g in gens]
+    if colocated or setup_trainers is None:
+        wait(starts)
+        return setup_trainers() if setup_trainers is not None else None
+    trainers = setup_trainers()
+    wait(starts)
+    return trainers
+
+
 def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGroup | None, GeneratorGroup]:
     """Reserve the placement groups (:mod:`rlctl.job.placement`: one per policy node when
     ``trainer.placement.policy_num_nodes > 1``), create the actors in their bundles and return the groups.
@@ -309,20 +337,20 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
                     **generator_kwargs(cfg, device),
                     **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}",
                     visible)))
-        trainers = None
-        if with_trainer:
+        def setup_trainers():
             tr_cls = ray.remote(TrainerWorker)
             actors = [named(f"trainer-{r}", tr_cls.options(
                 name=f"{prefix}trainer-{r}", num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(plan.rank_bundles[r]),
             ).remote(cfg, r, workers, device, threads)) for r in range(workers)]
             addr, port = ray.get(actors[0].address.remote())
             get_all([a.setup.remote(addr, port) for a in actors])
-            trainers = TrainerGroup(actors)
+            return TrainerGroup(actors)
+
+        trainers = start_in_order(gens, setup_trainers if with_trainer else None, colocated, get_all)
         gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated,
                                    tp_size=tp if cfg.generator.backend == "sglang" else 1)
         gen_group.placement_groups = pgs
         gen_group.trainer_actors = trainers.workers if trainers else []
-        get_all([g.start.remote() for g in gens])  # build the engines; a start-up error surfaces here
         # where every actor runs, as each process reports it (trainer ranks first, then the engines)
         everyone = [(f"trainer-{r}", a) for r, a in enumerate(gen_group.trainer_actors)] + [
             (f"generator-{i}", g) for i, g in enumerate(gens)]

@@ -163,10 +163,12 @@ def test_eval_command_scores_the_validation_split(ray_cluster, tiny, tmp_path):
     assert 0 < m["eval/response_length_mean"] <= 4  # eval max_new_tokens=4
 
 
-def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path):
+@pytest.mark.parametrize("colocated", [True, False])
+def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path, colocated):
     """A model folder whose weights do not load: the actors fail while the groups are built; build_groups
     kills every actor it started and frees its placement group before raising (the caller has no group
-    to shut down; on an external cluster nothing else would)."""
+    to shut down; on an external cluster nothing else would). Colocated, the engines are built before any
+    trainer rank is created, so the failing engine is the only actor; split, both start together."""
     import shutil
     import time
 
@@ -178,12 +180,14 @@ def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny, bad)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
-    loaded = load_config(overrides=_overrides(str(bad), tmp_path, "bad", 1, workers=1), backend="hf")
+    loaded = load_config(overrides=_overrides(str(bad), tmp_path, "bad", 1, workers=1)
+                         + ([] if colocated else ["trainer.placement.colocate_all=false", "generator.weight_sync_backend=gloo"]),
+                         backend="hf")
     before = set(ACTOR_LABELS)
     with pytest.raises(ray.exceptions.RayError):
         build_groups(loaded.cfg, "cpu")
     started = set(ACTOR_LABELS) - before
-    assert sorted(ACTOR_LABELS[a] for a in started) == ["generator-0", "trainer-0"]
+    assert sorted(ACTOR_LABELS[a] for a in started) == (["generator-0"] if colocated else ["generator-0", "trainer-0"])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = {a: ray._private.state.actors(a)["State"] for a in started}
