@@ -31,7 +31,7 @@ def test_tiny_qwen2_folder_loads_with_its_shape_and_the_copied_tokenizer(tmp_pat
 
 
 def test_unknown_shape_and_missing_tokenizer_are_named(tmp_path):
-    with pytest.raises(KeyError, match="unknown --like 'qwen9'; known: qwen2.5-1.5b"):
+    with pytest.raises(KeyError, match="unknown --like 'qwen9'; known: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, tiny-qwen2"):
         random_model.build_random_model("qwen9", tmp_path / "m", None)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer_config.json there"):
         random_model.build_random_model("tiny-qwen2", tmp_path / "m", tmp_path)
