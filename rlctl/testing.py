@@ -232,3 +232,41 @@ def trainer_section(overrides: Mapping[str, object] | None = None, *, base: Trai
                 node = node.setdefault(part, {})
                 model = sub
     return TrainerConfig.model_validate(data)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a test's process-group rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(target, rank_args: list[tuple], timeout_s: float) -> dict:
+    """Run ``target(*args, queue)`` in one spawned process per entry of ``rank_args`` (e.g. the gloo ranks of
+    a 2-rank FSDP2 test) and collect what each puts on the queue as a ``(key, value)`` pair.
+
+    Args:
+        target: a module-level function (spawn pickles it by reference).
+        rank_args: one argument tuple per process.
+        timeout_s: seconds to wait for each result (a hung collective fails the test instead of hanging it).
+    Returns:
+        ``{key: value}`` of the results.
+    Raises:
+        queue.Empty: a process put nothing within ``timeout_s``. Every process is joined (60 s), then killed.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, q)) for args in rank_args]
+    for p in procs:
+        p.start()
+    try:
+        return dict(q.get(timeout=timeout_s) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()

@@ -4,7 +4,6 @@ the FSDP2 trainer forward (1 gloo rank in this process, 2 gloo ranks in spawned 
 from __future__ import annotations
 
 import math
-import socket
 import traceback
 
 import pytest
@@ -13,14 +12,9 @@ import torch.distributed as dist
 
 from rlctl import grpo
 from rlctl.logprobs import linear_logprobs
+from rlctl.testing import free_port, spawn_ranks
 
 V_LARGE = 5000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ the autograd function alone
@@ -207,7 +201,7 @@ def _compare_with_full_vocabulary_path(model_path: str, mesh, seed: int, param_d
 def pg():
     from rlctl.trainer import PolicyTrainer
 
-    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", _free_port(), "cpu")
+    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", free_port(), "cpu")
     yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
     dist.destroy_process_group()
 
@@ -261,22 +255,9 @@ def _two_rank_worker(rank: int, port: int, paths: list[str], q) -> None:  # a sp
 
 def test_trainer_forward_equals_full_vocabulary_path_two_ranks(tmp_path):
     """2 gloo ranks (sharded parameters, gradients reduce-scattered), tied and untied LM heads."""
-    import multiprocessing as mp
-
     paths = [_build_large_vocab_llama(tmp_path / "tied", True), _build_large_vocab_llama(tmp_path / "untied", False)]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, paths, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(q.get(timeout=240) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+    port = free_port()
+    got = spawn_ranks(_two_rank_worker, [(r, port, paths) for r in range(2)], timeout_s=240)
     assert got == {0: "ok", 1: "ok"}, "\n".join(str(v) for v in got.values())
 
 

@@ -9,13 +9,12 @@ behaviour is simulated: :class:`DeferredBuffers` fills a buffer with NaN and wri
 
 from __future__ import annotations
 
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 
-from rlctl.testing import build_tiny_llama, trainer_section
+from rlctl.testing import build_tiny_llama, free_port, spawn_ranks, trainer_section
 from rlctl.trainer import HostBuffers, PolicyTrainer, move_module_to_device, move_module_to_host
 
 
@@ -62,24 +61,9 @@ def _worker(rank: int, port: int, path: str, q) -> None:  # a spawned process
 
 
 def test_offload_waits_for_the_host_copies_before_fsdp_repads_a_short_shard(tmp_path):
-    import multiprocessing as mp
-
     path = str(build_tiny_llama(tmp_path / "tiny", seed=1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, path, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(q.get(timeout=300) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+    port = free_port()
+    got = spawn_ranks(_worker, [(r, port, path) for r in range(2)], timeout_s=300)
     assert all(isinstance(v, tuple) for v in got.values()), "\n".join(str(v) for v in got.values())
     assert (got[0][0], got[1][0]) == (130, 129)  # 259 embedding rows: rank 1's shard is the short one
     for rank in (0, 1):

@@ -4,7 +4,6 @@ log-probs (sdpa and eager), and one optimizer step's gradients independent of th
 
 from __future__ import annotations
 
-import socket
 import traceback
 from types import SimpleNamespace
 
@@ -21,14 +20,8 @@ from rlctl.packing import (
     packed_logprobs_forward,
     plan_micro_batches,
 )
-from rlctl.testing import build_tiny_llama, trainer_section
+from rlctl.testing import build_tiny_llama, free_port, spawn_ranks, trainer_section
 from rlctl.trainer import RESPONSE_KEYS, PolicyTrainer, response_logprobs_forward
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ plans
@@ -135,7 +128,7 @@ def test_packing_refuses_an_attention_implementation_without_packed_masks():
 
 @pytest.fixture(scope="module")
 def pg():
-    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", _free_port(), "cpu")
+    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", free_port(), "cpu")
     yield
     dist.destroy_process_group()
 
@@ -263,21 +256,8 @@ def _two_rank_worker(rank: int, port: int, path: str, q) -> None:  # a spawned p
 def test_gradient_does_not_depend_on_the_split_two_ranks_uneven_micro_batches(tiny):
     """Rank 0 plans 1 micro-batch and rank 1 several: rank 0 runs empty micro-batches (no hang) and the
     all-reduced gradients equal one padded micro-batch per rank."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, tiny, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(q.get(timeout=400) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+    port = free_port()
+    got = spawn_ranks(_two_rank_worker, [(r, port, tiny) for r in range(2)], timeout_s=400)
     assert all(isinstance(v, tuple) for v in got.values()), "\n".join(str(v) for v in got.values())
     (c0, lp0, d0), (c1, lp1, d1) = got[0], got[1]
     assert c0 == 1 and c1 >= 3, (c0, c1)
