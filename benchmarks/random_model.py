@@ -20,28 +20,25 @@ import shutil
 import sys
 from pathlib import Path
 
+#: Fields every published Qwen2.5 ``config.json`` below shares.
+_QWEN25 = dict(model_type="qwen2", max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+               bos_token_id=151643, eos_token_id=151645)
+
 #: Architectures by name: the fields of their published ``config.json`` that fix the shape.
 SHAPES: dict[str, dict] = {
     # Qwen/Qwen2.5-0.5B-Instruct config.json (the Coder variant has the same shape)
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     # Qwen/Qwen2.5-1.5B-Instruct config.json
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    "qwen2.5-1.5b": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     # Qwen/Qwen2.5-7B-Instruct config.json
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                       tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645),
+    "qwen2.5-7b": dict(_QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
     # a tiny Qwen2 for tests (same code path, seconds on a CPU)
-    "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                       max_position_embeddings=2048, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    "tiny-qwen2": dict(_QWEN25, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2),
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",

@@ -30,8 +30,8 @@ def main() -> int:
     ap.add_argument("--like", default=None, help="a shape of benchmarks/random_model.py (e.g. qwen2.5-0.5b: its "
                     "151,936-row vocabulary) instead of the byte-vocabulary Llama")
     ap.add_argument("--micro-train", type=int, default=8)
-    ap.add_argument("--grad-ckpt", action="store_true", help="trainer.gradient_checkpointing=true (preset gsm8k's)")
     ap.add_argument("--micro-forward", type=int, default=16)
+    ap.add_argument("--grad-ckpt", action="store_true", help="trainer.gradient_checkpointing=true (preset gsm8k's)")
     ap.add_argument("--bare", action="store_true", help="also the bare bf16 fwd(+bwd) rate of the same model "
                     "(benchmarks/_common.bare_model_rates, same micro-batches, no FSDP, no padding)")
     a = ap.parse_args()

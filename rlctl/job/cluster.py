@@ -19,8 +19,8 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rlctl.job.actors import GeneratorWorker, TrainerWorker
