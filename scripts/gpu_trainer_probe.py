@@ -1,7 +1,8 @@
 """A GPU probe of the trainer alone, without the devkit (the machine's own torch and transformers): a random
 Llama (byte tokenizer vocabulary, ``--hidden`` / ``--layers``) as one colocated FSDP2 rank on CUDA, KL on, two
-cycles of onload -> old / ref log-probs -> train step -> offload, then a third padding-free (packed) cycle with
-the max difference of its log-probs from the padded path. Prints one JSON line: the CUDA reserve after each
+cycles of onload -> old / ref log-probs -> train step -> offload, then ``--packed`` padding-free cycles (the first
+one warms up) with the max difference of their log-probs from the padded path. Tokens per second count real
+(prompt + response) tokens; ``train_padded_tokens_per_s`` counts the padded rectangle the bare rate also runs. Prints one JSON line: the CUDA reserve after each
 offload (bytes), the peak reserve of each step, seconds per phase, fused AdamW and the reference dtype, skipped steps.
 
     python3 scripts/gpu_trainer_probe.py [--hidden 1024 --layers 8 --seqs 32 --len 512] > $OUT/probe.json
@@ -31,6 +32,8 @@ def main() -> int:
                     "151,936-row vocabulary) instead of the byte-vocabulary Llama")
     ap.add_argument("--micro-train", type=int, default=8)
     ap.add_argument("--micro-forward", type=int, default=16)
+    ap.add_argument("--cycles", type=int, default=4, help="cycles in all; the last --packed of them padding-free")
+    ap.add_argument("--packed", type=int, default=2, help="padding-free cycles at the end (the first one warms up)")
     ap.add_argument("--grad-ckpt", action="store_true", help="trainer.gradient_checkpointing=true (preset gsm8k's)")
     ap.add_argument("--bare", action="store_true", help="also the bare bf16 fwd(+bwd) rate of the same model "
                     "(benchmarks/_common.bare_model_rates, same micro-batches, no FSDP, no padding)")
@@ -72,10 +75,12 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "params": sum(p.numel() for p in tr.model.parameters()), "fused_adamw": tr.optimizer.defaults.get("fused"),
            "ref_dtype": str(next(tr.ref_model.parameters()).dtype), "tokens": int(batch["attention_mask"].sum()),
+           "padded_tokens": int(batch["attention_mask"].numel()),
            "cycles": []}
-    for cycle in range(3):
-        c = {"packed": cycle == 2}
-        if cycle == 2:  # the same batch padding-free (trainer.remove_microbatch_padding + a token budget)
+    first_packed = a.cycles - a.packed
+    for cycle in range(a.cycles):
+        c = {"packed": cycle >= first_packed}
+        if cycle == first_packed:  # the same batch padding-free (trainer.remove_microbatch_padding + a token budget)
             padded_old = batch["old_logprobs"].clone()
             tr.tcfg = tr.tcfg.model_copy(update={"remove_microbatch_padding": True,
                                                  "max_tokens_per_microbatch": 8 * (a.len + 40)})
@@ -88,7 +93,7 @@ def main() -> int:
         batch["ref_logprobs"] = tr.compute_logprobs(batch, 1.0, "ref")
         sync()
         c["logprobs_s"] = time.perf_counter() - t0
-        if cycle == 2:  # packed vs a padded pass over the same (current) weights
+        if cycle >= first_packed:  # packed vs a padded pass over the same (current) weights
             packed_old = batch["old_logprobs"]
             tr.tcfg = tr.tcfg.model_copy(update={"remove_microbatch_padding": False})
             padded_now = tr.compute_logprobs(batch, 1.0)
@@ -100,7 +105,8 @@ def main() -> int:
         m = tr.train_step(batch, 1.0, mini_batch_size=a.seqs // 2)
         sync()
         c["train_s"] = time.perf_counter() - t0
-        c["train_tokens_per_s"] = res["tokens"] / c["train_s"]
+        c["train_tokens_per_s"] = res["tokens"] / c["train_s"]  # real (unpadded) tokens
+        c["train_padded_tokens_per_s"] = res["padded_tokens"] / c["train_s"]
         c["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else 0
         c["skipped_steps"] = m["policy/skipped_steps"]
         t0 = time.perf_counter()
