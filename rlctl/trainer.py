@@ -227,16 +227,8 @@ def _packed_head_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
 
     from rlctl.logprobs import head_replaced
 
-    # Right-packed rows (real tokens first, padding after) need no padding mask: under a causal mask alone a
-    # real token attends only to earlier real tokens, and padding positions are never read. Without a mask
-    # (and with the default positions 0..L-1, which equal ``position_ids`` at every real token) transformers
-    # lets sdpa run ``is_causal`` (the flash kernel) instead of an explicit [N, 1, L, L] mask.
-    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        mask_arg, pos_arg = None, None
-    else:  # a hole inside a row (not built by build_batch): keep the mask
-        mask_arg, pos_arg = mask, position_ids
     with head_replaced(head, pick_response_positions, head_forward):
-        out = model(input_ids=ids, attention_mask=mask_arg, position_ids=pos_arg, use_cache=False,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                     logits_to_keep=t + left_max + 1)
     if out.logits.shape[:2] != (n, t) or (head_forward is not None and out.logits.shape[2:] != (int(width),)):
         raise RuntimeError(f"{caller}: the LM head gave logits of shape {tuple(out.logits.shape)}, "
