@@ -3,7 +3,7 @@
 # stages in one call run in order). After the devkit with qwen05 (calls 1-13 of ../shared/devkit/README.md), every
 # call with carry ["gpu_data", "gpu_base"] (gpu_data/gsm8k: the GSM8K jsonl; gpu_base: `git archive` of the baseline
 # commit with this checkout's benchmarks/_common.py and step_breakdown.py copied in):
-#   bash scripts/gpu_visit.sh check       # GPU tests: colocated 2-step, checkpoint every step, trainer offload (~6 min)
+#   bash scripts/gpu_visit.sh check       # (STAGE_TIMEOUT=s per stage, default 540) GPU tests: colocated 2-step, checkpoint every step, trainer offload (~6 min)
 #   bash scripts/gpu_visit.sh check-rest  # the other GPU tests (engine API, memory cycles, split placement, TP)
 #   bash scripts/gpu_visit.sh step-new    # step_breakdown.py on this checkout, Qwen2.5-Coder-0.5B, 32 x 8 (~4 min)
 #   bash scripts/gpu_visit.sh step-base   # the same on gpu_base (the baseline), in the same visit (~4 min)
@@ -12,6 +12,7 @@
 # Each stage writes into /tmp/visit/<stage> and packs it into $OUT/<stage>.tgz (the device returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+LIMIT="timeout ${STAGE_TIMEOUT:-540}"   # seconds per stage (a device call runs at most 600)
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 DATA=/tmp/rlctl/data/gsm8k
 QWEN="${RLCTL_MODEL:-/tmp/models/qwen2.5-coder-0.5b-instruct}"   # RLCTL_MODEL: another model (e.g. the kit's SmolLM2)
@@ -24,7 +25,7 @@ if [ ! -f $DATA/validation.parquet ] && [ -f gpu_data/gsm8k/train.jsonl ]; then
   python3 -m rlctl prepare-data gsm8k --source-dir gpu_data/gsm8k --output-dir $DATA >> "$OUT/visit.log" 2>&1
 fi
 step() {  # $1 repo root, $2 name, $3 folder: step_breakdown.py, 32 x 8, preset gsm8k-h200 (the real-run setting)
-  ( cd "$1" && PYTHONPATH="$1:$PYTHONPATH" python3 benchmarks/step_breakdown.py --model $QWEN --data $DATA \
+  ( cd "$1" && PYTHONPATH="$1:$PYTHONPATH" $LIMIT python3 benchmarks/step_breakdown.py --model $QWEN --data $DATA \
       --prompts 32 --samples 8 --steps "${STEPS:-6}" --skip-steps 1 --name "$2" --workdir /tmp/rlctl_bench \
       --out "$3/$2.json" ${EXTRA:-} ) > "$3/$2.log" 2>&1
   tail -32 "$3/$2.log"
@@ -36,15 +37,17 @@ while [ $# -gt 0 ]; do
   stage=$1; shift
   echo "== $stage $(date -u +%FT%TZ)" | tee -a "$OUT/visit.log"
   W=/tmp/visit/$stage; mkdir -p "$W"
+  # each stage's command under its own limit ($LIMIT), so that a slow stage is still packed below: an outer
+  # `timeout` around this script would stop it before the tar and lose the stage's files
   case $stage in
-    check) OUT="$W" bash scripts/gpu_check.sh -k "colocated or offload" --maxfail=20 > "$W/check.log" 2>&1
+    check) OUT="$W" $LIMIT bash scripts/gpu_check.sh -k "colocated or offload" --maxfail=20 > "$W/check.log" 2>&1
            tail -25 "$W/check.log" ;;
-    check-rest) OUT="$W" bash scripts/gpu_check.sh -k "not (colocated or offload)" --maxfail=20 > "$W/check.log" 2>&1
+    check-rest) OUT="$W" $LIMIT bash scripts/gpu_check.sh -k "not (colocated or offload)" --maxfail=20 > "$W/check.log" 2>&1
            tail -25 "$W/check.log" ;;
     step-new) step "$PWD" step_new "$W" ;;
     step-base) step "$PWD/gpu_base" step_base "$W" ;;
     step-pack) EXTRA="--set trainer.remove_microbatch_padding=true" step "$PWD" step_pack "$W" ;;
-    real) wall=${1:-330}; shift || true; OUT="$W" bash scripts/gpu_real_run.sh "$wall" > "$W/real.log" 2>&1
+    real) wall=${1:-330}; shift || true; OUT="$W" $LIMIT bash scripts/gpu_real_run.sh "$wall" > "$W/real.log" 2>&1
           tail -20 "$W/real.log" ;;
     *) echo "gpu_visit: unknown stage $stage" | tee -a "$OUT/visit.log"; exit 2 ;;
   esac

@@ -102,6 +102,10 @@ def test_perturbed_weights_change_and_restore(gen, hf_named, prompt_ids, stop_to
 
 
 def test_sleep_frees_memory_and_cycle_reproduces(gen, hf_named, prompt_ids, stop_token_ids, metrics):
+    if gen.asleep:  # selected alone (pytest -k): wake and push as test_wake_without_push_refuses_generate does
+        _wake_push_wake(gen, lambda: gen.update_weights(hf_named))
+    if "base" not in STATE:
+        STATE["base"] = _gen_greedy(gen, prompt_ids, stop_token_ids).output_ids
     free_awake = torch.cuda.mem_get_info()[0]
     gen.sleep()  # raises unless >= 90% of the woken memory came back
     free_asleep = torch.cuda.mem_get_info()[0]
