@@ -8,12 +8,12 @@ in bytes (:func:`local_gpu_bytes` reads it through ``nvidia-smi``; ``None`` plan
 What is estimated, per GPU (bytes; P parameters, N FSDP shards = policy workers, dt = compute dtype bytes):
 
 - trainer (``rlctl/trainer.py``): fp32 master weights 4P/N, fp32 gradients 4P/N, AdamW moments 8P/N,
-  the reference model when KL is on (loaded in fp32 by ``load_and_shard``, sharded like the policy:
-  4P/N), the unsharded compute copies FSDP2 gathers (``fsdp_unsharded_blocks`` decoder blocks + the
-  root: embeddings, final norm, untied LM head), the activations of the largest micro-batch
+  the reference model when KL is on (in the compute dtype, sharded like the policy: dt P/N), the
+  unsharded compute copies FSDP2 gathers (``fsdp_unsharded_blocks`` decoder blocks + the root:
+  embeddings, final norm, untied LM head), the activations of the largest micro-batch
   (``micro x (max_prompt_length + max_new_tokens)`` tokens, with or without gradient checkpointing),
-  the logits working set (``micro x max_new_tokens x vocab``: the trainer computes logits of response
-  positions only, in one piece per micro-batch), the weight-sync buckets, its CUDA context, and what
+  the log-prob working set (logits of at most ``logprob_chunk_positions`` response positions at a time:
+  rlctl/logprobs.py chunks them), the weight-sync buckets, its CUDA context, and what
   it keeps on the GPU after offload while the engine runs (colocated);
 - SGLang engine: its static memory ``gpu_memory_utilization x GPU`` (SGLang's ``mem_fraction_static``
   sizes the KV cache so that weights + KV cache + the GPU's other use reach that fraction), what it
@@ -82,13 +82,15 @@ COEFFICIENTS: dict[str, float] = {
     # default forward/backward prefetch of one block (torch.distributed.fsdp.fully_shard docs).
     "fsdp_unsharded_blocks": 2,
     # Activations saved for backward per token per decoder layer without checkpointing, in values of
-    # the compute dtype: attention 3h + 2kv (RMSNorm output, q and k after RoPE, SDPA output; v), MLP
-    # h + 4i (RMSNorm output, gate, up, silu(gate), their product); flash/SDPA attention keeps no
-    # T x T scores. Read from transformers' Qwen2/Llama decoder layers (Korthikanti et al. 2022,
-    # "Reducing Activation Recomputation in Large Transformer Models", sec. 4, without dropout).
-    # Assumed, to be calibrated.
-    "act_values_per_token_layer_h": 4,
-    "act_values_per_token_layer_kv": 2,
+    # the compute dtype, MEASURED (benchmarks/activation_bytes.py: autograd's saved tensors of transformers'
+    # Qwen2 decoder layer, bf16, sdpa with the padding mask the trainer passes; 2026-12-07, transformers 5.25):
+    # 8 h (the two RMSNorm outputs, q, k and v after sdpa's repeat to every head, the attention output, the
+    # o_proj and MLP inputs), 4 i (gate, up, silu(gate), their product), 0 kv (the repeat makes k / v h-sized),
+    # plus fp32 2 h (the RMSNorms' upcast inputs). Qwen2.5-0.5B shape: 60,416 B planned vs 60,864 B saved,
+    # 1.5B: 108,544 vs 109,240 (the rest: rotary cos / sin and the attention log-sum-exp).
+    # tests/unit/test_memory_plan.py re-measures it. The step's peak on a GPU still has to be calibrated.
+    "act_values_per_token_layer_h": 8,
+    "act_values_per_token_layer_kv": 0,
     "act_values_per_token_layer_i": 4,
     # fp32 values per token per layer: the two RMSNorms upcast their input to fp32 and keep it.
     "act_fp32_values_per_token_layer_h": 2,

@@ -108,6 +108,7 @@ def main() -> int:
         c["train_tokens_per_s"] = res["tokens"] / c["train_s"]  # real (unpadded) tokens
         c["train_padded_tokens_per_s"] = res["padded_tokens"] / c["train_s"]
         c["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else 0
+        c["peak_allocated_bytes"] = torch.cuda.max_memory_allocated() if cuda else 0  # reserved - this: allocator slack
         c["skipped_steps"] = m["policy/skipped_steps"]
         t0 = time.perf_counter()
         try:

@@ -97,10 +97,10 @@ def test_toy_plan_line_items_and_phases():
     # gsm8k (colocated, KL on, bf16: dt=2) on 2 GPUs (N=2), micro 2 / forward 4, seq = 16 + 8 = 24 tokens, T=8.
     #   master 4*2040/2 = 4080; grads 4080; AdamW 8*2040/2 = 8160; reference (bf16) 2*2040/2 = 2040
     #   compute copies 2 B x (2 blocks x 592 + 264) = 2896
-    #   per token per layer: 2 B x (4*8 + 2*4 + 4*16) + 4 B x 2*8 = 208 + 64 = 272
-    #   train activations (no checkpointing): 2*24 tokens x 3 layers x 272 = 39,168
+    #   per token per layer: 2 B x (8*8 + 0*4 + 4*16) + 4 B x 2*8 = 256 + 64 = 320
+    #   train activations (no checkpointing): 2*24 tokens x 3 layers x 320 = 46,080
     #   train log-prob set: min(2 x 8, 1024) = 16 positions x 32 x 10 B + fp32 head grad 4 x 32 x 8 = 5,120 + 1,024
-#   = 6,144; forward activations 4*24 x 1 layer x 272 = 26,112
+    #   = 6,144; forward activations 4*24 x 1 layer x 320 = 30,720
     #   forward log-prob set min(4 x 8, 1024) = 32 x 32 x 6 B = 6,144; weight-sync buckets 2 x 1 MiB
     # engine on a 2 GiB GPU: weights 2 B x 2040 = 4080; fraction 0.5 x 2 GiB = 1 GiB = weights + KV + context
     #   -> KV = 1 GiB - 4080 - 0.5 GiB; outside the fraction 2 GiB (CUDA graphs on); asleep 1 GiB
@@ -109,19 +109,19 @@ def test_toy_plan_line_items_and_phases():
     p = mp.plan(_cfg(TOY_OVERRIDES), s, 2 * GiB)
     got = {k: it.bytes for k, it in ((it.key, it) for it in p.processes["trainer"])}
     assert got == {"cuda_context": CTX, "master_weights": 4080, "gradients": 4080, "adamw_state": 8160,
-                   "reference_weights": 2040, "compute_copies": 2896, "train_activations": 39_168,
-                   "train_logits": 6_144, "forward_activations": 26_112, "forward_logits": 6_144,
+                   "reference_weights": 2040, "compute_copies": 2896, "train_activations": 46_080,
+                   "train_logits": 6_144, "forward_activations": 30_720, "forward_logits": 6_144,
                    "weight_sync_buckets": 2 * MiB, "kept_after_offload": GiB}
     eng = {it.key: it.bytes for it in p.processes["engine"]}
     assert eng == {"cuda_context": CTX, "weights": 4080, "kv_cache": GiB - 4080 - CTX,
                    "outside_fraction": 2 * GiB, "kept_asleep": GiB}
     assert (p.layout, p.num_gpus) == ("colocated", 2)
     phases = {ph.name: ph.bytes for ph in p.phases}
-    # train: trainer context + 4080 + 8160 + 4080 + 2040 + 2896 + 39,168 + 6,144 = 66,568 (+ context)
+    # train: trainer context + 4080 + 8160 + 4080 + 2040 + 2896 + 46,080 + 6,144 = 73,480 (+ context)
     #        + engine context + 1 GiB asleep
-    assert phases["train"] == 66_568 + 2 * CTX + GiB
-    # log-probs: no gradients: 4080 + 8160 + 2040 + 2896 + 26,112 + 6,144 = 49,432
-    assert phases["log-probs"] == 49_432 + 2 * CTX + GiB
+    assert phases["train"] == 73_480 + 2 * CTX + GiB
+    # log-probs: no gradients: 4080 + 8160 + 2040 + 2896 + 30,720 + 6,144 = 54,040
+    assert phases["log-probs"] == 54_040 + 2 * CTX + GiB
     # weight sync: 4080 + 8160 + 2040 + 2 MiB buckets + engine weights 4080 + asleep
     assert phases["weight sync"] == 18_360 + 2 * MiB + 2 * CTX + GiB
     # rollout: the engine's 1 GiB fraction + 2 GiB outside + the trainer's context + 1 GiB kept
@@ -130,19 +130,19 @@ def test_toy_plan_line_items_and_phases():
 
 
 def test_toy_plan_with_checkpointing_split_and_no_kl():
-    # checkpointing: per token 3 layers x 1 x 8 x 2 B = 48 kept + 2 recomputed layers x 272 = 544 -> 592
-    #   x 48 tokens = 28,416. Split placement: 2 policy GPUs + 2 engine GPUs; no offload line, no asleep.
+    # checkpointing: per token 3 layers x 1 x 8 x 2 B = 48 kept + 2 recomputed layers x 320 = 640 -> 688
+    #   x 48 tokens = 33,024. Split placement: 2 policy GPUs + 2 engine GPUs; no offload line, no asleep.
     s = mp.ModelShape.from_config_json(TOY)
     ov = [o for o in TOY_OVERRIDES if not o.startswith("trainer.gradient_checkpointing")]
     p = mp.plan(_cfg([*ov, "trainer.placement.colocate_all=false", "trainer.algorithm.use_kl_loss=false"]), s, None)
-    assert p.item("trainer", "train_activations").bytes == 28_416
+    assert p.item("trainer", "train_activations").bytes == 33_024
     assert (p.layout, p.num_gpus) == ("split", 4)
     keys = [it.key for it in p.processes["trainer"]]
     assert "reference_weights" not in keys and "kept_after_offload" not in keys
     assert p.item("engine", "kv_cache").bytes is None  # GPU size unknown
     phases = {(ph.name, ph.gpu): ph.bytes for ph in p.phases}
-    # train on a policy GPU: context + 4080 + 8160 + 4080 grads + 2896 + 28,416 + 8,192
-    assert phases[("train", "policy GPU")] == CTX + 53_776
+    # train on a policy GPU: context + 4080 + 8160 + 4080 grads + 2896 + 33,024 + 6,144
+    assert phases[("train", "policy GPU")] == CTX + 58_384
     assert phases[("rollout", "engine GPU")] is None and p.peak is None
 
 
@@ -381,3 +381,21 @@ def test_explicit_gpu_size_without_a_plan_is_a_warning(tmp_path, monkeypatch):
     res = runner.invoke(app, args)  # not asked for: a note
     assert res.exit_code == 0 and "note: memory plan: no config.json for trainer.policy.model.path=Nobody/no-such-model" in res.stderr
     assert "warning: memory plan" not in res.stderr
+
+
+def test_activation_coefficients_match_what_a_qwen2_layer_saves():
+    """The plan's bytes per token per layer are what autograd saves for a Qwen2.5-0.5B-shaped decoder layer with
+    the trainer's padding mask (benchmarks/activation_bytes.py), up to rotary cos / sin and the log-sum-exp."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from activation_bytes import saved_bytes_per_token
+
+    C = mp.COEFFICIENTS
+    h, kv, i = 896, 128, 4864
+    planned = (2 * (C["act_values_per_token_layer_h"] * h + C["act_values_per_token_layer_kv"] * kv
+                    + C["act_values_per_token_layer_i"] * i) + 4 * C["act_fp32_values_per_token_layer_h"] * h)
+    assert planned == 60_416
+    saved = saved_bytes_per_token("qwen2.5-0.5b", batch=2, length=32, masked=True)["bytes_per_token"]
+    assert planned <= saved <= 1.02 * planned, saved
