@@ -181,6 +181,20 @@ def _preflight(cfg: Any, command: str, *, dry_run: bool = False, failed: bool = 
             raise typer.Exit(0)
 
 
+def _plan_without_gpu(plan) -> str:
+    """One line for a plan made without the GPU size: its peak, or (when the engine's KV cache, a fraction of the
+    unknown GPU, is in some phases) the largest phase that is known and the phases that are not."""
+    from rlctl import memory_plan as mp
+
+    if plan.peak_bytes is not None:
+        return f"peak {mp.gib(plan.peak_bytes)} per GPU ({plan.peak.name})"
+    known = [p for p in plan.phases if p.bytes is not None]
+    unknown = ", ".join(p.name for p in plan.phases if p.bytes is None)
+    head = f"largest known phase {max(known, key=lambda p: p.bytes).name} {mp.gib(max(p.bytes for p in known))} per GPU; " if known else ""
+    return f"{head}{unknown} unknown (the engine's KV cache is generator.gpu_memory_utilization x the GPU)"
+
+
+
 def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_address: Optional[str],
                  ignore: bool, fmt: Optional[str] = None, asked: bool = False) -> None:
     """The GPU memory plan (:mod:`rlctl.memory_plan`): printed as ``fmt`` (``tree`` / ``yaml`` / ``json`` on stdout)
@@ -218,8 +232,7 @@ def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_add
         data = mp.plan_as_dict(plan)
         typer.echo(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False), nl=False)
     if gpu is None:
-        _err(f"note: memory plan: peak {mp.gib(plan.peak_bytes)} per GPU; no GPU size to check it against "
-             "(pass --gpu-memory-gb N)")
+        _err(f"note: memory plan: {_plan_without_gpu(plan)}; no GPU size to check it against (pass --gpu-memory-gb N)")
         return
     verdict = mp.check_fit(plan, gpu, allow_over=ignore)
     if verdict is None:

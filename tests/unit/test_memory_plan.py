@@ -399,3 +399,27 @@ def test_activation_coefficients_match_what_a_qwen2_layer_saves():
     assert planned == 60_416
     saved = saved_bytes_per_token("qwen2.5-0.5b", batch=2, length=32, masked=True)["bytes_per_token"]
     assert planned <= saved <= 1.02 * planned, saved
+
+
+def test_plan_without_a_gpu_size_names_the_largest_known_phase(tmp_path, monkeypatch):
+    """No local GPU and no --gpu-memory-gb: the colocated rollout phase (the engine's fraction of an unknown GPU) is
+    unknown, so the note gives the largest known phase (train, 1.5B with gsm8k) instead of 'peak ?'."""
+    from typer.testing import CliRunner
+
+    from rlctl.cli import app
+
+    monkeypatch.setattr(mp, "local_gpu_bytes", lambda timeout_s=3.0: None)
+    model = tmp_path / "qwen15"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN25_15B))
+    res = CliRunner().invoke(app, ["check-config", "--backend", "sglang", "--preset", "gsm8k",
+                                   f"trainer.policy.model.path={model}"])
+    assert res.exit_code == 0, res.output
+    p = mp.plan(_cfg([f"trainer.policy.model.path={model}"]), mp.ModelShape.from_config_json(QWEN25_15B), None)
+    train = next(ph for ph in p.phases if ph.name == "train")
+    assert [ph.name for ph in p.phases if ph.bytes is None] == ["rollout"]
+    assert max(ph.bytes for ph in p.phases if ph.bytes is not None) == train.bytes
+    assert (f"note: memory plan: largest known phase train {mp.gib(train.bytes)} per GPU; rollout unknown (the "
+            "engine's KV cache is generator.gpu_memory_utilization x the GPU); no GPU size to check it against "
+            "(pass --gpu-memory-gb N)") in res.stderr
+    assert "peak ?" not in res.stderr
