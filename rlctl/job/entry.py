@@ -92,13 +92,32 @@ def _restore_ctrl_c() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the driver (a scheduler's time limit, ``kill``, ``timeout``): the run stops as on Ctrl-C
+    (actors killed, partial checkpoint removed, Ray stopped), with exit code 143 (128 + SIGTERM)."""
+
+
+def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in the main thread. Called again after ``ray.init``, whose failure
+    signal handler would otherwise print a raw stack dump and kill the driver before the cleanup runs."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def train(loaded) -> dict[str, Any]:
     """Run the training job of a validated config (``rlctl train``). Returns the loop's summary.
 
     Raises:
         rlctl.config.ConfigError: a device-dependent config rule (:func:`check_device_rules`), before Ray starts.
-        SystemExit: with a message naming the actor and its last error if an actor dies (code 1), or
-            on Ctrl-C (code 130); Ray is shut down in both cases.
+        SystemExit: with a message naming the actor and its last error if an actor dies (code 1), on
+            Ctrl-C (code 130) or SIGTERM (code 143); Ray is shut down in every case.
     """
     import ray
 
@@ -111,6 +130,7 @@ def train(loaded) -> dict[str, Any]:
     cfg = loaded.cfg
     console = log_console()
     _restore_ctrl_c()
+    _stop_cleanly_on_sigterm()
     device = resolve_device(cfg)
     check_device_rules(cfg, device)
     import yaml
@@ -132,6 +152,7 @@ def train(loaded) -> dict[str, Any]:
                         f"trainer.max_prompt_length={cfg.trainer.max_prompt_length} tokens")
         t0 = time.perf_counter()
         started_ray = init_ray(cfg, device)
+        _stop_cleanly_on_sigterm()
         trainers, generators = build_groups(cfg, device)
         logger = RunLogger(run_dir, yaml.safe_dump(redacted, sort_keys=False), _loggers(cfg),
                            project=cfg.trainer.project_name, run_name=cfg.trainer.run_name, redacted_config=redacted,
@@ -156,20 +177,22 @@ def train(loaded) -> dict[str, Any]:
                 "trainer.resume_mode=latest)" if latest else "no checkpoint was completed")
         console.print("[red]error:[/red] " + _escape(_describe_ray_error(e)) + "\n  " + _escape(kept))
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         latest = latest_checkpoint(Path(cfg.ckpt_dir))
-        console.print("[yellow]interrupted:[/yellow] stopping the Ray job; "
+        why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        console.print(f"[yellow]{why}:[/yellow] stopping the Ray job; "
                       + (_escape(f"completed checkpoints are kept (latest: {latest.name})") if latest else "no checkpoint was completed"))
-        raise SystemExit(130) from None
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     finally:
         # Order matters: kill the actors first (one may still be writing a checkpoint), then delete this
-        # process's partial checkpoint folder, then stop the local cluster. A second Ctrl-C while
-        # cleaning up is ignored so that the cleanup finishes.
+        # process's partial checkpoint folder, then stop the local cluster. A second Ctrl-C or SIGTERM
+        # while cleaning up is ignored so that the cleanup finishes.
         import signal
         import threading
 
         main = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean and main else None
+        old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN) if not clean and main else None
         try:
             if logger is not None:
                 logger.close()
@@ -181,6 +204,8 @@ def train(loaded) -> dict[str, Any]:
         finally:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
 
 
 def evaluate(loaded) -> dict[str, float]:

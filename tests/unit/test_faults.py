@@ -9,7 +9,8 @@ generator through Ray), each run a subprocess in its own session / process group
   (``generator-0`` / ``trainer-0``) and its last error, no Python traceback.
 - a trainer ``RuntimeError`` (``trainer.max_bad_steps`` non-finite steps in a row): a clear message,
   exit 1, the last good checkpoint intact.
-- Ctrl-C (SIGINT to the driver): exit 130, no ``.tmp-*`` checkpoint folder, no ``*.tmp`` file.
+- Ctrl-C (SIGINT to the driver): exit 130, no ``.tmp-*`` checkpoint folder, no ``*.tmp`` file; SIGTERM the same
+  way with exit 143.
 
 After every run no process of it is left: each run gets a unique ``RLCTL_FAULT_TAG`` environment
 variable, which Ray's processes (GCS, raylet, workers) inherit, and ``/proc/*/environ`` is searched
@@ -266,20 +267,24 @@ def test_trainer_runtime_error_is_a_clear_message_and_keeps_checkpoint(tiny, tmp
 
 # ------------------------------------------------------------------------------------------ 4 Ctrl-C
 @pytest.mark.timeout(600)
-def test_ctrl_c_stops_cleanly(tiny, tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted:"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM):")], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_stops_cleanly(tiny, tmp_path, sig, code, said):
+    """Ctrl-C, and SIGTERM (a scheduler's time limit, ``kill``, ``timeout``) the same way: a clean stop, no raw
+    stack dump of Ray's failure signal handler."""
     run = Run(overrides(tiny, tmp_path, "intr", 30), tmp_path, "intr")
     ckpt_dir = tmp_path / "ckpts" / "faults" / "intr"
     run.wait_for(lambda: (ckpt_dir / "global_step_1" / "COMPLETE").is_file(), 420, "checkpoint 1")
     time.sleep(0.5)  # land inside step 2
-    run.proc.send_signal(signal.SIGINT)
+    run.proc.send_signal(sig)
     t_int = time.monotonic()
     rc = run.wait(FAULT_BOUND_S + 30)
     took = time.monotonic() - t_int
-    print(f"\n[faults] SIGINT: exit {rc} after {took:.1f} s")
+    print(f"\n[faults] {sig.name}: exit {rc} after {took:.1f} s")
     err = run.stderr
-    assert rc == 130, err[-4000:]
+    assert rc == code, err[-4000:]
     assert took < FAULT_BOUND_S
-    assert "interrupted" in err and "Traceback" not in err, err[-4000:]
+    assert said in err and "Traceback" not in err and "SIGTERM received at time" not in err, err[-4000:]
     run.assert_no_survivors()
     assert_no_partial_files(ckpt_dir, tmp_path / "runs" / "faults" / "intr")
     for d in ckpt_dir.glob("global_step_*"):
