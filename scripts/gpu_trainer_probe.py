@@ -2,7 +2,9 @@
 Llama (byte tokenizer vocabulary, ``--hidden`` / ``--layers``) as one colocated FSDP2 rank on CUDA, KL on, two
 cycles of onload -> old / ref log-probs -> train step -> offload, then ``--packed`` padding-free cycles (the first
 one warms up) with the max difference of their log-probs from the padded path. Tokens per second count real
-(prompt + response) tokens; ``train_padded_tokens_per_s`` counts the padded rectangle the bare rate also runs. Prints one JSON line: the CUDA reserve after each
+(prompt + response) tokens; ``train_computed_tokens_per_s`` counts what the forward passes ran (length-sorted
+micro-batches trimmed to their longest row: real tokens + the padding left), the work the bare rate is
+compared with. Prints one JSON line: the CUDA reserve after each
 offload (bytes), the peak reserve of each step, seconds per phase, fused AdamW and the reference dtype, skipped steps.
 
     python3 scripts/gpu_trainer_probe.py [--hidden 1024 --layers 8 --seqs 32 --len 512] > $OUT/probe.json
@@ -75,7 +77,6 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "params": sum(p.numel() for p in tr.model.parameters()), "fused_adamw": tr.optimizer.defaults.get("fused"),
            "ref_dtype": str(next(tr.ref_model.parameters()).dtype), "tokens": int(batch["attention_mask"].sum()),
-           "padded_tokens": int(batch["attention_mask"].numel()),
            "cycles": []}
     first_packed = a.cycles - a.packed
     for cycle in range(a.cycles):
@@ -106,7 +107,10 @@ def main() -> int:
         sync()
         c["train_s"] = time.perf_counter() - t0
         c["train_tokens_per_s"] = res["tokens"] / c["train_s"]  # real (unpadded) tokens
-        c["train_padded_tokens_per_s"] = res["padded_tokens"] / c["train_s"]
+        # what the forward passes ran: sorted micro-batches trimmed to their longest row (padding included)
+        c["train_computed_tokens"] = m.get("train/computed_tokens")
+        if c["train_computed_tokens"]:
+            c["train_computed_tokens_per_s"] = c["train_computed_tokens"] / c["train_s"]
         c["peak_reserved_bytes"] = torch.cuda.max_memory_reserved() if cuda else 0
         c["peak_allocated_bytes"] = torch.cuda.max_memory_allocated() if cuda else 0  # reserved - this: allocator slack
         c["skipped_steps"] = m["policy/skipped_steps"]
