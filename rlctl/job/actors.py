@@ -39,6 +39,10 @@ class TrainerWorker:
 
         torch.set_num_threads(max(1, threads))
         _quiet_local_loading(cfg.trainer.policy.model.path)
+        # imported here, while colocated engines are still building (rlctl.job.cluster.start_in_order): importing
+        # it (transformers, FSDP2) allocates no GPU memory; setup() then only loads
+        import rlctl.trainer  # noqa: F401
+
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.trainer = None
 

@@ -248,7 +248,8 @@ def generator_kwargs(cfg, device: str) -> dict[str, Any]:
             **({} if s.disable_cuda_graph or s.prefill_cuda_graph else {"cuda_graph_backend_prefill": "disabled"})}
 
 
-def start_in_order(gens: list, setup_trainers: Callable[[], TrainerGroup] | None, colocated: bool,
+def start_in_order(gens: list, create_trainers: Callable[[], Any] | None,
+                   setup_trainers: Callable[[Any], TrainerGroup] | None, colocated: bool,
                    wait: Callable[[list], Any]) -> TrainerGroup | None:
     """Build the engines (``GeneratorWorker.start``) and the trainer ranks in the order colocation needs.
 
@@ -256,21 +257,29 @@ def start_in_order(gens: list, setup_trainers: Callable[[], TrainerGroup] | None
     rank loads a model. SGLang sizes its KV cache once, at build, from the GPU memory free then
     (``mem_fraction_static`` of the card minus what others hold), so an engine built beside a loaded trainer
     gets a KV cache smaller by the trainer's share for the whole run, and the memory plan (which assumes the
-    whole card) is wrong. Split placement: engines and trainer ranks start concurrently (own GPUs).
+    whole card) is wrong. The trainer processes are created (Ray worker start, torch / transformers imports:
+    no GPU memory) while the engines build; only their ``setup`` (process group, model load) waits. Split
+    placement: engines and trainer ranks start concurrently (own GPUs).
 
     Args:
         gens: generator actor handles (``.start.remote()``).
-        setup_trainers: creates and sets up the trainer ranks, returns their group; None without a trainer.
+        create_trainers: creates the trainer rank actors (non-blocking), returns what ``setup_trainers`` takes;
+            None without a trainer.
+        setup_trainers: sets the created ranks up (loads the models), returns their group.
         colocated: trainer and engines share GPUs.
         wait: ``ray.get`` over a list of object refs (a start-up error surfaces here).
     Returns:
         The trainer group, or None.
     """
     starts = [g.start.remote() for g in gens]
-    if colocated or setup_trainers is None:
+    if create_trainers is None or setup_trainers is None:
         wait(starts)
-        return setup_trainers() if setup_trainers is not None else None
-    trainers = setup_trainers()
+        return None
+    created = create_trainers()
+    if colocated:
+        wait(starts)
+        return setup_trainers(created)
+    trainers = setup_trainers(created)
     wait(starts)
     return trainers
 
@@ -337,16 +346,18 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
                     **generator_kwargs(cfg, device),
                     **({} if cfg.generator.backend == "hf" else {"colocated": colocated})}, threads, f"generator-{i}",
                     visible)))
-        def setup_trainers():
+        def create_trainers():  # the processes start (imports, no GPU memory) while the engines build
             tr_cls = ray.remote(TrainerWorker)
-            actors = [named(f"trainer-{r}", tr_cls.options(
+            return [named(f"trainer-{r}", tr_cls.options(
                 name=f"{prefix}trainer-{r}", num_cpus=share, num_gpus=share * gpu, scheduling_strategy=strategy(plan.rank_bundles[r]),
             ).remote(cfg, r, workers, device, threads)) for r in range(workers)]
+
+        def setup_trainers(actors):
             addr, port = ray.get(actors[0].address.remote())
             get_all([a.setup.remote(addr, port) for a in actors])
             return TrainerGroup(actors)
 
-        trainers = start_in_order(gens, setup_trainers if with_trainer else None, colocated, get_all)
+        trainers = start_in_order(gens, create_trainers if with_trainer else None, setup_trainers, colocated, get_all)
         gen_group = GeneratorGroup(gens, cfg.generator.backend, colocated=colocated,
                                    tp_size=tp if cfg.generator.backend == "sglang" else 1)
         gen_group.placement_groups = pgs

@@ -167,8 +167,9 @@ def test_eval_command_scores_the_validation_split(ray_cluster, tiny, tmp_path):
 def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path, colocated):
     """A model folder whose weights do not load: the actors fail while the groups are built; build_groups
     kills every actor it started and frees its placement group before raising (the caller has no group
-    to shut down; on an external cluster nothing else would). Colocated, the engines are built before any
-    trainer rank is created, so the failing engine is the only actor; split, both start together."""
+    to shut down; on an external cluster nothing else would). Both layouts create the trainer rank's process
+    while the engine builds (colocated, its model would load only after the engines), so both actors exist
+    when the engine fails, and both are killed."""
     import shutil
     import time
 
@@ -187,7 +188,7 @@ def test_failed_build_kills_the_actors_it_started(ray_cluster, tiny, tmp_path, c
     with pytest.raises(ray.exceptions.RayError):
         build_groups(loaded.cfg, "cpu")
     started = set(ACTOR_LABELS) - before
-    assert sorted(ACTOR_LABELS[a] for a in started) == (["generator-0"] if colocated else ["generator-0", "trainer-0"])
+    assert sorted(ACTOR_LABELS[a] for a in started) == ["generator-0", "trainer-0"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         states = {a: ray._private.state.actors(a)["State"] for a in started}
