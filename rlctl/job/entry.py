@@ -101,14 +101,16 @@ def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal handler s
     raise Terminated()
 
 
-def _stop_cleanly_on_sigterm() -> None:
+def _stop_cleanly_on_sigterm() -> Any:
     """Turn SIGTERM into :class:`Terminated` in the main thread. Called again after ``ray.init``, whose failure
-    signal handler would otherwise print a raw stack dump and kill the driver before the cleanup runs."""
+    signal handler would otherwise print a raw stack dump and kill the driver before the cleanup runs.
+    Returns the handler it replaced (None off the main thread), for :func:`train` to put back when it ends."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    return None
 
 
 def train(loaded) -> dict[str, Any]:
@@ -130,7 +132,6 @@ def train(loaded) -> dict[str, Any]:
     cfg = loaded.cfg
     console = log_console()
     _restore_ctrl_c()
-    _stop_cleanly_on_sigterm()
     device = resolve_device(cfg)
     check_device_rules(cfg, device)
     import yaml
@@ -143,6 +144,7 @@ def train(loaded) -> dict[str, Any]:
     ckpt = None
     started_ray = False
     clean = False
+    caller_term = _stop_cleanly_on_sigterm()
     try:
         tokenizer, stops = _load_tokenizer_and_stops(cfg)
         train_data = _load_prompts(cfg.data.train_data, tokenizer, cfg.trainer.max_prompt_length)
@@ -192,7 +194,8 @@ def train(loaded) -> dict[str, Any]:
 
         main = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean and main else None
-        old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN) if not clean and main else None
+        if not clean and main:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             if logger is not None:
                 logger.close()
@@ -204,8 +207,8 @@ def train(loaded) -> dict[str, Any]:
         finally:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            if main and caller_term is not None:  # the caller's SIGTERM handler (train() may run inside a host program)
+                signal.signal(signal.SIGTERM, caller_term)
 
 
 def evaluate(loaded) -> dict[str, float]:

@@ -64,7 +64,11 @@ def test_two_steps_learn_and_write_outputs(ray_cluster, tiny, tmp_path):
     # seeds: +0.005 even mass)
     loaded = load_config(preset=None, overrides=_overrides(tiny, tmp_path, "learn", 2, **{
         "generator.n_samples_per_prompt": 8}), backend="hf", for_training=True)
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
     summary = train(loaded)
+    assert signal.getsignal(signal.SIGTERM) is before  # SIGTERM stops a run cleanly only while it runs
     assert summary["last_step"] == 2
     run_dir = Path(loaded.cfg.run_dir)
     rows = _metrics(run_dir)
@@ -224,8 +228,19 @@ def test_failed_start_leaves_no_run_folder_and_claims_no_checkpoint(ray_cluster,
     shutil.copytree(tiny, bad)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     loaded = load_config(overrides=_overrides(str(bad), tmp_path, "badstart", 1, workers=1), backend="hf")
-    with pytest.raises(SystemExit) as exc:
-        train(loaded)
+
+    def host_handler(signum, frame):  # a host program's own SIGTERM handler: train() must hand it back
+        pass
+
+    import signal
+
+    before = signal.signal(signal.SIGTERM, host_handler)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            train(loaded)
+        assert signal.getsignal(signal.SIGTERM) is host_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert exc.value.code == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "error: generator-0" in err or "error: trainer-0" in err, err[-2000:]
