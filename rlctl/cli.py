@@ -389,6 +389,12 @@ def eval_(
     except ModelSourceError as exc:
         _err(f"rlctl eval: {exc}")
         raise typer.Exit(2 if exc.bad_input else 1) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (rlctl.job.entry.Terminated); Ray is already shut down
+        from rlctl.job.entry import stopped_by_sigterm
+
+        terminated = stopped_by_sigterm(exc)
+        _err(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: evaluation stopped, Ray shut down")
+        raise typer.Exit(143 if terminated else 130) from None
     for k, v in sorted((metrics or {}).items()):
         whole = isinstance(v, float) and v.is_integer() and k.endswith("num_problems")  # a count
         typer.echo(f"{k}: {int(v)}" if whole else f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")

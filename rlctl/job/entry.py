@@ -97,8 +97,18 @@ class Terminated(KeyboardInterrupt):
     (actors killed, partial checkpoint removed, Ray stopped), with exit code 143 (128 + SIGTERM)."""
 
 
+_SIGTERM_SEEN = [False]  # set by the handler: Ray's ray.get may re-raise the interrupt as a plain KeyboardInterrupt
+
+
 def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    _SIGTERM_SEEN[0] = True
     raise Terminated()
+
+
+def stopped_by_sigterm(exc: BaseException) -> bool:
+    """Whether the KeyboardInterrupt ``exc`` came from SIGTERM (:class:`Terminated`, or re-raised by Ray after
+    the handler ran) rather than Ctrl-C."""
+    return isinstance(exc, Terminated) or _SIGTERM_SEEN[0]
 
 
 def _stop_cleanly_on_sigterm() -> Any:
@@ -109,6 +119,7 @@ def _stop_cleanly_on_sigterm() -> Any:
     import threading
 
     if threading.current_thread() is threading.main_thread():
+        _SIGTERM_SEEN[0] = False
         return signal.signal(signal.SIGTERM, _raise_terminated)
     return None
 
@@ -181,10 +192,11 @@ def train(loaded) -> dict[str, Any]:
         raise SystemExit(1) from None
     except KeyboardInterrupt as e:
         latest = latest_checkpoint(Path(cfg.ckpt_dir))
-        why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        terminated = stopped_by_sigterm(e)
+        why = "terminated (SIGTERM)" if terminated else "interrupted"
         console.print(f"[yellow]{why}:[/yellow] stopping the Ray job; "
                       + (_escape(f"completed checkpoints are kept (latest: {latest.name})") if latest else "no checkpoint was completed"))
-        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        raise SystemExit(143 if terminated else 130) from None
     finally:
         # Order matters: kill the actors first (one may still be writing a checkpoint), then delete this
         # process's partial checkpoint folder, then stop the local cluster. A second Ctrl-C or SIGTERM
@@ -213,24 +225,45 @@ def train(loaded) -> dict[str, Any]:
 
 def evaluate(loaded) -> dict[str, float]:
     """Greedy pass@1 (strict and flexible) of ``trainer.policy.model.path`` on ``data.val_data``
-    without training (``rlctl eval``). Returns the ``eval/*`` metrics."""
+    without training (``rlctl eval``). Returns the ``eval/*`` metrics.
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C; :class:`Terminated` (a KeyboardInterrupt) on SIGTERM; Ray is shut down first.
+    """
     from rlctl import loop
+
+    import signal
+    import threading
 
     cfg = loaded.cfg
     device = resolve_device(cfg)
     tokenizer, stops = _load_tokenizer_and_stops(cfg)
     val = _load_prompts(cfg.data.val_data, tokenizer, cfg.trainer.max_prompt_length)
-    started_ray = init_ray(cfg, device)
+    _restore_ctrl_c()
+    caller_term = _stop_cleanly_on_sigterm()
+    started_ray = False
     generators = None
     try:
+        started_ray = init_ray(cfg, device)
+        _stop_cleanly_on_sigterm()
         _, generators = build_groups(cfg, device, with_trainer=False)
         sampling = loop.eval_sampling_from(cfg, stops)
         return loop.evaluate(generators.generate, val, tokenizer, sampling, cfg.trainer.eval_batch_size,
                              cfg.generator.eval_n_samples_per_prompt)
-    finally:
-        if generators is not None:
-            generators.shutdown()
-        shutdown_ray(started_ray)
+    finally:  # as train(): a second Ctrl-C / SIGTERM during the cleanup is ignored, then the caller's handler is back
+        main = threading.current_thread() is threading.main_thread()
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if generators is not None:
+                generators.shutdown()
+            shutdown_ray(started_ray)
+        finally:
+            if old_int is not None:
+                signal.signal(signal.SIGINT, old_int)
+            if main:
+                signal.signal(signal.SIGTERM, caller_term if caller_term is not None else signal.SIG_DFL)
 
 
 def _record_placement(cfg, actor_nodes: dict[str, dict[str, str]], run_dir: Path, console) -> None:

@@ -49,9 +49,9 @@ def overrides(tiny: str, root: Path, run: str, max_steps: int, reward: str = "ev
 
 
 class Run:
-    """One ``python -m rlctl train`` subprocess in its own session, tagged for the survivor check."""
+    """One ``python -m rlctl train`` (or ``command``) subprocess in its own session, tagged for the survivor check."""
 
-    def __init__(self, args: list[str], root: Path, name: str, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], root: Path, name: str, env: dict | None = None, command: str = "train") -> None:
         self.tag = f"{name}-{uuid.uuid4().hex[:10]}"
         self.out = root / f"{name}.log"
         self.err_path = root / f"{name}.err"
@@ -59,7 +59,7 @@ class Run:
                **(env or {})}
         env.pop("RAY_ADDRESS", None)
         with open(self.out, "wb") as so, open(self.err_path, "wb") as se:
-            self.proc = subprocess.Popen([sys.executable, "-m", "rlctl", "train", "--backend", "hf", *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "rlctl", command, "--backend", "hf", *args],
                                          stdout=so, stderr=se, env=env, start_new_session=True,
                                          cwd=Path(__file__).resolve().parents[2])
         self.t0 = time.monotonic()
@@ -289,6 +289,31 @@ def test_ctrl_c_stops_cleanly(tiny, tmp_path, sig, code, said):
     assert_no_partial_files(ckpt_dir, tmp_path / "runs" / "faults" / "intr")
     for d in ckpt_dir.glob("global_step_*"):
         assert (d / "COMPLETE").is_file(), d
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted: evaluation stopped"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM): evaluation stopped")],
+                         ids=["ctrl_c", "sigterm"])
+def test_eval_stops_cleanly(tiny, tmp_path, sig, code, said):
+    """``rlctl eval`` stopped while its engine works (long greedy answers of a random tiny model): one line,
+    no traceback, no process left."""
+    from rlctl.gsm8k import SAMPLE_DIR
+
+    run = Run(["--model", tiny, f"data.val_data=['{SAMPLE_DIR}/validation.parquet']", "trainer.device=cpu",
+               "ray.num_cpus=2", "generator.num_inference_engines=1", "trainer.placement.policy_num_gpus_per_node=1",
+               "generator.eval_sampling_params.max_new_tokens=1500"],
+              tmp_path, "evalstop",
+              command="eval")
+    run.wait_for(lambda: any("generator-0" in c or "GeneratorWorker" in c for c in run.processes().values()), 120,
+                 "the generator actor")
+    time.sleep(3)  # inside the engine's start or its generation
+    run.proc.send_signal(sig)
+    rc = run.wait(FAULT_BOUND_S)
+    err = run.stderr
+    assert rc == code, err[-4000:]
+    assert said in err and "Traceback" not in err and "SIGTERM received at time" not in err, err[-4000:]
+    run.assert_no_survivors()
 
 
 # ------------------------------------------------------------------------------------------ 1b driver only
