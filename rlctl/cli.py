@@ -361,6 +361,9 @@ def train(
     except ModelSourceError as exc:
         _err(f"rlctl: {exc}")
         raise typer.Exit(2 if exc.bad_input else 1) from None
+    except job.PlacementTimeout as exc:
+        _err(f"rlctl: {exc}")
+        raise typer.Exit(1) from None
 
 
 @app.command("eval")
@@ -389,6 +392,9 @@ def eval_(
     except ModelSourceError as exc:
         _err(f"rlctl eval: {exc}")
         raise typer.Exit(2 if exc.bad_input else 1) from None
+    except job.PlacementTimeout as exc:
+        _err(f"rlctl eval: {exc}")
+        raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (rlctl.job.entry.Terminated); Ray is already shut down
         from rlctl.job.entry import stopped_by_sigterm
 

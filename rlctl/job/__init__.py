@@ -12,5 +12,6 @@ Test: ``pytest tests/unit/test_train_e2e.py tests/unit/test_faults.py``.
 """
 
 from rlctl.job.entry import evaluate, train
+from rlctl.job.placement import PlacementTimeout
 
-__all__ = ["train", "evaluate"]
+__all__ = ["train", "evaluate", "PlacementTimeout"]

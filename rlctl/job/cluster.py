@@ -293,7 +293,7 @@ def build_groups(cfg, device: str, with_trainer: bool = True) -> tuple[TrainerGr
     Without a trainer (``rlctl eval``) the generators keep the weights they loaded (no sleep/wake).
 
     Raises:
-        RuntimeError: the placement groups are not ready within ``ray.placement_group_timeout_s``.
+        rlctl.job.placement.PlacementTimeout: the placement groups are not ready within ``ray.placement_group_timeout_s``.
         rlctl.config.ConfigError: see :func:`check_device_rules`.
     """
     import ray

@@ -252,7 +252,7 @@ def reserve(plan: PlacementPlan, timeout_s: float) -> list:
             try:
                 ray.get(pg.ready(), timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(_timeout_message(plan, k, timeout_s, ray.cluster_resources())) from None
+                raise PlacementTimeout(_timeout_message(plan, k, timeout_s, ray.cluster_resources())) from None
             if g.node is not None:
                 nodes.append(placement_group_table(pg)["bundles_to_node_id"][0])
     except BaseException:
@@ -260,6 +260,11 @@ def reserve(plan: PlacementPlan, timeout_s: float) -> list:
             remove_placement_group(pg)
         raise
     return pgs
+
+
+class PlacementTimeout(RuntimeError):
+    """Ray could not reserve the job's placement groups within ``ray.placement_group_timeout_s`` (the message
+    names the bundles, the cluster's resources and the keys to change); the CLI prints it without a traceback."""
 
 
 def _timeout_message(plan: PlacementPlan, k: int, timeout_s: float, cluster: dict) -> str:

@@ -329,3 +329,19 @@ def test_sigkill_of_the_driver_alone_leaves_no_ray_process(tiny, tmp_path):
     assert run.proc.wait(timeout=10) == -signal.SIGKILL
     took = run.assert_no_survivors(grace=20)
     print(f"\n[faults] SIGKILL of the driver alone: all run processes gone {took:.1f} s after the kill")
+
+
+@pytest.mark.timeout(300)
+def test_placement_timeout_is_one_message_without_traceback(tiny, tmp_path):
+    """More engines than the cluster has CPUs for: ``rlctl eval`` (the same reservation as ``train``) exits 1 with
+    the reservation message naming the keys, no traceback, no process left."""
+    from rlctl.gsm8k import SAMPLE_DIR
+
+    run = Run(["--model", tiny, f"data.val_data=['{SAMPLE_DIR}/validation.parquet']", "trainer.device=cpu",
+               "ray.num_cpus=2", "ray.placement_group_timeout_s=2"], tmp_path, "pgtimeout", command="eval")
+    rc = run.wait(240)
+    err = " ".join(run.stderr.split())
+    assert rc == 1, err[-4000:]
+    assert "rlctl eval: Ray could not reserve 4 bundles {'CPU': 1} within 2.0 s" in err, err[-4000:]
+    assert "raise ray.placement_group_timeout_s" in err and "Traceback" not in err, err[-4000:]
+    run.assert_no_survivors()
