@@ -9,6 +9,8 @@
 #   bash scripts/gpu_visit.sh step-base   # the same on gpu_base (the baseline), in the same visit (~4 min)
 #   bash scripts/gpu_visit.sh step-pack   # step-new with trainer.remove_microbatch_padding=true (~4 min)
 #   bash scripts/gpu_visit.sh real 330    # scripts/gpu_real_run.sh 330: the real run (~8 min)
+#   bash scripts/gpu_visit.sh probe       # scripts/gpu_trainer_probe.py, Qwen2.5-0.5B shape, with the bare rates (~3 min)
+#   bash scripts/gpu_visit.sh profile     # benchmarks/trainer_profile.py on $QWEN: where the train step's seconds go
 # Each stage writes into /tmp/visit/<stage> and packs it into $OUT/<stage>.tgz (the device returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +49,10 @@ while [ $# -gt 0 ]; do
     step-new) step "$PWD" step_new "$W" ;;
     step-base) step "$PWD/gpu_base" step_base "$W" ;;
     step-pack) EXTRA="--set trainer.remove_microbatch_padding=true" step "$PWD" step_pack "$W" ;;
+    probe) $LIMIT python3 scripts/gpu_trainer_probe.py --like qwen2.5-0.5b --seqs 64 --len 512 --micro-train 16 \
+             --micro-forward 32 --bare > "$W/probe.json" 2> "$W/probe.err"; cut -c1-600 "$W/probe.json" ;;
+    profile) $LIMIT python3 benchmarks/trainer_profile.py --model $QWEN --out "$W/trainer_profile.json" > "$W/profile.log" 2>&1
+             tail -20 "$W/profile.log" ;;
     real) wall=${1:-330}; shift || true; OUT="$W" $LIMIT bash scripts/gpu_real_run.sh "$wall" > "$W/real.log" 2>&1
           tail -20 "$W/real.log" ;;
     *) echo "gpu_visit: unknown stage $stage" | tee -a "$OUT/visit.log"; exit 2 ;;
