@@ -8,6 +8,8 @@ Test: ``pytest tests/unit/test_train_e2e.py`` and ``tests/unit/test_faults.py``.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,7 @@ def stopped_by_sigterm(exc: BaseException) -> bool:
 def _stop_cleanly_on_sigterm() -> Any:
     """Turn SIGTERM into :class:`Terminated` in the main thread. Called again after ``ray.init``, whose failure
     signal handler would otherwise print a raw stack dump and kill the driver before the cleanup runs.
-    Returns the handler it replaced (None off the main thread), for :func:`train` to put back when it ends."""
+    Returns the handler it replaced (None off the main thread), for :func:`_cleanup_shielded` to put back."""
     import signal
     import threading
 
@@ -122,6 +124,28 @@ def _stop_cleanly_on_sigterm() -> Any:
         _SIGTERM_SEEN[0] = False
         return signal.signal(signal.SIGTERM, _raise_terminated)
     return None
+
+
+@contextmanager
+def _cleanup_shielded(shield: bool, caller_term: Any) -> Iterator[None]:
+    """Run a job's cleanup (the ``with`` body) so that it finishes: with ``shield`` a second Ctrl-C or SIGTERM
+    during it is ignored; afterwards SIGINT's handler is back and SIGTERM gets ``caller_term`` (what
+    :func:`_stop_cleanly_on_sigterm` replaced; the default when that was not a Python handler). Main thread only;
+    elsewhere the body just runs."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if shield and main else None
+    if shield and main:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
+        if main:  # the caller's SIGTERM handler (train() / evaluate() may run inside a host program)
+            signal.signal(signal.SIGTERM, caller_term if caller_term is not None else signal.SIG_DFL)
 
 
 def train(loaded) -> dict[str, Any]:
@@ -201,14 +225,7 @@ def train(loaded) -> dict[str, Any]:
         # Order matters: kill the actors first (one may still be writing a checkpoint), then delete this
         # process's partial checkpoint folder, then stop the local cluster. A second Ctrl-C or SIGTERM
         # while cleaning up is ignored so that the cleanup finishes.
-        import signal
-        import threading
-
-        main = threading.current_thread() is threading.main_thread()
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if not clean and main else None
-        if not clean and main:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
+        with _cleanup_shielded(not clean, caller_term):
             if logger is not None:
                 logger.close()
             if generators is not None:
@@ -216,11 +233,6 @@ def train(loaded) -> dict[str, Any]:
             if ckpt is not None:
                 ckpt.discard_partial()
             shutdown_ray(started_ray)
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGINT, old)
-            if main and caller_term is not None:  # the caller's SIGTERM handler (train() may run inside a host program)
-                signal.signal(signal.SIGTERM, caller_term)
 
 
 def evaluate(loaded) -> dict[str, float]:
@@ -231,9 +243,6 @@ def evaluate(loaded) -> dict[str, float]:
         KeyboardInterrupt: Ctrl-C; :class:`Terminated` (a KeyboardInterrupt) on SIGTERM; Ray is shut down first.
     """
     from rlctl import loop
-
-    import signal
-    import threading
 
     cfg = loaded.cfg
     device = resolve_device(cfg)
@@ -250,20 +259,11 @@ def evaluate(loaded) -> dict[str, float]:
         sampling = loop.eval_sampling_from(cfg, stops)
         return loop.evaluate(generators.generate, val, tokenizer, sampling, cfg.trainer.eval_batch_size,
                              cfg.generator.eval_n_samples_per_prompt)
-    finally:  # as train(): a second Ctrl-C / SIGTERM during the cleanup is ignored, then the caller's handler is back
-        main = threading.current_thread() is threading.main_thread()
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        if main:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
+    finally:
+        with _cleanup_shielded(True, caller_term):
             if generators is not None:
                 generators.shutdown()
             shutdown_ray(started_ray)
-        finally:
-            if old_int is not None:
-                signal.signal(signal.SIGINT, old_int)
-            if main:
-                signal.signal(signal.SIGTERM, caller_term if caller_term is not None else signal.SIG_DFL)
 
 
 def _record_placement(cfg, actor_nodes: dict[str, dict[str, str]], run_dir: Path, console) -> None:
