@@ -7,7 +7,7 @@ parameters left out, once with a padding mask (what rlctl's trainer passes: tran
 repeats k / v to every head) and once causal only. The tensors autograd saves are the same on a GPU; only the
 attention kernel's own extras (its log-sum-exp, a few bytes per head) differ. Prints one JSON line.
 
-    python benchmarks/activation_bytes.py --like qwen2.5-0.5b [--tokens 128]
+    python benchmarks/activation_bytes.py --like qwen2.5-0.5b [--length 64]
 """
 
 from __future__ import annotations
@@ -68,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlctl import memory_plan as mp
     from random_model import SHAPES
 
-    s = SHAPES[a.like]
-    h, i = s["hidden_size"], s["intermediate_size"]
-    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
-    C = mp.COEFFICIENTS
-    planned = (2 * (C["act_values_per_token_layer_h"] * h + C["act_values_per_token_layer_kv"] * kv
-                    + C["act_values_per_token_layer_i"] * i) + 4 * C["act_fp32_values_per_token_layer_h"] * h)
+    planned = mp.ModelShape.from_config_json(SHAPES[a.like]).activation_bytes_per_token_layer(2)  # bf16
     out = {"like": a.like, "planned_bytes_per_token_layer": planned,
            "masked": saved_bytes_per_token(a.like, length=a.length, masked=True),
            "causal": saved_bytes_per_token(a.like, length=a.length, masked=False)}

@@ -190,9 +190,9 @@ def _plan_without_gpu(plan) -> str:
         return f"peak {mp.gib(plan.peak_bytes)} per GPU ({plan.peak.name})"
     known = [p for p in plan.phases if p.bytes is not None]
     unknown = ", ".join(p.name for p in plan.phases if p.bytes is None)
-    head = f"largest known phase {max(known, key=lambda p: p.bytes).name} {mp.gib(max(p.bytes for p in known))} per GPU; " if known else ""
+    big = max(known, key=lambda p: p.bytes, default=None)
+    head = f"largest known phase {big.name} {mp.gib(big.bytes)} per GPU; " if big else ""
     return f"{head}{unknown} unknown (the engine's KV cache is generator.gpu_memory_utilization x the GPU)"
-
 
 
 def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_address: Optional[str],

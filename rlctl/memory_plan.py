@@ -255,6 +255,16 @@ class ModelShape:
         """KV-cache bytes per token of one sequence: k and v of every layer."""
         return 2 * self.num_layers * self.kv_dim * dtype_bytes
 
+    def activation_bytes_per_token_layer(self, dtype_bytes: int) -> float:
+        """Bytes one decoder layer saves for backward per token without checkpointing, from the
+        ``act_*`` entries of :data:`COEFFICIENTS` (compute-dtype values of h, kv and i, plus fp32 values of h);
+        ``benchmarks/activation_bytes.py`` measures the same quantity."""
+        C = COEFFICIENTS
+        return (dtype_bytes * (C["act_values_per_token_layer_h"] * self.hidden_size
+                               + C["act_values_per_token_layer_kv"] * self.kv_dim
+                               + C["act_values_per_token_layer_i"] * self.intermediate_size)
+                + 4 * C["act_fp32_values_per_token_layer_h"] * self.hidden_size)
+
 
 def local_gpu_bytes(timeout_s: float = 3.0) -> Optional[int]:
     """Memory in bytes of the smallest GPU a CUDA process started here would see (:mod:`rlctl.gpus`: ``nvidia-smi``
@@ -386,7 +396,7 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
     """
     C = COEFFICIENTS
     P, L = shape.num_parameters, shape.num_layers
-    h, kv, i, V = shape.hidden_size, shape.kv_dim, shape.intermediate_size, shape.vocab_size
+    h, V = shape.hidden_size, shape.vocab_size
     workers = x["trainer.placement.policy_num_nodes"] * x["trainer.placement.policy_num_gpus_per_node"]
     colocated = bool(x["trainer.placement.colocate_all"])
     dt = DTYPE_BYTES[x["generator.model_dtype"]]
@@ -401,8 +411,7 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
     ctx = int(C["cuda_context_bytes"])
 
     # ---- trainer, per policy GPU
-    layer_act = dt * (C["act_values_per_token_layer_h"] * h + C["act_values_per_token_layer_kv"] * kv
-                      + C["act_values_per_token_layer_i"] * i) + 4 * C["act_fp32_values_per_token_layer_h"] * h
+    layer_act = shape.activation_bytes_per_token_layer(dt)
     train_tokens, fwd_tokens = m_train * seq, m_fwd * seq
     if ckpt:
         per_token = L * C["act_ckpt_values_per_token_layer_h"] * h * dt + C["ckpt_recomputed_layers"] * layer_act

@@ -392,11 +392,10 @@ def test_activation_coefficients_match_what_a_qwen2_layer_saves():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from activation_bytes import saved_bytes_per_token
 
-    C = mp.COEFFICIENTS
-    h, kv, i = 896, 128, 4864
-    planned = (2 * (C["act_values_per_token_layer_h"] * h + C["act_values_per_token_layer_kv"] * kv
-                    + C["act_values_per_token_layer_i"] * i) + 4 * C["act_fp32_values_per_token_layer_h"] * h)
-    assert planned == 60_416
+    from random_model import SHAPES
+
+    planned = mp.ModelShape.from_config_json(SHAPES["qwen2.5-0.5b"]).activation_bytes_per_token_layer(2)
+    assert planned == 60_416  # 2 B x (8 x 896 + 0 x 128 + 4 x 4864) + 4 B x 2 x 896
     saved = saved_bytes_per_token("qwen2.5-0.5b", batch=2, length=32, masked=True)["bytes_per_token"]
     assert planned <= saved <= 1.02 * planned, saved
 
