@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -151,6 +150,7 @@ def main(argv=None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from rlctl.config import load_config
+    from rlctl.testing import free_port
     from rlctl.trainer import PolicyTrainer
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -171,9 +171,7 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     batch, real_tokens = synthetic_batch(args, vocab, pad)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     PolicyTrainer.init_process_group(0, 1, "127.0.0.1", port, args.device)
     C.log(f"batch: {batch['input_ids'].shape[0]} sequences, width {batch['input_ids'].shape[1]}, {real_tokens} real tokens; "
           f"mini-batch {cfg.trainer.policy_mini_batch_size} prompts, micro {cfg.trainer.micro_train_batch_size_per_gpu}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ def main() -> int:
     import torch
 
     from rlctl.loop import build_batch
-    from rlctl.testing import build_tiny_llama, trainer_section
+    from rlctl.testing import build_tiny_llama, free_port, trainer_section
     from rlctl.trainer import PolicyTrainer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -60,9 +59,7 @@ def main() -> int:
                             "algorithm.entropy_loss_coef": 0.0},
                            seed=0, gradient_checkpointing=a.grad_ckpt, micro_forward_batch_size_per_gpu=a.micro_forward,
                            micro_train_batch_size_per_gpu=a.micro_train)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     PolicyTrainer.init_process_group(0, 1, "127.0.0.1", port, a.device)
     tr = PolicyTrainer(str(model), tcfg, rank=0, world_size=1, device=a.device, max_response_len=a.len,
                        compute_dtype="bfloat16", colocated=True)

@@ -14,6 +14,7 @@ import pytest
 
 from rlctl import preflight
 from rlctl.config import load_config
+from rlctl.testing import free_port
 
 
 @pytest.fixture
@@ -185,9 +186,7 @@ def test_a_ray_address_that_does_not_answer_is_one_message_not_minutes_of_retrie
     resolve."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    port = free_port()  # closed again once found: nothing listens there
     t0 = time.perf_counter()
     res = preflight.check(_cfg("trainer.device=cpu", f"ray.address=127.0.0.1:{port}"), "train")
     assert time.perf_counter() - t0 < 5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from rlctl.loop import build_batch
-from rlctl.testing import build_tiny_llama, trainer_section
+from rlctl.testing import build_tiny_llama, free_port, trainer_section
 from rlctl.packing import plan_micro_batches
 from rlctl.trainer import PolicyTrainer, response_logits_forward, trim_padding
 
@@ -50,10 +49,7 @@ def test_trainer_section_refuses_unknown_keys_and_bad_values():
 
 @pytest.fixture(scope="module")
 def pg():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", port, "cpu")
+    PolicyTrainer.init_process_group(0, 1, "127.0.0.1", free_port(), "cpu")
     yield
     dist.destroy_process_group()
 

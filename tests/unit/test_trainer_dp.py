@@ -15,10 +15,10 @@ Run: ``pytest -q tests/unit/test_trainer_dp.py`` (about a minute on 2 CPU cores)
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
+
+from rlctl.testing import free_port
 
 REDUCTIONS = ("token_mean", "sequence_mean", "seq_mean_token_sum_norm")
 METRICS = ("policy/loss", "policy/pg_loss", "policy/kl", "policy/entropy", "policy/clip_fraction", "policy/grad_norm")
@@ -82,12 +82,6 @@ def _rank(rank: int, world: int, port: int, model_path: str, q) -> None:  # a sp
         dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{(world, rank): {loss_reduction: (metrics, full grads)}} for the 2-rank and the 1-rank group."""
@@ -98,7 +92,7 @@ def runs(tmp_path_factory):
     path = str(build_tiny_llama(tmp_path_factory.mktemp("m") / "tiny", seed=1))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p2, p1 = _port(), _port()
+    p2, p1 = free_port(), free_port()
     procs = [ctx.Process(target=_rank, args=(r, 2, p2, path, q)) for r in (0, 1)]
     procs.append(ctx.Process(target=_rank, args=(0, 1, p1, path, q)))
     for p in procs:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 
+from rlctl.testing import free_port
 from rlctl.weight_sync import bucket_metadata, hf_param_name, iter_weight_buckets, serialize_for_ipc
 
 transformers = pytest.importorskip("transformers")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_llama(tie: bool = True) -> torch.nn.Module:
@@ -29,7 +23,7 @@ def _tiny_llama(tie: bool = True) -> torch.nn.Module:
 def gloo_group():
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
@@ -152,7 +146,7 @@ def test_broadcast_bucket_reaches_the_receiver_exactly(load_format):
     bucket = [("model.norm.weight", torch.tensor([1.5, -2.25, 3.0])),
               ("model.embed_tokens.weight", torch.arange(6, dtype=torch.bfloat16).reshape(2, 3) / 4),
               ("lm_head.bias", torch.tensor([7], dtype=torch.int64))]
-    port, name = _free_port(), f"t-{load_format}"  # a group name is used once per process
+    port, name = free_port(), f"t-{load_format}"  # a group name is used once per process
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=_receiver, args=(port, name, bucket_metadata(bucket), load_format, q))
@@ -184,7 +178,7 @@ def test_broadcast_stops_when_check_reports_a_failed_engine():
 
     from rlctl.weight_sync import WeightSyncError, broadcast_bucket, init_trainer_weight_group
 
-    port, name = _free_port(), "t-check"
+    port, name = free_port(), "t-check"
     ctx = mp.get_context("spawn")
     up, down = ctx.Queue(), ctx.Queue()
     proc = ctx.Process(target=_silent_receiver, args=(port, name, up, down))
@@ -216,7 +210,7 @@ def test_weight_group_timeout_names_the_side():
     from rlctl.weight_sync import WeightSyncError, join_weight_group
 
     with pytest.raises(WeightSyncError) as e:
-        join_weight_group("127.0.0.1", _free_port(), 2, 1, "lonely", timeout_s=2, backend="gloo", side="engine")
+        join_weight_group("127.0.0.1", free_port(), 2, 1, "lonely", timeout_s=2, backend="gloo", side="engine")
     msg = str(e.value)
     assert msg.startswith("engine side: could not form weight-update group 'lonely' at tcp://127.0.0.1:")
     assert "as rank 1 (world_size=2, backend=gloo) within 2s" in msg
