@@ -17,20 +17,22 @@ from dataclasses import dataclass
 
 NVIDIA_SMI_TIMEOUT_S = 3.0
 MiB = 1 << 20
-QUERY = ["--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"]
+QUERY = ["--query-gpu=index,uuid,memory.total,name", "--format=csv,noheader,nounits"]
 
 
 @dataclass(frozen=True)
 class Gpu:
-    """One GPU as ``nvidia-smi`` lists it: its index, UUID (``GPU-...``) and total memory in bytes."""
+    """One GPU as ``nvidia-smi`` lists it: its index, UUID (``GPU-...``), total memory in bytes and product name
+    (e.g. ``NVIDIA H100 80GB HBM3``; empty when ``nvidia-smi`` printed none)."""
 
     index: int
     uuid: str
     memory_bytes: int
+    name: str = ""
 
 
 def query(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> list[Gpu] | None:
-    """All GPUs of this machine (container), from ``nvidia-smi --query-gpu=index,uuid,memory.total`` (memory in
+    """All GPUs of this machine (container), from ``nvidia-smi --query-gpu=index,uuid,memory.total,name`` (memory in
     MiB). ``timeout_s``: seconds ``nvidia-smi`` may take.
 
     Returns:
@@ -48,11 +50,11 @@ def query(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> list[Gpu] | None:
         return None
     gpus = []
     for line in res.stdout.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 3:
+        parts = [p.strip() for p in line.split(",", 3)]  # the name comes last: whatever it holds stays one field
+        if len(parts) < 3:
             continue
         try:
-            gpus.append(Gpu(int(parts[0]), parts[1], int(float(parts[2])) * MiB))
+            gpus.append(Gpu(int(parts[0]), parts[1], int(float(parts[2])) * MiB, parts[3] if len(parts) > 3 else ""))
         except ValueError:
             continue
     return gpus or None

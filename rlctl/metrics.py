@@ -2,7 +2,8 @@
 
 ``RunLogger`` owns the run folder ``<trainer.log_path>/<project_name>/<run_name>``:
 
-- ``config.yaml``: the resolved config, secrets redacted; ``versions.json``: package versions + git commit
+- ``config.yaml``: the resolved config, secrets redacted; ``versions.json``: the run's UTC start (``time_utc``),
+  the GPUs, package versions and git commit (:func:`run_versions`)
 - ``metrics.jsonl``: one JSON object per step (``{"step": N, "<metric>": value, ...}``)
 - ``rollouts/step_<N>.jsonl``: prompt, response, reward of every rollout of sampled steps
 - ``tensorboard/``: event files (``trainer.logger`` includes ``tensorboard``)
@@ -21,7 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,6 +96,39 @@ def git_commit() -> str | None:
         return None
 
 
+def run_versions(previous: Path | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """What ``versions.json`` of a run folder holds: ``time_utc`` (when the run started, ISO 8601 UTC to the
+    second), ``gpus`` (this machine's GPUs as ``nvidia-smi`` lists them, e.g. ``["NVIDIA H100 80GB HBM3
+    (81559 MiB)"]``; ``[]`` without a GPU or ``nvidia-smi``; with ``--ray-address`` the workers' GPUs may differ),
+    ``python``, ``packages`` (:func:`package_versions`) and ``git_commit``.
+
+    A resumed run keeps the first command's ``time_utc`` from ``previous`` (the run folder's existing
+    ``versions.json``) and appends this command's start to ``resumed_utc``; an unreadable ``previous`` is
+    treated as absent (the file is rewritten whole).
+    """
+    import platform
+
+    from rlctl import gpus as gpu_list
+
+    start = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    listed = gpu_list.query() or []
+    out: dict[str, Any] = {
+        "time_utc": start,
+        "gpus": [f"{g.name or 'unnamed GPU'} ({g.memory_bytes // gpu_list.MiB} MiB)" for g in listed],
+        "python": platform.python_version(),
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+    }
+    try:
+        old = json.loads(previous.read_text(encoding="utf-8")) if previous is not None and previous.is_file() else {}
+    except (OSError, ValueError):
+        old = {}
+    if isinstance(old, dict) and isinstance(old.get("time_utc"), str):
+        out["resumed_utc"] = [*[t for t in old.get("resumed_utc", []) if isinstance(t, str)], start]
+        out["time_utc"] = old["time_utc"]
+    return out
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
@@ -139,8 +173,8 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or log_console()
         write_text_atomic(self.run_dir / "config.yaml", config_yaml)
-        write_text_atomic(self.run_dir / "versions.json",
-                          json.dumps({"packages": package_versions(), "git_commit": git_commit()}, indent=2))
+        write_text_atomic(self.run_dir / "versions.json", json.dumps(run_versions(self.run_dir / "versions.json"),
+                                                                     indent=2))
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None
         if "tensorboard" in loggers:

@@ -1,9 +1,11 @@
 import builtins
 import json
+import os
+from datetime import datetime, timezone
 
 import pytest
 
-from rlctl.metrics import RunLogger, write_text_atomic
+from rlctl.metrics import RunLogger, run_versions, write_text_atomic
 
 
 def _logger(tmp_path, loggers=("console",)):
@@ -21,6 +23,35 @@ def test_metrics_jsonl_and_truncate_for_resume(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == "a: 1\n"
     versions = json.loads((tmp_path / "run" / "versions.json").read_text())
     assert "torch" in versions["packages"] and "git_commit" in versions
+
+
+def _fake_smi(tmp_path, monkeypatch, body):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n" + body + "\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_versions_json_names_the_gpu_and_utc_start_and_keeps_it_on_resume(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, monkeypatch, 'echo "0, GPU-aaa, 81559, NVIDIA H100 80GB HBM3"')
+    first = run_versions(None, now=datetime(2026, 12, 7, 14, 43, 5, tzinfo=timezone.utc))
+    assert first["time_utc"] == "2026-12-07T14:43:05Z" and "resumed_utc" not in first
+    assert first["gpus"] == ["NVIDIA H100 80GB HBM3 (81559 MiB)"]
+    prev = tmp_path / "versions.json"
+    prev.write_text(json.dumps(first))
+    again = run_versions(prev, now=datetime(2026, 12, 7, 15, 0, 0, tzinfo=timezone.utc))
+    assert again["time_utc"] == "2026-12-07T14:43:05Z" and again["resumed_utc"] == ["2026-12-07T15:00:00Z"]
+    prev.write_text("{broken")  # an unreadable file is rewritten whole: this command's start
+    assert run_versions(prev, now=datetime(2026, 12, 7, 16, 0, tzinfo=timezone.utc))["time_utc"] == "2026-12-07T16:00:00Z"
+
+
+def test_versions_json_without_a_gpu_lists_none(tmp_path, monkeypatch):
+    _fake_smi(tmp_path, monkeypatch, "exit 9")
+    lg = _logger(tmp_path)
+    versions = json.loads((lg.run_dir / "versions.json").read_text())
+    assert versions["gpus"] == [] and versions["time_utc"].endswith("Z") and versions["python"].count(".") == 2
 
 
 def test_rollout_dump(tmp_path):
