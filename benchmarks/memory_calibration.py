@@ -3,6 +3,14 @@
     python benchmarks/memory_calibration.py docs/results/qwen05-h200 --gpu-memory-gb 140.4 \\
         --model-config path/to/qwen2.5-coder-0.5b-instruct/config.json
     python benchmarks/memory_calibration.py RUN_DIR... --json calibration.json
+    python benchmarks/memory_calibration.py --probe cal_*.json --json calibration.json   # trainer probes
+
+``--probe`` reads the JSON lines of ``scripts/gpu_trainer_probe.py --like SHAPE`` runs (``scripts/gpu_calibrate.sh``
+makes a grid of them on a bare GPU machine): one FSDP2 trainer rank of a random model of a known shape, KL on,
+with the probe's micro-batches, prompt and response lengths and checkpointing. Each is compared with the plan's
+trainer peak (largest of its log-probs and train phases) without the CUDA context, which
+``torch.cuda.max_memory_reserved`` does not count; both the reserved and the allocated peak of the padded cycles
+are printed (reserved - allocated is the caching allocator's slack).
 
 Each RUN_DIR holds ``config.yaml`` (the resolved config rlctl writes) and ``metrics.jsonl``. The
 model's ``config.json`` is found as ``rlctl check-config`` finds it (the run's model folder or the
@@ -111,13 +119,67 @@ def calibrate(run_dir: Path, gpu_bytes: Optional[int], model_config: Optional[st
     return out
 
 
+def probe_inputs(probe: dict[str, Any]) -> tuple[dict[str, Any], "mp.ModelShape"]:
+    """The memory plan's inputs (:func:`rlctl.memory_plan.plan_inputs` keys) and model shape for one probe JSON:
+    preset ``gsm8k-h200`` with the probe's micro-batches, checkpointing, ``max_prompt_length`` = its prompt tokens,
+    ``max_new_tokens`` = its ``--len``, KL on, one colocated GPU. Raises ValueError without ``args.like`` (the
+    byte-vocabulary Llama of the probe has no named shape) or for a probe JSON written before args were recorded."""
+    from random_model import SHAPES
+
+    from rlctl.config import load_config
+
+    a = probe.get("args")
+    if not isinstance(a, dict) or not a.get("like"):
+        raise ValueError("probe JSON without args.like (run scripts/gpu_trainer_probe.py --like SHAPE)")
+    if a["like"] not in SHAPES:
+        raise ValueError(f"unknown shape {a['like']!r}; known: {', '.join(SHAPES)}")
+    x = mp.plan_inputs(load_config(preset="gsm8k-h200").cfg)
+    x.update({"trainer.micro_train_batch_size_per_gpu": a["micro_train"],
+              "trainer.micro_forward_batch_size_per_gpu": a["micro_forward"],
+              "trainer.gradient_checkpointing": bool(a.get("grad_ckpt")),
+              "trainer.max_prompt_length": int(probe.get("prompt_tokens", 40)),
+              "generator.sampling_params.max_new_tokens": a["len"],
+              "trainer.algorithm.use_kl_loss": True, "trainer.placement.colocate_all": True,
+              "trainer.placement.policy_num_nodes": 1, "trainer.placement.policy_num_gpus_per_node": 1})
+    return x, mp.ModelShape.from_config_json(dict(SHAPES[a["like"]]))
+
+
+def calibrate_probe(path: Path) -> list[dict[str, Any]]:
+    """Predicted vs measured trainer peak (bytes) for one probe JSON (:func:`probe_inputs`): rows as
+    :func:`calibrate` writes them, ``run`` = ``SHAPE micro T/F len L [ckpt]``. Raises ValueError for a file that
+    is not a probe JSON of a ``--like`` shape or has no CUDA cycle."""
+    try:
+        probe = json.loads(path.read_text(encoding="utf-8").strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: not a probe JSON line ({e})") from None
+    x, shape = probe_inputs(probe)
+    plan = mp.plan_from_inputs(x, shape, None)
+    ctx = plan.item("trainer", "cuda_context").bytes
+    pred = max(sum(plan.item(proc, key).bytes for proc, key in ph.parts if proc == "trainer") - ctx
+               for ph in plan.phases if ph.name in ("train", "log-probs"))
+    padded = [c for c in probe.get("cycles", []) if not c.get("packed") and c.get("peak_reserved_bytes")]
+    if not padded:
+        raise ValueError(f"{path}: no padded CUDA cycle with a peak")
+    a = probe["args"]
+    name = f"{a['like']} micro {a['micro_train']}/{a['micro_forward']} len {a['len']}" + (" ckpt" if a.get("grad_ckpt") else "")
+    out = []
+    for what, key in (("reserved", "peak_reserved_bytes"), ("allocated", "peak_allocated_bytes")):
+        meas = max((c.get(key) or 0) for c in padded) or None
+        out.append({"run": name, "quantity": f"trainer peak ({what}, no CUDA context)", "predicted": pred,
+                    "measured": meas, "rel_err": rel_err(pred, meas)})
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dirs", nargs="+", type=Path, help="run folders (config.yaml + metrics.jsonl)")
+    ap.add_argument("run_dirs", nargs="*", type=Path, help="run folders (config.yaml + metrics.jsonl)")
+    ap.add_argument("--probe", nargs="+", type=Path, default=[], help="trainer probe JSON files (scripts/gpu_calibrate.sh)")
     ap.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory in GiB (default: the local GPU)")
     ap.add_argument("--model-config", default=None, help="the model's config.json (default: found from the run's model path)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    if not args.run_dirs and not args.probe:
+        ap.error("name run folders and/or --probe files")
     gpu = mp.gpu_bytes_from_gb(args.gpu_memory_gb) if args.gpu_memory_gb else mp.local_gpu_bytes()
     if gpu is None:
         C.log("no --gpu-memory-gb and no local GPU: engine rows left out")
@@ -125,6 +187,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for d in args.run_dirs:
         try:
             rows += calibrate(d, gpu, args.model_config)
+        except ValueError as e:
+            C.log(f"skipped: {e}")
+    for f in args.probe:
+        try:
+            rows += calibrate_probe(f)
         except ValueError as e:
             C.log(f"skipped: {e}")
 

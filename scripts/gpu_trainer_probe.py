@@ -74,7 +74,7 @@ def main() -> int:
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "params": sum(p.numel() for p in tr.model.parameters()), "fused_adamw": tr.optimizer.defaults.get("fused"),
            "ref_dtype": str(next(tr.ref_model.parameters()).dtype), "tokens": int(batch["attention_mask"].sum()),
-           "cycles": []}
+           "args": vars(a), "prompt_tokens": 40, "cycles": []}  # args + prompt length: the memory plan's inputs
     first_packed = a.cycles - a.packed
     for cycle in range(a.cycles):
         c = {"packed": cycle >= first_packed}
