@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -432,6 +433,7 @@ class PolicyTrainer:
         self.offloaded = False
         self._opt_offloaded: list[tuple[int, str]] = []  # (state index, key) moved by the last offload
         self.reserved_bytes_offloaded = 0  # torch.cuda.memory_reserved() after the last offload
+        self.offload_error: str | None = None  # the first offload over OFFLOADED_RESERVE_LIMIT_BYTES, said once
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -758,13 +760,18 @@ class PolicyTrainer:
         pinned host buffers allocated on the first offload and reused afterwards (non-blocking copies,
         then one stream synchronize); the caching allocator then returns its free blocks to the driver.
 
+        cuBLAS keeps its workspaces (tens of MiB, allocated through the caching allocator at the first matmul)
+        for the life of the process; a workspace inside a large cached segment kept the whole segment reserved
+        (1.02 GiB reserved with 0.06 GiB allocated after offloading a 1.5B-shaped model on an H200), so they are
+        released before ``empty_cache`` (the next matmul allocates them again).
+
         Returns:
             ``torch.cuda.memory_reserved()`` afterwards, bytes (also kept as
-            ``memory/trainer_reserved_bytes_offloaded``).
-        Raises:
-            RuntimeError: more than :data:`OFFLOADED_RESERVE_LIMIT_BYTES` (plus the optimizer state when
-                it stays on the GPU) is still reserved; the message names the allocated bytes and the
-                largest CUDA tensors still among parameters, gradients and optimizer state.
+            ``memory/trainer_reserved_bytes_offloaded``). When that is more than
+            :data:`OFFLOADED_RESERVE_LIMIT_BYTES` (plus the optimizer state when it stays on the GPU), an error
+            line naming the allocated bytes and the largest CUDA tensors still among parameters, gradients and
+            optimizer state is printed to stderr (once per trainer; the run goes on: the engine has that much
+            less room) and kept in :attr:`offload_error`.
         """
         if not self.colocated or self.offloaded:
             return self.reserved_bytes_offloaded if self.colocated else 0
@@ -779,17 +786,21 @@ class PolicyTrainer:
             kept_opt_bytes = sum(_local(v).numel() * v.element_size() for st in self.optimizer.state.values()
                                  for v in st.values() if isinstance(v, torch.Tensor) and v.is_cuda)  # this rank's shards
         torch.cuda.synchronize()  # the host buffers are complete, the GPU blocks unused
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
         self.offloaded = True
         self.reserved_bytes_offloaded = int(torch.cuda.memory_reserved())
         limit = OFFLOADED_RESERVE_LIMIT_BYTES + kept_opt_bytes
-        if self.reserved_bytes_offloaded > limit:
-            raise RuntimeError(
+        if self.reserved_bytes_offloaded > limit and self.offload_error is None:
+            self.offload_error = (
                 f"trainer offload left {self.reserved_bytes_offloaded / 2**30:.2f} GiB of CUDA memory reserved "
                 f"(limit {limit / 2**30:.2f} GiB = {OFFLOADED_RESERVE_LIMIT_BYTES / 2**30:.0f} GiB"
                 f"{' + the optimizer state kept on the GPU (offload_after_step=false)' if kept_opt_bytes else ''}); "
                 f"still allocated: {torch.cuda.memory_allocated() / 2**30:.2f} GiB; largest CUDA tensors of the "
                 f"trainer: {self._largest_cuda_tensors() or 'none (memory held outside its parameters, gradients and optimizer state)'}")
+            print(f"rlctl: error: {self.offload_error}", file=sys.stderr, flush=True)
         return self.reserved_bytes_offloaded
 
     def onload(self) -> None:

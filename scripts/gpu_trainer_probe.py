@@ -114,7 +114,9 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             c["reserved_after_offload_bytes"] = tr.offload()
-        except RuntimeError as e:
+            if getattr(tr, "offload_error", None):  # over the limit: said once per trainer, recorded per cycle here
+                c["offload_error"] = tr.offload_error
+        except RuntimeError as e:  # a tree from before the limit became a printed error (gpu_prev)
             c["offload_error"] = str(e)
             c["reserved_after_offload_bytes"] = torch.cuda.memory_reserved() if cuda else 0
         c["offload_s"] = time.perf_counter() - t0

@@ -34,6 +34,7 @@ step() {  # $1 repo root, $2 name, $3 folder: step_breakdown.py, 32 x 8, preset 
   cp "/tmp/rlctl_bench/logs/$2.log" "$3/$2.train.log" 2>/dev/null
   cp /tmp/rlctl_bench/runs/*/"$2"/metrics.jsonl "$3/$2.metrics.jsonl" 2>/dev/null
   cp /tmp/rlctl_bench/runs/*/"$2"/config.yaml "$3/$2.config.yaml" 2>/dev/null
+  cp -r /tmp/rlctl_bench/runs/*/"$2"/nonfinite "$3/$2.nonfinite" 2>/dev/null   # a non-finite step's diagnosis
 }
 while [ $# -gt 0 ]; do
   stage=$1; shift

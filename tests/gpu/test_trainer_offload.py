@@ -59,6 +59,7 @@ def test_offload_leaves_at_most_1_gib_reserved(model_path, prompt_ids, metrics):
             assert m["memory/trainer_peak_reserved_bytes"] > OFFLOADED_RESERVE_LIMIT_BYTES / 8
             reserved.append(tr.offload())
             assert reserved[-1] == torch.cuda.memory_reserved() <= OFFLOADED_RESERVE_LIMIT_BYTES
+            assert tr.offload_error is None  # the over-the-limit line was not printed
             now = sorted(b.data_ptr() for hb in tr._host.values() for b in hb._bufs.values())
             assert all(b.is_pinned() for hb in tr._host.values() for b in hb._bufs.values())
             if ptrs is not None:
