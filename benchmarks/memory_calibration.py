@@ -4,6 +4,7 @@
         --model-config path/to/qwen2.5-coder-0.5b-instruct/config.json
     python benchmarks/memory_calibration.py RUN_DIR... --json calibration.json
     python benchmarks/memory_calibration.py --probe cal_*.json --json calibration.json   # trainer probes
+    python benchmarks/memory_calibration.py --fit cal_q05_m16.json cal_q05_m8.json cal_q15_m16.json cal_q15_m8.json
 
 ``--probe`` reads the JSON lines of ``scripts/gpu_trainer_probe.py --like SHAPE`` runs (``scripts/gpu_calibrate.sh``
 makes a grid of them on a bare GPU machine): one FSDP2 trainer rank of a random model of a known shape, KL on,
@@ -148,10 +149,7 @@ def calibrate_probe(path: Path) -> list[dict[str, Any]]:
     """Predicted vs measured trainer peak (bytes) for one probe JSON (:func:`probe_inputs`): rows as
     :func:`calibrate` writes them, ``run`` = ``SHAPE micro T/F len L [ckpt]``. Raises ValueError for a file that
     is not a probe JSON of a ``--like`` shape or has no CUDA cycle."""
-    try:
-        probe = json.loads(path.read_text(encoding="utf-8").strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError) as e:
-        raise ValueError(f"{path}: not a probe JSON line ({e})") from None
+    probe = _read_probe(path)
     x, shape = probe_inputs(probe)
     plan = mp.plan_from_inputs(x, shape, None)
     ctx = plan.item("trainer", "cuda_context").bytes
@@ -170,14 +168,52 @@ def calibrate_probe(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _read_probe(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8").strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: not a probe JSON line ({e})") from None
+
+
+def fit_slack(paths: list[Path]) -> float:
+    """The ``allocator_slack_fraction`` that best fits these probes' reserved train-phase peaks: with S the planned
+    static bytes (weights, gradients, AdamW state, reference model, compute copies), D the planned transient bytes
+    (train activations + log-prob working set) and R the measured ``max_memory_reserved`` (padded cycles),
+    ``R ~ S + (1 + f) D``; f minimizes the sum of squared relative errors,
+    ``f = sum(a b) / sum(a a) - 1`` with ``a = D / R``, ``b = (R - S) / R``. Raises ValueError (as
+    :func:`calibrate_probe`) or for no usable probe."""
+    num = den = 0.0
+    for path in paths:
+        probe = _read_probe(path)
+        x, shape = probe_inputs(probe)
+        items = {it.key: it.bytes for it in mp.plan_from_inputs(x, shape, None).processes["trainer"]}
+        res = max((c.get("peak_reserved_bytes") or 0) for c in probe.get("cycles", []) if not c.get("packed"))
+        if not res:
+            raise ValueError(f"{path}: no padded CUDA cycle with a peak")
+        static = sum(items[k] for k in ("master_weights", "gradients", "adamw_state", "compute_copies"))
+        static += items.get("reference_weights", 0)
+        a, b = (items["train_activations"] + items["train_logits"]) / res, (res - static) / res
+        num, den = num + a * b, den + a * a
+    if den == 0:
+        raise ValueError("no probe to fit")
+    return num / den - 1.0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="*", type=Path, help="run folders (config.yaml + metrics.jsonl)")
     ap.add_argument("--probe", nargs="+", type=Path, default=[], help="trainer probe JSON files (scripts/gpu_calibrate.sh)")
+    ap.add_argument("--fit", nargs="+", type=Path, default=[], help="probe JSON files to fit allocator_slack_fraction on "
+                    "(prints it; compare the held-out probe with --probe afterwards)")
     ap.add_argument("--gpu-memory-gb", type=float, default=None, help="GPU memory in GiB (default: the local GPU)")
     ap.add_argument("--model-config", default=None, help="the model's config.json (default: found from the run's model path)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    if args.fit:
+        print(f"allocator_slack_fraction fitted on {len(args.fit)} probes: {fit_slack(args.fit):.3f} "
+              f"(rlctl.memory_plan uses {mp.COEFFICIENTS['allocator_slack_fraction']:g})")
+        if not args.run_dirs and not args.probe:
+            return 0
     if not args.run_dirs and not args.probe:
         ap.error("name run folders and/or --probe files")
     gpu = mp.gpu_bytes_from_gb(args.gpu_memory_gb) if args.gpu_memory_gb else mp.local_gpu_bytes()

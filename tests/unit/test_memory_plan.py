@@ -102,6 +102,7 @@ def test_toy_plan_line_items_and_phases():
     #   train log-prob set: min(2 x 8, 1024) = 16 positions x 32 x 10 B + fp32 head grad 4 x 32 x 8 = 5,120 + 1,024
     #   = 6,144; forward activations 4*24 x 1 layer x 320 = 30,720
     #   forward log-prob set min(4 x 8, 1024) = 32 x 32 x 6 B = 6,144; weight-sync buckets 2 x 1 MiB
+    #   allocator slack 0.26 x (46,080 + 6,144) = 13,578 (train), 0.26 x (30,720 + 6,144) = 9,584 (forward)
     # engine on a 2 GiB GPU: weights 2 B x 2040 = 4080; fraction 0.5 x 2 GiB = 1 GiB = weights + KV + context
     #   -> KV = 1 GiB - 4080 - 0.5 GiB; outside the fraction 2 GiB (CUDA graphs on); asleep 1 GiB
     s = mp.ModelShape.from_config_json(TOY)
@@ -111,17 +112,18 @@ def test_toy_plan_line_items_and_phases():
     assert got == {"cuda_context": CTX, "master_weights": 4080, "gradients": 4080, "adamw_state": 8160,
                    "reference_weights": 2040, "compute_copies": 2896, "train_activations": 46_080,
                    "train_logits": 6_144, "forward_activations": 30_720, "forward_logits": 6_144,
+                   "train_slack": 13_578, "forward_slack": 9_584,
                    "weight_sync_buckets": 2 * MiB, "kept_after_offload": GiB}
     eng = {it.key: it.bytes for it in p.processes["engine"]}
     assert eng == {"cuda_context": CTX, "weights": 4080, "kv_cache": GiB - 4080 - CTX,
                    "outside_fraction": 2 * GiB, "kept_asleep": GiB}
     assert (p.layout, p.num_gpus) == ("colocated", 2)
     phases = {ph.name: ph.bytes for ph in p.phases}
-    # train: trainer context + 4080 + 8160 + 4080 + 2040 + 2896 + 46,080 + 6,144 = 73,480 (+ context)
+    # train: trainer context + 4080 + 8160 + 4080 + 2040 + 2896 + 46,080 + 6,144 + 13,578 = 87,058 (+ context)
     #        + engine context + 1 GiB asleep
-    assert phases["train"] == 73_480 + 2 * CTX + GiB
-    # log-probs: no gradients: 4080 + 8160 + 2040 + 2896 + 30,720 + 6,144 = 54,040
-    assert phases["log-probs"] == 54_040 + 2 * CTX + GiB
+    assert phases["train"] == 87_058 + 2 * CTX + GiB
+    # log-probs: no gradients: 4080 + 8160 + 2040 + 2896 + 30,720 + 6,144 + 9,584 = 63,624
+    assert phases["log-probs"] == 63_624 + 2 * CTX + GiB
     # weight sync: 4080 + 8160 + 2040 + 2 MiB buckets + engine weights 4080 + asleep
     assert phases["weight sync"] == 18_360 + 2 * MiB + 2 * CTX + GiB
     # rollout: the engine's 1 GiB fraction + 2 GiB outside + the trainer's context + 1 GiB kept
@@ -142,7 +144,8 @@ def test_toy_plan_with_checkpointing_split_and_no_kl():
     assert p.item("engine", "kv_cache").bytes is None  # GPU size unknown
     phases = {(ph.name, ph.gpu): ph.bytes for ph in p.phases}
     # train on a policy GPU: context + 4080 + 8160 + 4080 grads + 2896 + 33,024 + 6,144
-    assert phases[("train", "policy GPU")] == CTX + 58_384
+    #   + allocator slack 0.26 x (33,024 + 6,144) = 10,183
+    assert phases[("train", "policy GPU")] == CTX + 58_384 + 10_183
     assert phases[("rollout", "engine GPU")] is None and p.peak is None
 
 
