@@ -330,6 +330,10 @@ class SGLangConfig(_Model):
     disable_radix_cache: bool = runtime(False)
     max_running_requests: Optional[PosInt] = runtime(None)
     enable_memory_saver: bool = runtime(True)  # needed to release memory while colocated
+    # SGLang's sleep_on_idle: an idle scheduler waits on its sockets (woken by the next request) instead of looping
+    # through its idle checks at 100% of a core, as it does by default. Colocated, the engine idles through the
+    # trainer's phases, next to the trainer's process; off only to match SGLang's own default.
+    sleep_on_idle: bool = runtime(True)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = runtime("error")
 
 

@@ -93,6 +93,7 @@ class SGLangGenerator:
         disable_radix_cache: bool = False,
         max_running_requests: int | None = None,
         enable_memory_saver: bool = True,
+        sleep_on_idle: bool = True,
         log_level: str = "error",
         seed: int = 0,
         tp_size: int = 1,
@@ -132,8 +133,8 @@ class SGLangGenerator:
             model_path=model_path, dtype=dtype, mem_fraction_static=mem_fraction_static,
             attention_backend=attention_backend, sampling_backend=sampling_backend,
             disable_cuda_graph=disable_cuda_graph, disable_radix_cache=disable_radix_cache,
-            enable_memory_saver=enable_memory_saver, log_level=log_level, random_seed=seed, tp_size=tp_size,
-            skip_tokenizer_init=True,
+            enable_memory_saver=enable_memory_saver, sleep_on_idle=sleep_on_idle, log_level=log_level,
+            random_seed=seed, tp_size=tp_size, skip_tokenizer_init=True,
         )
         if cuda_graph_max_bs_decode is not None:
             kwargs["cuda_graph_max_bs_decode"] = cuda_graph_max_bs_decode

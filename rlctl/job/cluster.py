@@ -243,7 +243,8 @@ def generator_kwargs(cfg, device: str) -> dict[str, Any]:
             "attention_backend": s.attention_backend, "sampling_backend": s.sampling_backend,
             "disable_cuda_graph": s.disable_cuda_graph, "cuda_graph_max_bs_decode": s.cuda_graph_max_bs_decode,
             "disable_radix_cache": s.disable_radix_cache, "max_running_requests": s.max_running_requests,
-            "enable_memory_saver": s.enable_memory_saver, "log_level": s.log_level, "seed": cfg.trainer.seed,
+            "enable_memory_saver": s.enable_memory_saver, "sleep_on_idle": s.sleep_on_idle, "log_level": s.log_level,
+            "seed": cfg.trainer.seed,
             "tp_size": g.inference_engine_tensor_parallel_size, "colocated": cfg.trainer.placement.colocate_all,
             **({} if s.disable_cuda_graph or s.prefill_cuda_graph else {"cuda_graph_backend_prefill": "disabled"})}
 

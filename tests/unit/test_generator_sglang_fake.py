@@ -142,6 +142,22 @@ def test_not_colocated_starts_awake(fake):
     assert out.finish_reasons == ["length"]
 
 
+def test_idle_engine_sleeps_on_its_sockets_unless_turned_off(fake):
+    # SGLang's sleep_on_idle: an idle scheduler polls its sockets instead of spinning a core (rlctl's default)
+    assert fake.SGLangGenerator("/m").engine.kw["sleep_on_idle"] is True
+    assert fake.SGLangGenerator("/m", sleep_on_idle=False).engine.kw["sleep_on_idle"] is False
+
+
+def test_config_key_reaches_the_engine_arguments():
+    from rlctl.config import load_config
+    from rlctl.job.cluster import generator_kwargs
+
+    cfg = load_config(preset="gsm8k-h200", backend="sglang").cfg
+    assert generator_kwargs(cfg, "cuda")["sleep_on_idle"] is True
+    off = load_config(preset="gsm8k-h200", backend="sglang", overrides=["generator.sglang.sleep_on_idle=false"]).cfg
+    assert generator_kwargs(off, "cuda")["sleep_on_idle"] is False
+
+
 def test_foreign_options_rejected(fake):
     with pytest.raises(ValueError, match="mem_fraction_static"):
         fake.SGLangGenerator("/m", gpu_memory_utilization=0.5)
