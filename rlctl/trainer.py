@@ -275,6 +275,26 @@ def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, T
 
 
+def train_attention(device: torch.device):
+    """The context the training forward (and so its backward) runs in: on CUDA, SDPA may pick flash, memory-efficient
+    or math attention but not cuDNN's; elsewhere no change (``contextlib.nullcontext``).
+
+    Why: torch 2.11+ on H100 / H200 picks cuDNN attention by default for a masked SDPA call, and its backward returns
+    NaN in dQ when the sequence length is 64 modulo 128 and a query row's log-sum-exp is below ln(FLT_MAX) ~ -88.7
+    (pytorch/pytorch#196678; huggingface/trl#7181 hit it through a Qwen2.5 attention head whose logits all sit near
+    -120). A trimmed micro-batch has that length about once in 128 micro-batches: the 1-in-10 to 1-in-20 non-finite
+    optimizer steps of the Qwen2.5 GPU runs, and never in random-weight probes. The no-grad log-prob forwards keep
+    cuDNN (its forward is correct).
+    """
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 OFFLOADED_RESERVE_LIMIT_BYTES = 1 << 30  # 1 GiB: CUDA memory a colocated trainer may keep reserved while offloaded
 
 
@@ -622,7 +642,8 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         for mb in mbs:
             mask = mb["response_mask"]
-            logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
+            with train_attention(self.device):  # its backward too: the kernel is chosen in the forward
+                logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
             pg_loss, pg_m = grpo.policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mask,
                 eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type,
@@ -709,7 +730,8 @@ class PolicyTrainer:
                 first_fwd.clear()
                 self.optimizer.zero_grad(set_to_none=True)
                 mask = mb["response_mask"]
-                logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
+                with train_attention(self.device):  # as the training step ran it
+                    logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
                 pg_loss, _ = grpo.policy_loss(
                     logp, mb["old_logprobs"], mb["advantages"], mask, eps_clip_low=algo.eps_clip_low,
                     eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type, clip_ratio_c=algo.clip_ratio_c,
@@ -723,6 +745,7 @@ class PolicyTrainer:
                     v = t[valid] if t.shape == mask.shape else t
                     return [float(v.min()), float(v.max())] if v.numel() else None
                 entry = {"micro_batch": k, "sequences": int(mask.shape[0]), "response_tokens": int(valid.sum()),
+                         "sequence_length": int(mb["input_ids"].shape[-1]),  # the trimmed (or packed) row length
                          "first_nonfinite_forward_output": first_fwd[0] if first_fwd else None,
                          "logprobs_finite": bool(torch.isfinite(logp[valid]).all()),
                          "logprobs_range": rng(logp.detach()), "old_logprobs_range": rng(mb["old_logprobs"]),
