@@ -275,16 +275,19 @@ def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, T
 
 
-def train_attention(device: torch.device):
-    """The context the training forward (and so its backward) runs in: on CUDA, SDPA may pick flash, memory-efficient
-    or math attention but not cuDNN's; elsewhere no change (``contextlib.nullcontext``).
+def trainer_attention(device: torch.device):
+    """The context every trainer forward (log-probs and training, and so the training backward) runs in: on CUDA,
+    SDPA may pick flash, memory-efficient or math attention but not cuDNN's; elsewhere no change
+    (``contextlib.nullcontext``).
 
-    Why: torch 2.11+ on H100 / H200 picks cuDNN attention by default for a masked SDPA call, and its backward returns
-    NaN in dQ when the sequence length is 64 modulo 128 and a query row's log-sum-exp is below ln(FLT_MAX) ~ -88.7
-    (pytorch/pytorch#196678; huggingface/trl#7181 hit it through a Qwen2.5 attention head whose logits all sit near
-    -120). A trimmed micro-batch has that length about once in 128 micro-batches: the 1-in-10 to 1-in-20 non-finite
-    optimizer steps of the Qwen2.5 GPU runs, and never in random-weight probes. The no-grad log-prob forwards keep
-    cuDNN (its forward is correct).
+    Why: torch 2.11+ on H100 / H200 picks cuDNN attention by default for a masked SDPA call, and (1) its backward
+    returns NaN in dQ when the sequence length is 64 modulo 128 and a query row's log-sum-exp is below ln(FLT_MAX)
+    ~ -88.7 (pytorch/pytorch#196678; huggingface/trl#7181 hit it through a Qwen2.5 attention head whose logits all sit
+    near -120). A trimmed micro-batch has that length about once in 128 micro-batches: the 1-in-10 to 1-in-20
+    non-finite optimizer steps of the Qwen2.5 GPU runs, never seen in random-weight probes. (2) cuDNN attention
+    builds and caches an execution plan per input shape; every trimmed micro-batch of a real run has a new length,
+    which is the suspected reason (not yet measured) why the trainer ran 2-2.5x slower per token inside a real run
+    than in a probe that repeats one batch (docs/benchmarks.md 5c).
     """
     import contextlib
 
@@ -479,11 +482,13 @@ class PolicyTrainer:
     def _logprobs_entropy(self, model, mb: dict[str, torch.Tensor], temperature: float, with_entropy: bool):
         """Log-probs [n, T'] fp32 (and entropy [n, T'] fp32 or None) of a trimmed micro-batch's response
         tokens, from :func:`response_logprobs_forward` (no [n, T', V] tensor). The entropy is
-        differentiable only with ``trainer.algorithm.use_entropy_loss``; otherwise it is a metric."""
+        differentiable only with ``trainer.algorithm.use_entropy_loss``; otherwise it is a metric. Runs under
+        :func:`trainer_attention` (the attention kernel of a training forward is its backward's too)."""
         T = mb["response_mask"].shape[1]
         forward = packed_logprobs_forward if self._packed else response_logprobs_forward
-        return forward(model, mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
-                       T, temperature, with_entropy=with_entropy, entropy_grad=bool(self.algo.use_entropy_loss))
+        with trainer_attention(self.device):
+            return forward(model, mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                           T, temperature, with_entropy=with_entropy, entropy_grad=bool(self.algo.use_entropy_loss))
 
     @property
     def _packed(self) -> bool:
@@ -642,8 +647,7 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         for mb in mbs:
             mask = mb["response_mask"]
-            with train_attention(self.device):  # its backward too: the kernel is chosen in the forward
-                logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
+            logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
             pg_loss, pg_m = grpo.policy_loss(
                 logp, mb["old_logprobs"], mb["advantages"], mask,
                 eps_clip_low=algo.eps_clip_low, eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type,
@@ -730,8 +734,7 @@ class PolicyTrainer:
                 first_fwd.clear()
                 self.optimizer.zero_grad(set_to_none=True)
                 mask = mb["response_mask"]
-                with train_attention(self.device):  # as the training step ran it
-                    logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
+                logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
                 pg_loss, _ = grpo.policy_loss(
                     logp, mb["old_logprobs"], mb["advantages"], mask, eps_clip_low=algo.eps_clip_low,
                     eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type, clip_ratio_c=algo.clip_ratio_c,

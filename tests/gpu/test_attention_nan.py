@@ -1,7 +1,7 @@
 """The cause of the non-finite optimizer steps of the Qwen2.5 GPU runs, on the GPU itself: a masked SDPA call whose
 sequence length is 64 modulo 128 and whose every query row has a log-sum-exp below ln(FLT_MAX) (~ -88.7), backward.
 cuDNN attention (torch 2.11+'s default for a masked call on H100 / H200) returns NaN in dQ there
-(pytorch/pytorch#196678); the trainer's training forward runs under :func:`rlctl.trainer.train_attention`, which leaves
+(pytorch/pytorch#196678); the trainer's forwards run under :func:`rlctl.trainer.trainer_attention`, which leaves
 cuDNN out, and must give finite gradients. Whether the default path is affected depends on the torch / cuDNN build,
 so it is recorded, not asserted.
 
@@ -41,11 +41,11 @@ def _masked_attention_grad_q(length: int, ctx) -> int:
 
 @pytest.mark.parametrize("length", [640, 704])
 def test_training_attention_gives_finite_grads_where_cudnn_does_not(length, metrics):
-    from rlctl.trainer import train_attention
+    from rlctl.trainer import trainer_attention
 
     default_bad = _masked_attention_grad_q(length, contextlib.nullcontext())
-    ours_bad = _masked_attention_grad_q(length, train_attention(torch.device("cuda")))
+    ours_bad = _masked_attention_grad_q(length, trainer_attention(torch.device("cuda")))
     metrics.setdefault("attention_nan", {})[str(length)] = {
-        "default_backend_nonfinite_dq": default_bad, "train_attention_nonfinite_dq": ours_bad,
+        "default_backend_nonfinite_dq": default_bad, "trainer_attention_nonfinite_dq": ours_bad,
         "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
     assert ours_bad == 0

@@ -507,21 +507,21 @@ def test_nonfinite_step_is_diagnosed_down_to_the_module(pg, tiny, tmp_path):
     assert first["sequence_length"] == saved["input_ids"].shape[1]  # the trimmed length (cuDNN's NaN: 64 mod 128)
 
 
-def test_training_forward_excludes_cudnn_attention_on_cuda_only():
-    """pytorch/pytorch#196678: cuDNN SDPA backward NaNs; the training forward picks flash / efficient / math on CUDA."""
+def test_trainer_forwards_exclude_cudnn_attention_on_cuda_only():
+    """pytorch/pytorch#196678: cuDNN SDPA backward NaNs; trainer forwards pick flash / efficient / math on CUDA."""
     import contextlib
 
-    from rlctl.trainer import train_attention
+    from rlctl.trainer import trainer_attention
 
-    assert isinstance(train_attention(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(trainer_attention(torch.device("cpu")), contextlib.nullcontext)
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    with train_attention(torch.device("cuda")):  # only flags: no GPU needed to enter it
+    with trainer_attention(torch.device("cuda")):  # only flags: no GPU needed to enter it
         assert torch.backends.cuda.cudnn_sdp_enabled() is False
         assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() is before
 
 
-def test_every_training_micro_batch_runs_in_the_training_attention_context(pg, tiny, monkeypatch):
+def test_every_micro_batch_forward_runs_in_the_trainer_attention_context(pg, tiny, monkeypatch):
     import contextlib
 
     import rlctl.trainer as trainer_mod
@@ -536,9 +536,11 @@ def test_every_training_micro_batch_runs_in_the_training_attention_context(pg, t
     tr = PolicyTrainer(tiny, _tcfg(micro=2), rank=0, world_size=1, device="cpu", max_response_len=8)
     b = _batch()
     b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
-    monkeypatch.setattr(trainer_mod, "train_attention", recording)
+    monkeypatch.setattr(trainer_mod, "trainer_attention", recording)
     tr.train_step(b, 1.0, mini_batch_size=4)
-    assert entered == ["cpu", "cpu"]  # 4 sequences, micro-batches of 2: both training forwards, no log-prob pass
+    assert entered == ["cpu", "cpu"]  # 4 sequences, micro-batches of 2: both training forwards
+    tr.compute_logprobs(b, 1.0)
+    assert entered == ["cpu"] * 4  # and the log-prob pass's two forwards (micro-batch 2 as configured here)
 
 
 def test_lr_schedule_counts_optimizer_steps_and_is_checkpointed(pg, tiny, tmp_path):
