@@ -11,6 +11,7 @@
 #   bash scripts/gpu_visit.sh real 330    # scripts/gpu_real_run.sh 330: the real run (~8 min)
 #   bash scripts/gpu_visit.sh probe       # scripts/gpu_trainer_probe.py, Qwen2.5-0.5B shape, with the bare rates (~3 min)
 #   bash scripts/gpu_visit.sh profile     # benchmarks/trainer_profile.py on $QWEN: where the train step's seconds go
+#   bash scripts/gpu_visit.sh attn        # tests/gpu/test_attention_nan.py: the cuDNN attention NaN and the trainer's fix (no model)
 # Each stage writes into /tmp/visit/<stage> and packs it into $OUT/<stage>.tgz (the device returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,8 @@ while [ $# -gt 0 ]; do
              --micro-forward 32 --bare > "$W/probe.json" 2> "$W/probe.err"; cut -c1-600 "$W/probe.json" ;;
     profile) $LIMIT python3 benchmarks/trainer_profile.py --model $QWEN --out "$W/trainer_profile.json" > "$W/profile.log" 2>&1
              tail -20 "$W/profile.log" ;;
+    attn) RLCTL_METRICS_OUT="$W/attn_metrics.json" $LIMIT python3 -m pytest -q -p no:cacheprovider \
+            tests/gpu/test_attention_nan.py > "$W/attn.log" 2>&1; tail -5 "$W/attn.log" ;;
     real) wall=${1:-330}; shift || true; OUT="$W" $LIMIT bash scripts/gpu_real_run.sh "$wall" > "$W/real.log" 2>&1
           tail -20 "$W/real.log" ;;
     *) echo "gpu_visit: unknown stage $stage" | tee -a "$OUT/visit.log"; exit 2 ;;
