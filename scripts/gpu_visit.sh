@@ -10,7 +10,7 @@
 #   bash scripts/gpu_visit.sh step-pack   # step-new with trainer.remove_microbatch_padding=true (~4 min)
 #   bash scripts/gpu_visit.sh real 330    # scripts/gpu_real_run.sh 330: the real run (~8 min)
 #   bash scripts/gpu_visit.sh probe       # scripts/gpu_trainer_probe.py, Qwen2.5-0.5B shape, with the bare rates (~3 min)
-#   bash scripts/gpu_visit.sh profile     # benchmarks/trainer_profile.py on $QWEN: where the train step's seconds go
+#   bash scripts/gpu_visit.sh profile     # benchmarks/trainer_profile.py on $QWEN, the real run's 32 x 8 (no Ray, no engine): where the train step's seconds go
 #   bash scripts/gpu_visit.sh attn        # tests/gpu/test_attention_nan.py: the cuDNN attention NaN and the trainer's fix (no model)
 # Each stage writes into /tmp/visit/<stage> and packs it into $OUT/<stage>.tgz (the device returns at most 8 files).
 set -uo pipefail
@@ -53,7 +53,8 @@ while [ $# -gt 0 ]; do
     step-pack) EXTRA="--set trainer.remove_microbatch_padding=true" step "$PWD" step_pack "$W" ;;
     probe) $LIMIT python3 scripts/gpu_trainer_probe.py --like qwen2.5-0.5b --seqs 64 --len 512 --micro-train 16 \
              --micro-forward 32 --bare > "$W/probe.json" 2> "$W/probe.err"; cut -c1-600 "$W/probe.json" ;;
-    profile) $LIMIT python3 benchmarks/trainer_profile.py --model $QWEN --out "$W/trainer_profile.json" > "$W/profile.log" 2>&1
+    profile) $LIMIT python3 benchmarks/trainer_profile.py --model $QWEN --prompts 32 --mini-prompts 16 \
+               --variants baseline,micro32 --out "$W/trainer_profile.json" > "$W/profile.log" 2>&1
              tail -20 "$W/profile.log" ;;
     attn) RLCTL_METRICS_OUT="$W/attn_metrics.json" $LIMIT python3 -m pytest -q -p no:cacheprovider \
             tests/gpu/test_attention_nan.py > "$W/attn.log" 2>&1; tail -5 "$W/attn.log" ;;
