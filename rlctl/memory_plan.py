@@ -67,9 +67,12 @@ COEFFICIENTS: dict[str, float] = {
     # in-use blocks): assumed (<= 1 GiB), to be calibrated. NOTE: docs/results/qwen05-h200 saw 13.3 GiB
     # in use with the engine asleep and the trainer offloaded from step 2 on (3.6 GiB at step 1).
     "trainer_kept_after_offload_bytes": 1.0 * GiB,
-    # What an SGLang engine keeps while asleep besides its CUDA context (tensors outside the
-    # memory saver's tags): assumed, to be calibrated.
-    "engine_asleep_bytes": 1.0 * GiB,
+    # What an SGLang engine keeps while asleep besides its scheduler's CUDA context (tensors outside the memory
+    # saver's tags, and the CUDA context of the Ray actor that hosts sglang.Engine, which reads free memory).
+    # MEASURED once (docs/benchmarks.md 5c: H200, Qwen2.5-Coder-0.5B, gsm8k-h200, colocated): 4.10 GiB in use
+    # with the engine asleep and the trainer offloaded = 2 x 0.5 GiB contexts + 0.55 GiB trainer reserve + 2.55 GiB;
+    # rounded to 2.5 GiB (was 1 GiB assumed).
+    "engine_asleep_bytes": 2.5 * GiB,
     # SGLang memory outside mem_fraction_static with decode CUDA graphs (graph pools, sampling
     # buffers): from docs/results/qwen05-h200 (engine_build_bytes 77.998e9 - 0.5 x 150.75e9 GPU =
     # 2.6e9, which also holds part of the trainer's concurrent load): 2 GiB; to be calibrated.

@@ -104,7 +104,7 @@ def test_toy_plan_line_items_and_phases():
     #   forward log-prob set min(4 x 8, 1024) = 32 x 32 x 6 B = 6,144; weight-sync buckets 2 x 1 MiB
     #   allocator slack 0.26 x (46,080 + 6,144) = 13,578 (train), 0.26 x (30,720 + 6,144) = 9,584 (forward)
     # engine on a 2 GiB GPU: weights 2 B x 2040 = 4080; fraction 0.5 x 2 GiB = 1 GiB = weights + KV + context
-    #   -> KV = 1 GiB - 4080 - 0.5 GiB; outside the fraction 2 GiB (CUDA graphs on); asleep 1 GiB
+    #   -> KV = 1 GiB - 4080 - 0.5 GiB; outside the fraction 2 GiB (CUDA graphs on); asleep 2.5 GiB
     s = mp.ModelShape.from_config_json(TOY)
     assert (s.block_parameters, s.root_parameters, s.num_parameters) == (592, 264, 2040)
     p = mp.plan(_cfg(TOY_OVERRIDES), s, 2 * GiB)
@@ -116,16 +116,16 @@ def test_toy_plan_line_items_and_phases():
                    "weight_sync_buckets": 2 * MiB, "kept_after_offload": GiB}
     eng = {it.key: it.bytes for it in p.processes["engine"]}
     assert eng == {"cuda_context": CTX, "weights": 4080, "kv_cache": GiB - 4080 - CTX,
-                   "outside_fraction": 2 * GiB, "kept_asleep": GiB}
+                   "outside_fraction": 2 * GiB, "kept_asleep": int(2.5 * GiB)}
     assert (p.layout, p.num_gpus) == ("colocated", 2)
     phases = {ph.name: ph.bytes for ph in p.phases}
     # train: trainer context + 4080 + 8160 + 4080 + 2040 + 2896 + 46,080 + 6,144 + 13,578 = 87,058 (+ context)
-    #        + engine context + 1 GiB asleep
-    assert phases["train"] == 87_058 + 2 * CTX + GiB
+    #        + engine context + 2.5 GiB asleep
+    assert phases["train"] == 87_058 + 2 * CTX + int(2.5 * GiB)
     # log-probs: no gradients: 4080 + 8160 + 2040 + 2896 + 30,720 + 6,144 + 9,584 = 63,624
-    assert phases["log-probs"] == 63_624 + 2 * CTX + GiB
+    assert phases["log-probs"] == 63_624 + 2 * CTX + int(2.5 * GiB)
     # weight sync: 4080 + 8160 + 2040 + 2 MiB buckets + engine weights 4080 + asleep
-    assert phases["weight sync"] == 18_360 + 2 * MiB + 2 * CTX + GiB
+    assert phases["weight sync"] == 18_360 + 2 * MiB + 2 * CTX + int(2.5 * GiB)
     # rollout: the engine's 1 GiB fraction + 2 GiB outside + the trainer's context + 1 GiB kept
     assert phases["rollout"] == GiB + 2 * GiB + CTX + GiB
     assert p.peak.name == "rollout" and p.peak_bytes == 4.5 * GiB
