@@ -20,7 +20,7 @@ The GPU size is ``--gpu-memory-gb`` (GiB), else the local GPU (nvidia-smi), else
 left out. Printed per run (bytes as GiB; relative error = (predicted - measured) / measured):
 
 * ``memory/trainer_peak_reserved_bytes`` (max over steps) against the plan's trainer peak (largest of
-  the train / log-probs / weight-sync phases, the trainer's own items only). rlctl does not log this
+  the train / log-probs / weight-sync phases, the trainer's own items only, without its CUDA context). rlctl does not log this
   metric yet; the row then says so.
 * ``generator/engine_build_bytes`` (first step) against ``gpu_memory_utilization x GPU`` + the memory
   outside the fraction (CUDA graphs) - the context the generator actor made before measuring.
@@ -95,11 +95,13 @@ def calibrate(run_dir: Path, gpu_bytes: Optional[int], model_config: Optional[st
     def add(quantity: str, pred: Optional[float], meas: Optional[float]) -> None:
         out.append({"run": name, "quantity": quantity, "predicted": pred, "measured": meas, "rel_err": rel_err(pred, meas)})
 
-    # trainer peak: the trainer's own parts of its phases (no engine parts)
+    # trainer peak: the trainer's own parts of its phases (no engine parts), without its CUDA context, which
+    # torch.cuda.max_memory_reserved (the metric) does not count
     trainer_phases = []
+    ctx = plan.item("trainer", "cuda_context").bytes
     for ph in plan.phases:
         if ph.name in ("train", "log-probs", "weight sync"):
-            trainer_phases.append(sum(plan.item(proc, key).bytes for proc, key in ph.parts if proc == "trainer"))
+            trainer_phases.append(sum(plan.item(proc, key).bytes for proc, key in ph.parts if proc == "trainer") - ctx)
     meas = _series(rows, "memory/trainer_peak_reserved_bytes")
     add("trainer peak" + ("" if meas else " (memory/trainer_peak_reserved_bytes not logged)"),
         max(trainer_phases) if trainer_phases else None, max(meas) if meas else None)
@@ -187,7 +189,7 @@ def fit_slack(paths: list[Path]) -> float:
         probe = _read_probe(path)
         x, shape = probe_inputs(probe)
         items = {it.key: it.bytes for it in mp.plan_from_inputs(x, shape, None).processes["trainer"]}
-        res = max((c.get("peak_reserved_bytes") or 0) for c in probe.get("cycles", []) if not c.get("packed"))
+        res = max(((c.get("peak_reserved_bytes") or 0) for c in probe.get("cycles", []) if not c.get("packed")), default=0)
         if not res:
             raise ValueError(f"{path}: no padded CUDA cycle with a peak")
         static = sum(items[k] for k in ("master_weights", "gradients", "adamw_state", "compute_copies"))
@@ -210,7 +212,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     if args.fit:
-        print(f"allocator_slack_fraction fitted on {len(args.fit)} probes: {fit_slack(args.fit):.3f} "
+        try:
+            fitted = fit_slack(args.fit)
+        except ValueError as e:
+            print(f"memory_calibration: --fit: {e}", file=sys.stderr)
+            return 2
+        print(f"allocator_slack_fraction fitted on {len(args.fit)} probes: {fitted:.3f} "
               f"(rlctl.memory_plan uses {mp.COEFFICIENTS['allocator_slack_fraction']:g})")
         if not args.run_dirs and not args.probe:
             return 0

@@ -631,6 +631,7 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             logger.console.log(f"note: the checkpoint of step {done} holds no training time (written before "
                                "trainer.max_train_time_s existed): the budget counts from 0 s at this resume")
         logger.truncate_after(done)
+        logger.mark_resumed()
     for note in checkpointer.notes:
         logger.console.log(f"note: {note}")
     if done >= total_steps:

@@ -468,8 +468,9 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
         transient = by_key[a].bytes + by_key[b].bytes
         i = next(j for j, it in enumerate(trainer) if it.key == slack)
         trainer[i] = LineItem(slack, trainer[i].label, int(C["allocator_slack_fraction"] * transient),
-                              f"allocator_slack_fraction={C['allocator_slack_fraction']:g} x the two items above "
-                              f"({gib(transient)}): the caching allocator's reserve beyond what is allocated")
+                              f"allocator_slack_fraction={C['allocator_slack_fraction']:g} x ({by_key[a].label} + "
+                              f"{by_key[b].label} = {gib(transient)}): the caching allocator's reserve beyond what is "
+                              "allocated")
     if colocated:
         trainer.append(LineItem("kept_after_offload", "kept after offload (engine running)",
                                 int(C["trainer_kept_after_offload_bytes"]), "trainer_kept_after_offload_bytes"))

@@ -96,15 +96,14 @@ def git_commit() -> str | None:
         return None
 
 
-def run_versions(previous: Path | None = None, now: datetime | None = None) -> dict[str, Any]:
+def run_versions(previous: dict[str, Any] | None = None, now: datetime | None = None) -> dict[str, Any]:
     """What ``versions.json`` of a run folder holds: ``time_utc`` (when the run started, ISO 8601 UTC to the
     second), ``gpus`` (this machine's GPUs as ``nvidia-smi`` lists them, e.g. ``["NVIDIA H100 80GB HBM3
     (81559 MiB)"]``; ``[]`` without a GPU or ``nvidia-smi``; with ``--ray-address`` the workers' GPUs may differ),
     ``python``, ``packages`` (:func:`package_versions`) and ``git_commit``.
 
-    A resumed run keeps the first command's ``time_utc`` from ``previous`` (the run folder's existing
-    ``versions.json``) and appends this command's start to ``resumed_utc``; an unreadable ``previous`` is
-    treated as absent (the file is rewritten whole).
+    ``previous``: the run's earlier ``versions.json`` when this command resumes it: its ``time_utc`` is kept and
+    ``now`` (this command's start) is appended to its ``resumed_utc``.
     """
     import platform
 
@@ -119,14 +118,23 @@ def run_versions(previous: Path | None = None, now: datetime | None = None) -> d
         "packages": package_versions(),
         "git_commit": git_commit(),
     }
-    try:
-        old = json.loads(previous.read_text(encoding="utf-8")) if previous is not None and previous.is_file() else {}
-    except (OSError, ValueError):
-        old = {}
-    if isinstance(old, dict) and isinstance(old.get("time_utc"), str):
-        out["resumed_utc"] = [*[t for t in old.get("resumed_utc", []) if isinstance(t, str)], start]
-        out["time_utc"] = old["time_utc"]
+    if previous and isinstance(previous.get("time_utc"), str):
+        out["resumed_utc"] = [*[t for t in previous.get("resumed_utc", []) if isinstance(t, str)], start]
+        out["time_utc"] = previous["time_utc"]
     return out
+
+
+def _read_json_dict(path: Path) -> dict[str, Any] | None:
+    """A JSON object file's content; None when absent, unreadable or not an object."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _parse_utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
 def _clean(v: Any) -> Any:
@@ -173,8 +181,11 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.console = console or log_console()
         write_text_atomic(self.run_dir / "config.yaml", config_yaml)
-        write_text_atomic(self.run_dir / "versions.json", json.dumps(run_versions(self.run_dir / "versions.json"),
-                                                                     indent=2))
+        # a run folder reused by a resume keeps its first start (mark_resumed, once the checkpoint is restored); any
+        # other reuse (resume_mode=none, no checkpoint yet) is a new run: this command's start
+        self._previous_versions = _read_json_dict(self.run_dir / "versions.json")
+        self.versions = run_versions()
+        write_text_atomic(self.run_dir / "versions.json", json.dumps(self.versions, indent=2))
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = None
         if "tensorboard" in loggers:
@@ -192,6 +203,12 @@ class RunLogger:
                                     resume="allow")
         self.progress: Progress | None = None
         self.task = None
+
+    def mark_resumed(self) -> None:
+        """This command resumed the run from a checkpoint: ``versions.json`` takes the run's first ``time_utc`` from
+        the file found at start-up and lists this command's start under ``resumed_utc`` (:func:`run_versions`)."""
+        self.versions = run_versions(self._previous_versions, now=_parse_utc(self.versions["time_utc"]))
+        write_text_atomic(self.run_dir / "versions.json", json.dumps(self.versions, indent=2))
 
     def truncate_after(self, step: int) -> None:
         """Drop metric lines of steps after ``step`` (a resumed run re-does them)."""

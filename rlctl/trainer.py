@@ -288,6 +288,10 @@ def trainer_attention(device: torch.device):
     builds and caches an execution plan per input shape; every trimmed micro-batch of a real run has a new length,
     which is the suspected reason (not yet measured) why the trainer ran 2-2.5x slower per token inside a real run
     than in a probe that repeats one batch (docs/benchmarks.md 5c).
+
+    The backward passes run under it too: with gradient checkpointing each layer's forward (attention included) is
+    recomputed inside ``backward()``, outside the forward's ``with`` block. The flags it sets are process-wide, so
+    autograd's device threads see them.
     """
     import contextlib
 
@@ -663,7 +667,8 @@ class PolicyTrainer:
             ent_red = grpo.masked_reduce(ent, mask, algo.loss_reduction, **reduce_kw)
             if algo.use_entropy_loss:
                 loss = loss - algo.entropy_loss_coef * ent_red
-            (loss * self.world_size).backward()  # FSDP2 averages over ranks: see the docstring
+            with trainer_attention(self.device):  # gradient checkpointing re-runs the attention forward in here
+                (loss * self.world_size).backward()  # FSDP2 averages over ranks: see the docstring
             # clip_fraction is over this micro-batch's valid tokens: back to a token count
             acc += torch.stack([pg_loss.detach(), kl.detach(), ent_red.detach(), loss.detach(),
                                 pg_m["clip_fraction"] * mask.sum()]).float()
@@ -739,7 +744,8 @@ class PolicyTrainer:
                     logp, mb["old_logprobs"], mb["advantages"], mask, eps_clip_low=algo.eps_clip_low,
                     eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type, clip_ratio_c=algo.clip_ratio_c,
                     loss_reduction=algo.loss_reduction, **reduce_kw)
-                (pg_loss * self.world_size).backward()
+                with trainer_attention(self.device):
+                    (pg_loss * self.world_size).backward()
                 valid = mask != 0
                 bad_grads = [n for n, prm in self.model.named_parameters()
                              if prm.grad is not None and not bool(torch.isfinite(_local(prm.grad)).all())]
@@ -748,7 +754,8 @@ class PolicyTrainer:
                     v = t[valid] if t.shape == mask.shape else t
                     return [float(v.min()), float(v.max())] if v.numel() else None
                 entry = {"micro_batch": k, "sequences": int(mask.shape[0]), "response_tokens": int(valid.sum()),
-                         "sequence_length": int(mb["input_ids"].shape[-1]),  # the trimmed (or packed) row length
+                         # the attention's sequence length: the trimmed row, or the packed row's real tokens
+                         "sequence_length": int(mb["attention_mask"].sum()) if self._packed else int(mb["input_ids"].shape[-1]),
                          "first_nonfinite_forward_output": first_fwd[0] if first_fwd else None,
                          "logprobs_finite": bool(torch.isfinite(logp[valid]).all()),
                          "logprobs_range": rng(logp.detach()), "old_logprobs_range": rng(mb["old_logprobs"]),

@@ -3,7 +3,7 @@ sequence length is 64 modulo 128 and whose every query row has a log-sum-exp bel
 cuDNN attention (torch 2.11+'s default for a masked call on H100 / H200) returns NaN in dQ there
 (pytorch/pytorch#196678); the trainer's forwards run under :func:`rlctl.trainer.trainer_attention`, which leaves
 cuDNN out, and must give finite gradients. Whether the default path is affected depends on the torch / cuDNN build,
-so it is recorded, not asserted.
+so it is recorded (with cuDNN attention forced too), not asserted; 640 (0 modulo 128) is the control length.
 
 Run (GPU, no model needed): ``RLCTL_METRICS_OUT=/tmp/m.json pytest -q tests/gpu/test_attention_nan.py``.
 """
@@ -43,9 +43,15 @@ def _masked_attention_grad_q(length: int, ctx) -> int:
 def test_training_attention_gives_finite_grads_where_cudnn_does_not(length, metrics):
     from rlctl.trainer import trainer_attention
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     default_bad = _masked_attention_grad_q(length, contextlib.nullcontext())
+    try:  # cuDNN attention forced: is the bug in this torch / cuDNN build at this length? (640 = 0 mod 128: control)
+        cudnn_bad = _masked_attention_grad_q(length, sdpa_kernel([SDPBackend.CUDNN_ATTENTION]))
+    except RuntimeError as e:  # no cuDNN attention for these inputs on this build
+        cudnn_bad = f"not available: {str(e).splitlines()[0][:200]}"
     ours_bad = _masked_attention_grad_q(length, trainer_attention(torch.device("cuda")))
     metrics.setdefault("attention_nan", {})[str(length)] = {
-        "default_backend_nonfinite_dq": default_bad, "trainer_attention_nonfinite_dq": ours_bad,
-        "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+        "default_backend_nonfinite_dq": default_bad, "cudnn_forced_nonfinite_dq": cudnn_bad,
+        "trainer_attention_nonfinite_dq": ours_bad, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
     assert ours_bad == 0

@@ -39,12 +39,29 @@ def test_versions_json_names_the_gpu_and_utc_start_and_keeps_it_on_resume(tmp_pa
     first = run_versions(None, now=datetime(2026, 12, 7, 14, 43, 5, tzinfo=timezone.utc))
     assert first["time_utc"] == "2026-12-07T14:43:05Z" and "resumed_utc" not in first
     assert first["gpus"] == ["NVIDIA H100 80GB HBM3 (81559 MiB)"]
-    prev = tmp_path / "versions.json"
-    prev.write_text(json.dumps(first))
-    again = run_versions(prev, now=datetime(2026, 12, 7, 15, 0, 0, tzinfo=timezone.utc))
+    again = run_versions(first, now=datetime(2026, 12, 7, 15, 0, 0, tzinfo=timezone.utc))
     assert again["time_utc"] == "2026-12-07T14:43:05Z" and again["resumed_utc"] == ["2026-12-07T15:00:00Z"]
-    prev.write_text("{broken")  # an unreadable file is rewritten whole: this command's start
-    assert run_versions(prev, now=datetime(2026, 12, 7, 16, 0, tzinfo=timezone.utc))["time_utc"] == "2026-12-07T16:00:00Z"
+    third = run_versions(again, now=datetime(2026, 12, 7, 16, 0, 0, tzinfo=timezone.utc))
+    assert third["resumed_utc"] == ["2026-12-07T15:00:00Z", "2026-12-07T16:00:00Z"]
+
+
+def test_reused_run_folder_is_a_new_start_unless_the_run_resumed(tmp_path, monkeypatch):
+    """A folder reused without a resume (resume_mode=none, no checkpoint yet) gets this command's start; a resume
+    (the loop calls mark_resumed after restoring a checkpoint) keeps the first start."""
+    _fake_smi(tmp_path, monkeypatch, "exit 9")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "versions.json").write_text(json.dumps({"time_utc": "2026-01-01T00:00:00Z"}))
+    lg = _logger(tmp_path)
+    fresh = json.loads((run / "versions.json").read_text())
+    assert fresh["time_utc"] != "2026-01-01T00:00:00Z" and "resumed_utc" not in fresh
+    lg.mark_resumed()
+    resumed = json.loads((run / "versions.json").read_text())
+    assert resumed["time_utc"] == "2026-01-01T00:00:00Z" and resumed["resumed_utc"] == [fresh["time_utc"]]
+    (run / "versions.json").write_text("{broken")  # an unreadable earlier file: nothing to keep
+    lg2 = _logger(tmp_path)
+    lg2.mark_resumed()
+    assert "resumed_utc" not in json.loads((run / "versions.json").read_text())
 
 
 def test_versions_json_without_a_gpu_lists_none(tmp_path, monkeypatch):

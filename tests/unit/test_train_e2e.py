@@ -106,8 +106,11 @@ def test_resume_reproduces_uninterrupted_metrics(ray_cluster, tiny, tmp_path, ca
     train(part)
     resumed = load_config(overrides=_overrides(tiny, tmp_path, "part", 3, workers=1, **{"trainer.resume_mode": "latest"}),
                           backend="hf", for_training=True)
+    first_start = json.loads((Path(part.cfg.run_dir) / "versions.json").read_text())["time_utc"]
     summary = train(resumed)
     assert summary["last_step"] == 3
+    versions = json.loads((Path(resumed.cfg.run_dir) / "versions.json").read_text())
+    assert versions["time_utc"] == first_start and len(versions["resumed_utc"]) == 1  # the run's first start kept
     a = {r["step"]: r for r in _metrics(Path(full.cfg.run_dir))}
     b = {r["step"]: r for r in _metrics(Path(resumed.cfg.run_dir))}
     assert sorted(b) == [1, 2, 3]

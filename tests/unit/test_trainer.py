@@ -521,6 +521,41 @@ def test_trainer_forwards_exclude_cudnn_attention_on_cuda_only():
     assert torch.backends.cuda.cudnn_sdp_enabled() is before
 
 
+def test_checkpointed_recompute_in_backward_runs_inside_the_trainer_attention_context(pg, tiny, monkeypatch):
+    """Gradient checkpointing re-runs each layer's attention inside backward(): that call must see the same SDPA
+    backends as the forward (else cuDNN attention, and its NaN, come back for the recompute)."""
+    import contextlib
+
+    import rlctl.trainer as trainer_mod
+    from rlctl.testing import trainer_section
+
+    depth, calls = [0], []
+
+    @contextlib.contextmanager
+    def counting(device):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(depth[0] > 0)
+        return real_sdpa(*a, **k)
+
+    tr = PolicyTrainer(tiny, trainer_section(base=_tcfg(micro=4), gradient_checkpointing=True), rank=0, world_size=1,
+                       device="cpu", max_response_len=8)
+    b = _batch()
+    b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
+    monkeypatch.setattr(trainer_mod, "trainer_attention", counting)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    tr.train_step(b, 1.0, mini_batch_size=4)
+    # 2 layers of the tiny model: 2 SDPA calls in the forward + 2 recomputed in the backward, all inside
+    assert len(calls) == 4 and all(calls)
+
+
 def test_every_micro_batch_forward_runs_in_the_trainer_attention_context(pg, tiny, monkeypatch):
     import contextlib
 
@@ -538,9 +573,9 @@ def test_every_micro_batch_forward_runs_in_the_trainer_attention_context(pg, tin
     b["old_logprobs"] = tr.compute_logprobs(b, 1.0)
     monkeypatch.setattr(trainer_mod, "trainer_attention", recording)
     tr.train_step(b, 1.0, mini_batch_size=4)
-    assert entered == ["cpu", "cpu"]  # 4 sequences, micro-batches of 2: both training forwards
+    assert entered == ["cpu"] * 4  # 4 sequences, micro-batches of 2: each one's forward and backward
     tr.compute_logprobs(b, 1.0)
-    assert entered == ["cpu"] * 4  # and the log-prob pass's two forwards (micro-batch 2 as configured here)
+    assert entered == ["cpu"] * 6  # and the log-prob pass's two forwards (micro-batch 2 as configured here)
 
 
 def test_lr_schedule_counts_optimizer_steps_and_is_checkpointed(pg, tiny, tmp_path):
