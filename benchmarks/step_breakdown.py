@@ -367,6 +367,8 @@ def main(argv=None) -> int:
         return rc or 1
     res["summary"]["peak_source"] = "measured" if "matmul" in result else ("given" if peak else None)
     sm, c = res["summary"], res["config"]
+    result.update(res)
+    C.write_json(args.out, result)  # the run's numbers now: a call cut off during the bare rates keeps them
     if not args.no_bare and not args.from_metrics and model and Path(model).expanduser().is_dir() and C.visible_gpus() > 0 \
             and sm.get("train_tokens") and sm.get("rollouts_per_step"):
         seq_len = max(8, round(sm["train_tokens"] / sm["rollouts_per_step"]))
