@@ -154,6 +154,9 @@ class FakeLogger:
     def truncate_after(self, step) -> None:
         pass
 
+    def mark_resumed(self) -> None:  # RunLogger: versions.json keeps the run's first start
+        self.resumed = True
+
     def start_progress(self, total, done) -> None:
         pass
 
