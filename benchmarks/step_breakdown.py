@@ -221,6 +221,7 @@ def analyze(metrics_path: Path, skip_steps: int = 1, peak_tflops: float | None =
             "rollout_tokens": r.get("rollout/tokens"), "train_tokens": tokens, "train_tokens_estimated": estimated,
             "train_padded_tokens": r.get("train/padded_tokens"),
             "trainer_peak_reserved_bytes": r.get("memory/trainer_peak_reserved_bytes"),
+            "trainer_peak_allocated_bytes": r.get("memory/trainer_peak_allocated_bytes"),
             "trainer_reserved_bytes_offloaded": r.get("memory/trainer_reserved_bytes_offloaded"),
             "trainer_bytes_at_kv_wake": r.get("memory/trainer_reserved_bytes_at_kv_wake"),
             "skipped_steps": r.get("policy/skipped_steps"),
@@ -247,6 +248,7 @@ def analyze(metrics_path: Path, skip_steps: int = 1, peak_tflops: float | None =
         "logprobs_tokens_per_s": lp_tps, "kl_reference_forward": kl,
         "mfu_train_vs_989": 6.0 * n_matmul * train_tps / 989e12 if n_matmul and train_tps else None,
         "trainer_peak_reserved_bytes_max": mx("trainer_peak_reserved_bytes"),
+        "trainer_peak_allocated_bytes_max": mx("trainer_peak_allocated_bytes"),
         "trainer_reserved_bytes_offloaded_max": mx("trainer_reserved_bytes_offloaded"),
         "trainer_bytes_at_kv_wake_max": mx("trainer_bytes_at_kv_wake"),
         "skipped_optimizer_steps_all_steps": sum(r.get("policy/skipped_steps", 0.0) or 0.0 for r in rows),
@@ -316,6 +318,8 @@ def print_report(res: dict, title: str) -> None:
         ["old log-probs / bare fwd", "", C.fmt(s.get("logprobs_vs_bare")),
          f"{C.fmt(s.get('logprobs_tokens_per_s'), 0)} vs bare {C.fmt(s.get('bare_fwd_tokens_per_s'), 0)} tok/s"],
         ["trainer peak reserved", "", C.fmt((s.get("trainer_peak_reserved_bytes_max") or 0) / 2**30), "GiB (max over steps)"],
+        ["trainer peak allocated", "", ("n/a" if s.get("trainer_peak_allocated_bytes_max") is None
+                                        else C.fmt(s["trainer_peak_allocated_bytes_max"] / 2**30)), "GiB (max over steps)"],
         ["trainer reserved offloaded", "", C.fmt((s.get("trainer_reserved_bytes_offloaded_max") or 0) / 2**30), "GiB (max)"],
         ["skipped optimizer steps", "", C.fmt(s.get("skipped_optimizer_steps_all_steps"), 0), "all steps"],
         ["non-generation share", "", (f"{100 * s['non_generation_share']:.0f}%"

@@ -460,6 +460,7 @@ def test_module_offload_reuses_its_host_buffers_and_keeps_the_parameters(pg, tin
     m = tr.train_step(b, 1.0, mini_batch_size=4)  # the optimizer still updates the model's parameters
     assert not torch.equal(tr.compute_logprobs(b, 1.0), before)
     assert m["memory/trainer_peak_reserved_bytes"] == 0.0 and m["memory/trainer_reserved_bytes_offloaded"] == 0.0
+    assert m["memory/trainer_peak_allocated_bytes"] == 0.0
     assert tr.offload() == 0 and not tr.offloaded  # CPU: offload is a no-op
 
 
