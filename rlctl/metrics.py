@@ -96,32 +96,34 @@ def git_commit() -> str | None:
         return None
 
 
-def run_versions(previous: dict[str, Any] | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """What ``versions.json`` of a run folder holds: ``time_utc`` (when the run started, ISO 8601 UTC to the
-    second), ``gpus`` (this machine's GPUs as ``nvidia-smi`` lists them, e.g. ``["NVIDIA H100 80GB HBM3
-    (81559 MiB)"]``; ``[]`` without a GPU or ``nvidia-smi``; with ``--ray-address`` the workers' GPUs may differ),
-    ``python``, ``packages`` (:func:`package_versions`) and ``git_commit``.
-
-    ``previous``: the run's earlier ``versions.json`` when this command resumes it: its ``time_utc`` is kept and
-    ``now`` (this command's start) is appended to its ``resumed_utc``.
-    """
+def run_versions(now: datetime | None = None) -> dict[str, Any]:
+    """What ``versions.json`` of a run folder holds: ``time_utc`` (this command's start, ``now`` or the current time,
+    ISO 8601 UTC to the second), ``gpus`` (this machine's GPUs as ``nvidia-smi`` lists them, e.g. ``["NVIDIA H100
+    80GB HBM3 (81559 MiB)"]``; ``[]`` without a GPU or ``nvidia-smi``; with ``--ray-address`` the workers' GPUs may
+    differ), ``python``, ``packages`` (:func:`package_versions`) and ``git_commit``. A resumed run's file then goes
+    through :func:`keep_first_start`."""
     import platform
 
     from rlctl import gpus as gpu_list
 
-    start = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     listed = gpu_list.query() or []
-    out: dict[str, Any] = {
-        "time_utc": start,
+    return {
+        "time_utc": (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "gpus": [f"{g.name or 'unnamed GPU'} ({g.memory_bytes // gpu_list.MiB} MiB)" for g in listed],
         "python": platform.python_version(),
         "packages": package_versions(),
         "git_commit": git_commit(),
     }
-    if previous and isinstance(previous.get("time_utc"), str):
-        out["resumed_utc"] = [*[t for t in previous.get("resumed_utc", []) if isinstance(t, str)], start]
-        out["time_utc"] = previous["time_utc"]
-    return out
+
+
+def keep_first_start(current: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``current`` (:func:`run_versions` of a command that resumed the run) with the run's first ``time_utc`` from
+    ``previous`` (the run's earlier ``versions.json``) and this command's start appended to ``resumed_utc``;
+    ``current`` unchanged when ``previous`` holds no start."""
+    if not previous or not isinstance(previous.get("time_utc"), str):
+        return current
+    resumed = [t for t in previous.get("resumed_utc", []) if isinstance(t, str)]
+    return {**current, "time_utc": previous["time_utc"], "resumed_utc": [*resumed, current["time_utc"]]}
 
 
 def _read_json_dict(path: Path) -> dict[str, Any] | None:
@@ -131,10 +133,6 @@ def _read_json_dict(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return d if isinstance(d, dict) else None
-
-
-def _parse_utc(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
 def _clean(v: Any) -> Any:
@@ -206,8 +204,8 @@ class RunLogger:
 
     def mark_resumed(self) -> None:
         """This command resumed the run from a checkpoint: ``versions.json`` takes the run's first ``time_utc`` from
-        the file found at start-up and lists this command's start under ``resumed_utc`` (:func:`run_versions`)."""
-        self.versions = run_versions(self._previous_versions, now=_parse_utc(self.versions["time_utc"]))
+        the file found at start-up and lists this command's start under ``resumed_utc`` (:func:`keep_first_start`)."""
+        self.versions = keep_first_start(self.versions, self._previous_versions)
         write_text_atomic(self.run_dir / "versions.json", json.dumps(self.versions, indent=2))
 
     def truncate_after(self, step: int) -> None:

@@ -5,7 +5,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from rlctl.metrics import RunLogger, run_versions, write_text_atomic
+from test_preflight import fake_nvidia_smi
+
+from rlctl.metrics import RunLogger, keep_first_start, run_versions, write_text_atomic
 
 
 def _logger(tmp_path, loggers=("console",)):
@@ -25,30 +27,21 @@ def test_metrics_jsonl_and_truncate_for_resume(tmp_path):
     assert "torch" in versions["packages"] and "git_commit" in versions
 
 
-def _fake_smi(tmp_path, monkeypatch, body):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    exe = bin_dir / "nvidia-smi"
-    exe.write_text("#!/bin/sh\n" + body + "\n")
-    exe.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-
-
 def test_versions_json_names_the_gpu_and_utc_start_and_keeps_it_on_resume(tmp_path, monkeypatch):
-    _fake_smi(tmp_path, monkeypatch, 'echo "0, GPU-aaa, 81559, NVIDIA H100 80GB HBM3"')
-    first = run_versions(None, now=datetime(2026, 12, 7, 14, 43, 5, tzinfo=timezone.utc))
+    fake_nvidia_smi(tmp_path, monkeypatch, 'echo "0, GPU-aaa, 81559, NVIDIA H100 80GB HBM3"')
+    first = run_versions(now=datetime(2026, 12, 7, 14, 43, 5, tzinfo=timezone.utc))
     assert first["time_utc"] == "2026-12-07T14:43:05Z" and "resumed_utc" not in first
     assert first["gpus"] == ["NVIDIA H100 80GB HBM3 (81559 MiB)"]
-    again = run_versions(first, now=datetime(2026, 12, 7, 15, 0, 0, tzinfo=timezone.utc))
+    again = keep_first_start(run_versions(now=datetime(2026, 12, 7, 15, 0, 0, tzinfo=timezone.utc)), first)
     assert again["time_utc"] == "2026-12-07T14:43:05Z" and again["resumed_utc"] == ["2026-12-07T15:00:00Z"]
-    third = run_versions(again, now=datetime(2026, 12, 7, 16, 0, 0, tzinfo=timezone.utc))
+    third = keep_first_start(run_versions(now=datetime(2026, 12, 7, 16, 0, 0, tzinfo=timezone.utc)), again)
     assert third["resumed_utc"] == ["2026-12-07T15:00:00Z", "2026-12-07T16:00:00Z"]
 
 
 def test_reused_run_folder_is_a_new_start_unless_the_run_resumed(tmp_path, monkeypatch):
     """A folder reused without a resume (resume_mode=none, no checkpoint yet) gets this command's start; a resume
     (the loop calls mark_resumed after restoring a checkpoint) keeps the first start."""
-    _fake_smi(tmp_path, monkeypatch, "exit 9")
+    fake_nvidia_smi(tmp_path, monkeypatch, "exit 9")
     run = tmp_path / "run"
     run.mkdir()
     (run / "versions.json").write_text(json.dumps({"time_utc": "2026-01-01T00:00:00Z"}))
@@ -65,7 +58,7 @@ def test_reused_run_folder_is_a_new_start_unless_the_run_resumed(tmp_path, monke
 
 
 def test_versions_json_without_a_gpu_lists_none(tmp_path, monkeypatch):
-    _fake_smi(tmp_path, monkeypatch, "exit 9")
+    fake_nvidia_smi(tmp_path, monkeypatch, "exit 9")
     lg = _logger(tmp_path)
     versions = json.loads((lg.run_dir / "versions.json").read_text())
     assert versions["gpus"] == [] and versions["time_utc"].endswith("Z") and versions["python"].count(".") == 2
