@@ -444,33 +444,33 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
         trainer.append(LineItem("reference_weights", f"reference model, {x['generator.model_dtype']}",
                                 math.ceil(dt * P / workers),
                                 f"{dt} B x {P:,} / {workers} shards (KL on; stored in the compute dtype, never trained)"))
+    transient = {  # phase -> its (activations, log-prob working set) items; the allocator's slack scales their sum
+        "train": (LineItem("train_activations", "activations, train micro-batch", int(train_tokens * per_token), act_detail),
+                  LineItem("train_logits", "log-prob working set, train micro-batch",
+                           int(min(m_train * T, chunk) * V * C["logprob_train_bytes_per_token_vocab"] + 4 * V * h),
+                           f"min({m_train} x {T}, {chunk:g}) positions x {V:,} vocab x "
+                           f"{C['logprob_train_bytes_per_token_vocab']:g} B + fp32 LM-head gradient 4 B x {V:,} x {h}")),
+        "forward": (LineItem("forward_activations", "activations, log-prob forward",
+                             int(fwd_tokens * C["forward_transient_layers"] * layer_act),
+                             f"{m_fwd} x {seq} tokens x {C['forward_transient_layers']:g} layer x {layer_act:,.0f} B"),
+                    LineItem("forward_logits", "log-prob working set, log-prob forward",
+                             int(min(m_fwd * T, chunk) * V * C["logprob_forward_bytes_per_token_vocab"]),
+                             f"min({m_fwd} x {T}, {chunk:g}) positions x {V:,} vocab x "
+                             f"{C['logprob_forward_bytes_per_token_vocab']:g} B")),
+    }
+    slack = C["allocator_slack_fraction"]
     trainer += [
         LineItem("compute_copies", "unsharded compute copies", copies,
                  f"{dt} B x ({C['fsdp_unsharded_blocks']:g} blocks x {shape.block_parameters:,} + root {shape.root_parameters:,})"),
-        LineItem("train_activations", "activations, train micro-batch", int(train_tokens * per_token), act_detail),
-        LineItem("train_logits", "log-prob working set, train micro-batch",
-                 int(min(m_train * T, chunk) * V * C["logprob_train_bytes_per_token_vocab"] + 4 * V * h),
-                 f"min({m_train} x {T}, {chunk:g}) positions x {V:,} vocab x {C['logprob_train_bytes_per_token_vocab']:g} B "
-                 f"+ fp32 LM-head gradient 4 B x {V:,} x {h}"),
-        LineItem("forward_activations", "activations, log-prob forward", int(fwd_tokens * C["forward_transient_layers"] * layer_act),
-                 f"{m_fwd} x {seq} tokens x {C['forward_transient_layers']:g} layer x {layer_act:,.0f} B"),
-        LineItem("forward_logits", "log-prob working set, log-prob forward",
-                 int(min(m_fwd * T, chunk) * V * C["logprob_forward_bytes_per_token_vocab"]),
-                 f"min({m_fwd} x {T}, {chunk:g}) positions x {V:,} vocab x {C['logprob_forward_bytes_per_token_vocab']:g} B"),
-        LineItem("train_slack", "allocator slack, train", 0, ""),  # set below from the two items above
-        LineItem("forward_slack", "allocator slack, log-prob forward", 0, ""),
+        *transient["train"], *transient["forward"],
+        *(LineItem(f"{phase}_slack", f"allocator slack, {'train' if phase == 'train' else 'log-prob forward'}",
+                   int(slack * (act.bytes + logits.bytes)),
+                   f"allocator_slack_fraction={slack:g} x ({act.label} + {logits.label} = {gib(act.bytes + logits.bytes)}): "
+                   "the caching allocator's reserve beyond what is allocated")
+          for phase, (act, logits) in transient.items()),
         LineItem("weight_sync_buckets", "weight-sync buckets", bucket,
                  f"{C['weight_sync_bucket_copies']:g} x generator.weight_sync_bucket_mb={x['generator.weight_sync_bucket_mb']} MiB"),
     ]
-    by_key = {it.key: it for it in trainer}
-    for slack, a, b in (("train_slack", "train_activations", "train_logits"),
-                        ("forward_slack", "forward_activations", "forward_logits")):
-        transient = by_key[a].bytes + by_key[b].bytes
-        i = next(j for j, it in enumerate(trainer) if it.key == slack)
-        trainer[i] = LineItem(slack, trainer[i].label, int(C["allocator_slack_fraction"] * transient),
-                              f"allocator_slack_fraction={C['allocator_slack_fraction']:g} x ({by_key[a].label} + "
-                              f"{by_key[b].label} = {gib(transient)}): the caching allocator's reserve beyond what is "
-                              "allocated")
     if colocated:
         trainer.append(LineItem("kept_after_offload", "kept after offload (engine running)",
                                 int(C["trainer_kept_after_offload_bytes"]), "trainer_kept_after_offload_bytes"))
