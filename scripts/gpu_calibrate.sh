@@ -8,13 +8,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
-if ! python3 -c "import pydantic" 2>/dev/null; then
-  pip install -q --no-index --no-deps --target /tmp/site_probe .whl/*.whl > "$OUT/pip.log" 2>&1
-  export PYTHONPATH="/tmp/site_probe${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export TQDM_DISABLE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
-git log --oneline -1 2>/dev/null | tee "$OUT/commit.txt"
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
+bare_env "$OUT"
 declare -A GRID=(
   [q05_m16]="--like qwen2.5-0.5b --seqs 32 --len 512 --micro-train 16 --micro-forward 32"
   [q05_m8]="--like qwen2.5-0.5b --seqs 16 --len 512 --micro-train 8 --micro-forward 16"

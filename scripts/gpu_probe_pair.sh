@@ -5,14 +5,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
-if ! python3 -c "import pydantic" 2>/dev/null; then
-  pip install -q --no-index --no-deps --target /tmp/site_probe .whl/*.whl > "$OUT/pip.log" 2>&1
-  export PYTHONPATH="/tmp/site_probe${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export TQDM_DISABLE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/nvidia_smi.txt"
+# shellcheck source=scripts/gpu_env.sh
+source scripts/gpu_env.sh
+bare_env "$OUT"
 ARGS="--like qwen2.5-0.5b --seqs 64 --len 512 --micro-train 16 --micro-forward 32"
-git log --oneline -1 2>/dev/null | tee "$OUT/commit.txt"
 python3 scripts/gpu_trainer_probe.py $ARGS --bare --cycles 4 --packed 2 > "$OUT/probe_new.json" 2> "$OUT/probe_new.err"
 tail -3 "$OUT/probe_new.err"; cut -c1-400 "$OUT/probe_new.json"
 if [ -d gpu_prev ]; then

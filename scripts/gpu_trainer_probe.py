@@ -43,7 +43,7 @@ def main() -> int:
 
     from rlctl.loop import build_batch
     from rlctl.testing import build_tiny_llama, free_port, trainer_section
-    from rlctl.trainer import PolicyTrainer
+    from rlctl.trainer import OFFLOADED_RESERVE_LIMIT_BYTES, PolicyTrainer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     if a.like:
@@ -114,7 +114,7 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             c["reserved_after_offload_bytes"] = tr.offload()
-            if getattr(tr, "offload_error", None) and c["reserved_after_offload_bytes"] > (1 << 30):
+            if getattr(tr, "offload_error", None) and c["reserved_after_offload_bytes"] > OFFLOADED_RESERVE_LIMIT_BYTES:
                 c["offload_error"] = tr.offload_error  # this cycle is over the 1 GiB limit (the text: the first such)
         except RuntimeError as e:  # a tree from before the limit became a printed error (gpu_prev)
             c["offload_error"] = str(e)
