@@ -116,12 +116,18 @@ def response_logits_forward(model: torch.nn.Module, input_ids: torch.Tensor, att
         ValueError: a row has an empty prompt, or the model has no output embedding (LM head).
 
     The rows are right-packed before the forward pass (each row rotated left by its number of left
-    pads: ``[prompt, response, pads]``), so no query position is fully masked: with left padding the
-    pad positions attend to nothing, which some attention kernels turn into NaN activations, and
-    ``0 * NaN`` in the weight gradients then poisons the whole update even though the pads never
-    enter the loss. Position ids are ``cumsum(attention_mask) - 1`` (real tokens at 0..len-1, as with
-    transformers ``generate`` on left-padded prompts), so the trainer's and the ``hf`` generator's
-    log-probs stay equal.
+    pads: ``[prompt, response, pads]``): every real token then sits at column = position 0..len-1 and
+    every pad after all of its row's real tokens, so plain causal attention is exact for every real
+    token (a real token never attends to a later column) and the model runs with ``attention_mask=None``
+    and default position ids (0..L-1; real tokens at 0..len-1, as with transformers ``generate`` on
+    left-padded prompts, so the trainer's and the ``hf`` generator's log-probs stay equal). The pads
+    compute garbage that never reaches the loss. Without a mask tensor SDPA runs its causal kernels
+    (flash attention on CUDA), the kernel of the bare-rate benchmark; with a mask it ran cuDNN attention
+    (torch 2.11's default for a masked call on H100 / H200: NaN dQ at lengths 64 mod 128,
+    pytorch/pytorch#196678) or, with cuDNN excluded, the memory-efficient kernel, under which the H100
+    runs of 2026-12-07 stopped learning the answer format (docs/benchmarks.md 5d). Left padding would
+    also leave pad queries attending to nothing, which some kernels turn into NaN activations and
+    ``0 * NaN`` into NaN weight gradients.
 
     Right-packing puts each row's response at its own column, so the rows' response positions are
     picked from the final hidden states ([N, T, H]) by a forward pre-hook on the LM head, which then
@@ -201,9 +207,7 @@ def _packed_head_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
     t = response_len
     left = (attention_mask[:, :length - t] == 0).sum(1)  # [N] left pads (contiguous, from build_batch)
     cols = (torch.arange(length, device=input_ids.device)[None, :] + left[:, None]) % length
-    ids = input_ids.gather(1, cols)
-    mask = attention_mask.gather(1, cols)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    ids = input_ids.gather(1, cols)  # right-packed: [prompt, response, pads] per row
     left_max = int(left.max()) if n else 0
     left_min = int(left.min()) if n else 0
     if left_max >= length - t:
@@ -229,8 +233,8 @@ def _packed_head_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
     from rlctl.logprobs import head_replaced
 
     with head_replaced(head, pick_response_positions, head_forward):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=t + left_max + 1)
+        # no mask, no position ids: causal attention over right-packed rows (see response_logits_forward)
+        out = model(input_ids=ids, attention_mask=None, use_cache=False, logits_to_keep=t + left_max + 1)
     if out.logits.shape[:2] != (n, t) or (head_forward is not None and out.logits.shape[2:] != (int(width),)):
         raise RuntimeError(f"{caller}: the LM head gave logits of shape {tuple(out.logits.shape)}, "
                            f"expected ({n}, {t}, {width}): {type(model).__name__} does not call get_output_embeddings() "
@@ -288,6 +292,10 @@ def trainer_attention(device: torch.device):
     builds and caches an execution plan per input shape; every trimmed micro-batch of a real run has a new length,
     which is the suspected reason (not yet measured) why the trainer ran 2-2.5x slower per token inside a real run
     than in a probe that repeats one batch (docs/benchmarks.md 5c).
+
+    Since 2026-12-07 the padded forward passes no mask tensor (:func:`response_logits_forward`), so SDPA runs its
+    causal flash kernel there; the mask, and with it the choice this context makes among masked kernels, is left
+    to the packed forward (``trainer.remove_microbatch_padding``: a block-diagonal mask).
 
     The backward passes run under it too: with gradient checkpointing each layer's forward (attention included) is
     recomputed inside ``backward()``, outside the forward's ``with`` block. The flags it sets are process-wide, so

@@ -8,10 +8,13 @@
 #   bash scripts/gpu_visit.sh step-new    # step_breakdown.py on this checkout, Qwen2.5-Coder-0.5B, 32 x 8 (~4 min)
 #   bash scripts/gpu_visit.sh step-base   # the same on gpu_base (the baseline), in the same visit (~4 min)
 #   bash scripts/gpu_visit.sh step-pack   # step-new with trainer.remove_microbatch_padding=true (~4 min)
+#   bash scripts/gpu_visit.sh step-budget # step-new with trainer.max_tokens_per_microbatch=8192 (bounded activations: the <= 30 GB peak)
 #   bash scripts/gpu_visit.sh real 330    # scripts/gpu_real_run.sh 330: the real run (~8 min)
 #   bash scripts/gpu_visit.sh probe       # scripts/gpu_trainer_probe.py, Qwen2.5-0.5B shape, with the bare rates (~3 min)
 #   bash scripts/gpu_visit.sh profile     # benchmarks/trainer_profile.py on $QWEN, the real run's 32 x 8 (no Ray, no engine): where the train step's seconds go
-#   bash scripts/gpu_visit.sh attn        # tests/gpu/test_attention_nan.py: the cuDNN attention NaN and the trainer's fix (no model)
+#   bash scripts/gpu_visit.sh attn        # tests/gpu/test_attention_nan.py (the cuDNN attention NaN, no model) and
+#                                         # test_trainer_gradient.py (the trainer's gradient vs fp32, $QWEN)
+#   bash scripts/gpu_visit.sh attn-grad   # benchmarks/attention_grad_check.py: each attention path's gradient vs fp32 math, $QWEN on GSM8K text (~2 min)
 # Each stage writes into /tmp/visit/<stage> and packs it into $OUT/<stage>.tgz (the device returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,13 +54,16 @@ while [ $# -gt 0 ]; do
     step-new) step "$PWD" step_new "$W" ;;
     step-base) step "$PWD/gpu_base" step_base "$W" ;;
     step-pack) EXTRA="--set trainer.remove_microbatch_padding=true" step "$PWD" step_pack "$W" ;;
+    step-budget) EXTRA="--set trainer.max_tokens_per_microbatch=8192" step "$PWD" step_budget "$W" ;;
     probe) $LIMIT python3 scripts/gpu_trainer_probe.py --like qwen2.5-0.5b --seqs 64 --len 512 --micro-train 16 \
              --micro-forward 32 --bare > "$W/probe.json" 2> "$W/probe.err"; cut -c1-600 "$W/probe.json" ;;
     profile) $LIMIT python3 benchmarks/trainer_profile.py --model $QWEN --prompts 32 --mini-prompts 16 \
                --variants baseline,micro32 --out "$W/trainer_profile.json" > "$W/profile.log" 2>&1
              tail -20 "$W/profile.log" ;;
-    attn) RLCTL_METRICS_OUT="$W/attn_metrics.json" $LIMIT python3 -m pytest -q -p no:cacheprovider \
-            tests/gpu/test_attention_nan.py > "$W/attn.log" 2>&1; tail -5 "$W/attn.log" ;;
+    attn) RLCTL_METRICS_OUT="$W/attn_metrics.json" RLCTL_TEST_MODEL=$QWEN $LIMIT python3 -m pytest -q -p no:cacheprovider \
+            tests/gpu/test_attention_nan.py tests/gpu/test_trainer_gradient.py > "$W/attn.log" 2>&1; tail -5 "$W/attn.log" ;;
+    attn-grad) $LIMIT python3 benchmarks/attention_grad_check.py --model $QWEN --data gpu_data/gsm8k/train.jsonl \
+                 --out "$W/attention_grad.json" > "$W/attn_grad.log" 2>&1; tail -8 "$W/attn_grad.log" | cut -c1-900 ;;
     real) wall=${1:-330}; shift || true; OUT="$W" $LIMIT bash scripts/gpu_real_run.sh "$wall" > "$W/real.log" 2>&1
           tail -20 "$W/real.log" ;;
     *) echo "gpu_visit: unknown stage $stage" | tee -a "$OUT/visit.log"; exit 2 ;;

@@ -331,9 +331,11 @@ class SGLangConfig(_Model):
     max_running_requests: Optional[PosInt] = runtime(None)
     enable_memory_saver: bool = runtime(True)  # needed to release memory while colocated
     # SGLang's sleep_on_idle: an idle scheduler waits on its sockets (woken by the next request) instead of looping
-    # through its idle checks at 100% of a core, as it does by default. Colocated, the engine idles through the
-    # trainer's phases, next to the trainer's process; off only to match SGLang's own default.
-    sleep_on_idle: bool = runtime(True)
+    # through its idle checks at 100% of a core. Off (SGLang's default): on an H100 (2026-12-07, same visit) the
+    # engine generated 10% fewer tokens/s with it on (25.4k vs 28.3k) and it was one of the three changes before the
+    # runs that stopped learning (docs/benchmarks.md 5d); what it saves (one CPU core while the trainer runs) is
+    # not measured.
+    sleep_on_idle: bool = runtime(False)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = runtime("error")
 
 

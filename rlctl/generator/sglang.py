@@ -93,7 +93,7 @@ class SGLangGenerator:
         disable_radix_cache: bool = False,
         max_running_requests: int | None = None,
         enable_memory_saver: bool = True,
-        sleep_on_idle: bool = True,
+        sleep_on_idle: bool = False,
         log_level: str = "error",
         seed: int = 0,
         tp_size: int = 1,

@@ -142,10 +142,10 @@ def test_not_colocated_starts_awake(fake):
     assert out.finish_reasons == ["length"]
 
 
-def test_idle_engine_sleeps_on_its_sockets_unless_turned_off(fake):
-    # SGLang's sleep_on_idle: an idle scheduler polls its sockets instead of spinning a core (rlctl's default)
-    assert fake.SGLangGenerator("/m").engine.kw["sleep_on_idle"] is True
-    assert fake.SGLangGenerator("/m", sleep_on_idle=False).engine.kw["sleep_on_idle"] is False
+def test_idle_engine_sleeps_on_its_sockets_only_when_asked(fake):
+    # SGLang's sleep_on_idle: off by default (SGLang's own default), passed through when asked for
+    assert fake.SGLangGenerator("/m").engine.kw["sleep_on_idle"] is False
+    assert fake.SGLangGenerator("/m", sleep_on_idle=True).engine.kw["sleep_on_idle"] is True
 
 
 def test_config_key_reaches_the_engine_arguments():
@@ -153,9 +153,9 @@ def test_config_key_reaches_the_engine_arguments():
     from rlctl.job.cluster import generator_kwargs
 
     cfg = load_config(preset="gsm8k-h200", backend="sglang").cfg
-    assert generator_kwargs(cfg, "cuda")["sleep_on_idle"] is True
-    off = load_config(preset="gsm8k-h200", backend="sglang", overrides=["generator.sglang.sleep_on_idle=false"]).cfg
-    assert generator_kwargs(off, "cuda")["sleep_on_idle"] is False
+    assert generator_kwargs(cfg, "cuda")["sleep_on_idle"] is False
+    on = load_config(preset="gsm8k-h200", backend="sglang", overrides=["generator.sglang.sleep_on_idle=true"]).cfg
+    assert generator_kwargs(on, "cuda")["sleep_on_idle"] is True
 
 
 def test_foreign_options_rejected(fake):

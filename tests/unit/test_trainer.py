@@ -112,8 +112,9 @@ def test_micro_batch_size_does_not_change_the_update(pg, tiny):
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-4, rtol=1e-5)
 
 
-def test_right_packing_leaves_no_fully_masked_query_row():
-    """The forward sees [prompt, response, pads] rows: every position has a real token at or before it."""
+def test_right_packed_rows_run_causal_without_a_mask():
+    """The forward sees [prompt, response, pads] rows and no mask tensor: every pad is after all of its row's real
+    tokens (causal attention alone is exact for them) and column 0 is real in every row."""
     seen = {}
 
     class Spy(torch.nn.Module):
@@ -126,8 +127,8 @@ def test_right_packing_leaves_no_fully_masked_query_row():
         def get_output_embeddings(self):
             return self.head
 
-        def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep):
-            seen.update(ids=input_ids, mask=attention_mask, pos=position_ids, keep=logits_to_keep)
+        def forward(self, input_ids, attention_mask, use_cache, logits_to_keep, **kw):
+            seen.update(ids=input_ids, mask=attention_mask, kw=kw, keep=logits_to_keep)
             hidden = torch.arange(input_ids.shape[1], dtype=torch.float32)[None, :, None].expand(input_ids.shape[0], -1, 7)
             return SimpleNamespace(logits=self.head(hidden[:, -logits_to_keep:]))
 
@@ -138,8 +139,11 @@ def test_right_packing_leaves_no_fully_masked_query_row():
     assert out[..., 0].tolist() == [[3, 4, 5, 6], [2, 3, 4, 5], [3, 4, 5, 6], [2, 3, 4, 5]]
     assert seen["ids"].tolist() == [[1, 10, 11, 12, 30, 31, 2, 0], [1, 20, 21, 40, 0, 0, 0, 0],
                                     [1, 10, 11, 12, 32, 33, 34, 2], [1, 20, 21, 41, 42, 0, 0, 0]]
-    assert (seen["mask"][:, 0] == 1).all()  # column 0 is real in every row: no fully masked query
-    assert seen["pos"].tolist()[1] == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert seen["mask"] is None and seen["kw"] == {}  # causal only, default position ids 0..L-1
+    real = b["attention_mask"].sum(1).tolist()
+    assert real == [7, 4, 8, 5]  # each row's real tokens fill columns 0..real-1 of the packed row
+    assert [row[:n] for row, n in zip(seen["ids"].tolist(), real)] == [
+        [1, 10, 11, 12, 30, 31, 2], [1, 20, 21, 40], [1, 10, 11, 12, 32, 33, 34, 2], [1, 20, 21, 41, 42]]
 
 
 def test_forward_refuses_a_model_whose_head_it_cannot_hook():
