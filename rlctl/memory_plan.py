@@ -134,6 +134,7 @@ PLAN_KEYS = (
     "trainer.placement.policy_num_gpus_per_node",
     "trainer.micro_train_batch_size_per_gpu",
     "trainer.micro_forward_batch_size_per_gpu",
+    "trainer.max_tokens_per_microbatch",
     "trainer.gradient_checkpointing",
     "trainer.max_prompt_length",
     "trainer.train_batch_size",
@@ -402,7 +403,10 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
     Line items (bytes per GPU) use :data:`COEFFICIENTS`; tokens of a micro-batch are
     ``micro x (trainer.max_prompt_length + generator.sampling_params.max_new_tokens)`` (the longest a
     micro-batch can be; the trainer trims shared padding), logits cover ``micro x max_new_tokens``
-    response positions. Raises nothing for valid configs; the plan's ``errors`` say when the
+    response positions. With ``trainer.max_tokens_per_microbatch`` B set, every micro-batch (train and
+    forward) holds at most ``max(B, max_prompt_length + max_new_tokens)`` real tokens (a longer sequence runs
+    alone) and that bounds its activations instead of the micro-batch sizes (padding up to the micro-batch's
+    longest row is not counted: rows are sorted by length, so it is small). Raises nothing for valid configs; the plan's ``errors`` say when the
     engine's fraction cannot hold its weights.
     """
     C = COEFFICIENTS
@@ -423,14 +427,22 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
 
     # ---- trainer, per policy GPU
     layer_act = shape.activation_bytes_per_token_layer(dt)
-    train_tokens, fwd_tokens = m_train * seq, m_fwd * seq
+    budget = x.get("trainer.max_tokens_per_microbatch")
+    if budget is not None:  # token-budget micro-batches: real tokens per micro-batch, whatever the sizes say
+        train_tokens = fwd_tokens = max(int(budget), seq)
+        train_desc = fwd_desc = f"max({budget}, {seq}) tokens (trainer.max_tokens_per_microbatch)"
+        resp_train = resp_fwd = train_tokens
+    else:
+        train_tokens, fwd_tokens = m_train * seq, m_fwd * seq
+        train_desc, fwd_desc = f"{m_train} x {seq} tokens", f"{m_fwd} x {seq} tokens"
+        resp_train, resp_fwd = m_train * T, m_fwd * T
     if ckpt:
         per_token = L * C["act_ckpt_values_per_token_layer_h"] * h * dt + C["ckpt_recomputed_layers"] * layer_act
-        act_detail = (f"{m_train} x {seq} tokens x ({L} layers x {dt} B x {h} kept + "
+        act_detail = (f"{train_desc} x ({L} layers x {dt} B x {h} kept + "
                       f"{C['ckpt_recomputed_layers']:g} recomputed layers x {layer_act:,.0f} B); checkpointing on")
     else:
         per_token = L * layer_act
-        act_detail = f"{m_train} x {seq} tokens x {L} layers x {layer_act:,.0f} B/token/layer; checkpointing off"
+        act_detail = f"{train_desc} x {L} layers x {layer_act:,.0f} B/token/layer; checkpointing off"
     copies = int((C["fsdp_unsharded_blocks"] * shape.block_parameters + shape.root_parameters) * dt)
     chunk = C["logprob_chunk_positions"]
     bucket = int(x["generator.weight_sync_bucket_mb"] * MiB * C["weight_sync_bucket_copies"])
@@ -447,15 +459,15 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
     transient = {  # phase -> its (activations, log-prob working set) items; the allocator's slack scales their sum
         "train": (LineItem("train_activations", "activations, train micro-batch", int(train_tokens * per_token), act_detail),
                   LineItem("train_logits", "log-prob working set, train micro-batch",
-                           int(min(m_train * T, chunk) * V * C["logprob_train_bytes_per_token_vocab"] + 4 * V * h),
-                           f"min({m_train} x {T}, {chunk:g}) positions x {V:,} vocab x "
+                           int(min(resp_train, chunk) * V * C["logprob_train_bytes_per_token_vocab"] + 4 * V * h),
+                           f"min({resp_train}, {chunk:g}) positions x {V:,} vocab x "
                            f"{C['logprob_train_bytes_per_token_vocab']:g} B + fp32 LM-head gradient 4 B x {V:,} x {h}")),
         "forward": (LineItem("forward_activations", "activations, log-prob forward",
                              int(fwd_tokens * C["forward_transient_layers"] * layer_act),
-                             f"{m_fwd} x {seq} tokens x {C['forward_transient_layers']:g} layer x {layer_act:,.0f} B"),
+                             f"{fwd_desc} x {C['forward_transient_layers']:g} layer x {layer_act:,.0f} B"),
                     LineItem("forward_logits", "log-prob working set, log-prob forward",
-                             int(min(m_fwd * T, chunk) * V * C["logprob_forward_bytes_per_token_vocab"]),
-                             f"min({m_fwd} x {T}, {chunk:g}) positions x {V:,} vocab x "
+                             int(min(resp_fwd, chunk) * V * C["logprob_forward_bytes_per_token_vocab"]),
+                             f"min({resp_fwd}, {chunk:g}) positions x {V:,} vocab x "
                              f"{C['logprob_forward_bytes_per_token_vocab']:g} B")),
     }
     slack = C["allocator_slack_fraction"]
@@ -583,13 +595,19 @@ def _candidates(x: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Changes that lower memory, each ``(label, {key: value, ...})``, least intrusive first within each
     key; values keep the config's micro-batch and colocated-layout rules."""
     out: list[tuple[str, dict[str, Any]]] = []
-    m = x["trainer.micro_train_batch_size_per_gpu"]
-    for v in range(m - 1, 0, -1):
-        if _batch_rule_ok({**x, "trainer.micro_train_batch_size_per_gpu": v}):
-            out.append(("trainer.micro_train_batch_size_per_gpu", {"trainer.micro_train_batch_size_per_gpu": v}))
-    mf = x["trainer.micro_forward_batch_size_per_gpu"]
-    for v in sorted({mf // 2 ** k for k in range(1, 12) if mf // 2 ** k >= 1}, reverse=True):
-        out.append(("trainer.micro_forward_batch_size_per_gpu", {"trainer.micro_forward_batch_size_per_gpu": v}))
+    budget = x.get("trainer.max_tokens_per_microbatch")
+    if budget is not None:  # the sizes have no effect: a smaller budget does (not below one whole sequence)
+        seq = x["trainer.max_prompt_length"] + x["generator.sampling_params.max_new_tokens"]
+        for v in sorted({budget // 2 ** k for k in range(1, 8) if budget // 2 ** k >= seq}, reverse=True):
+            out.append(("trainer.max_tokens_per_microbatch", {"trainer.max_tokens_per_microbatch": v}))
+    else:
+        m = x["trainer.micro_train_batch_size_per_gpu"]
+        for v in range(m - 1, 0, -1):
+            if _batch_rule_ok({**x, "trainer.micro_train_batch_size_per_gpu": v}):
+                out.append(("trainer.micro_train_batch_size_per_gpu", {"trainer.micro_train_batch_size_per_gpu": v}))
+        mf = x["trainer.micro_forward_batch_size_per_gpu"]
+        for v in sorted({mf // 2 ** k for k in range(1, 12) if mf // 2 ** k >= 1}, reverse=True):
+            out.append(("trainer.micro_forward_batch_size_per_gpu", {"trainer.micro_forward_batch_size_per_gpu": v}))
     if not x["trainer.gradient_checkpointing"]:
         out.append(("trainer.gradient_checkpointing", {"trainer.gradient_checkpointing": True}))
     if x["generator.backend"] == "sglang":

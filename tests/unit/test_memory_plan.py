@@ -149,6 +149,28 @@ def test_toy_plan_with_checkpointing_split_and_no_kl():
     assert phases[("rollout", "engine GPU")] is None and p.peak is None
 
 
+def test_toy_plan_with_a_token_budget_sizes_micro_batches_by_it():
+    # trainer.max_tokens_per_microbatch=60 (micro sizes 2 / 4 then have no effect): every micro-batch holds at most
+    #   max(60, 24) = 60 real tokens -> train activations 60 x 3 layers x 320 = 57,600; forward 60 x 1 x 320 = 19,200;
+    #   log-prob sets min(60, 1024) = 60 positions: train 60 x 32 x 10 + 1,024 = 20,224, forward 60 x 32 x 6 = 11,520
+    #   slack 0.26 x (57,600 + 20,224) = 20,234 (train), 0.26 x (19,200 + 11,520) = 7,987 (forward)
+    s = mp.ModelShape.from_config_json(TOY)
+    p = mp.plan(_cfg([*TOY_OVERRIDES, "trainer.max_tokens_per_microbatch=60"]), s, 2 * GiB)
+    got = {it.key: it.bytes for it in p.processes["trainer"]}
+    assert (got["train_activations"], got["forward_activations"]) == (57_600, 19_200)
+    assert (got["train_logits"], got["forward_logits"]) == (20_224, 11_520)
+    assert (got["train_slack"], got["forward_slack"]) == (20_234, 7_987)
+    assert "max(60, 24) tokens (trainer.max_tokens_per_microbatch)" in p.item("trainer", "train_activations").detail
+    # a budget below one whole sequence still holds that sequence (it runs alone): max(10, 24) = 24 tokens
+    p = mp.plan(_cfg([*TOY_OVERRIDES, "trainer.max_tokens_per_microbatch=10"]), s, 2 * GiB)
+    assert p.item("trainer", "train_activations").bytes == 24 * 3 * 320
+    # the fit check offers smaller budgets (never below one sequence), not micro-batch sizes that have no effect
+    cands = [label for label, _ in mp._candidates({**mp.plan_inputs(_cfg([*TOY_OVERRIDES, "trainer.max_tokens_per_microbatch=200"])),
+                                                    "trainer.max_tokens_per_microbatch": 200})]
+    assert cands.count("trainer.max_tokens_per_microbatch") == 3  # 100, 50, 25 (>= 24)
+    assert "trainer.micro_train_batch_size_per_gpu" not in cands
+
+
 def test_toy_plan_with_tensor_parallel_engines():
     # 1 engine of TP 2 on the 2 GPUs (colocated): each TP rank holds half the weights, ceil(2 B x 2040 / 2) = 2040,
     # but the toy's ONE key/value head cannot be split: SGLang replicates it on both ranks, so each holds every
