@@ -35,19 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def masked_logprobs(model, ids, attn, t):
-    """Per-token response log-probs [N, T] fp32 through the right-packed forward WITH the explicit mask and position
-    ids (the trainer's forward at e68745c), full-vocabulary logits (a diagnostic: memory is no concern)."""
-    import torch
+    """The trainer's forward at e68745c: explicit mask + position ids (:func:`rlctl.testing.masked_response_logprobs`)."""
+    from rlctl.testing import masked_response_logprobs
 
-    length = ids.shape[1]
-    left = (attn[:, :length - t] == 0).sum(1)
-    cols = (torch.arange(length, device=ids.device)[None, :] + left[:, None]) % length
-    pids, mask = ids.gather(1, cols), attn.gather(1, cols)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=pids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    idx = (length - t - 1 - left)[:, None] + torch.arange(t, device=ids.device)[None, :]
-    pick = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
-    return torch.log_softmax(pick, -1).gather(-1, ids[:, length - t:, None])[..., 0]
+    return masked_response_logprobs(model, ids, attn, t)
 
 
 def causal_logprobs(model, ids, attn, t):

@@ -8,6 +8,10 @@ backends, the trainer, the chat-template prompt builder. It takes well under a s
 :func:`trainer_section` builds the ``trainer`` section of the run config for tests and probes that drive
 :class:`rlctl.trainer.PolicyTrainer` directly: the real, validated schema model, so a renamed field fails there.
 
+:func:`masked_response_logprobs` is the trainer's forward as it was until 2026-12-07 (an explicit attention mask),
+the reference path of the GPU gradient checks (``tests/gpu/test_trainer_gradient.py``,
+``benchmarks/attention_grad_check.py``).
+
 Tokenizer: byte-level BPE with no merges, so every UTF-8 byte is one token and any text encodes.
 Vocabulary (ids are stable, tests may rely on them)::
 
@@ -270,3 +274,28 @@ def spawn_ranks(target, rank_args: list[tuple], timeout_s: float) -> dict:
             p.join(60)
             if p.is_alive():
                 p.kill()
+
+
+def masked_response_logprobs(model: Any, input_ids: Any, attention_mask: Any, response_len: int) -> Any:
+    """Response log-probs through right-packed rows WITH the explicit attention mask and position ids
+    ``cumsum(mask) - 1`` (the trainer's forward until 2026-12-07), from full-vocabulary fp32 logits (a reference
+    for checks: memory is no concern).
+
+    Args:
+        model: a Hugging Face causal LM.
+        input_ids, attention_mask: [N, P+T] (left-padded prompt, right-padded response), on the model's device.
+        response_len: T.
+    Returns:
+        [N, T] float32: position t is the log-prob of ``input_ids[:, P + t]`` (differentiable).
+    """
+    import torch
+
+    length, t = input_ids.shape[1], response_len
+    left = (attention_mask[:, :length - t] == 0).sum(1)
+    cols = (torch.arange(length, device=input_ids.device)[None, :] + left[:, None]) % length
+    ids, mask = input_ids.gather(1, cols), attention_mask.gather(1, cols)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+    idx = (length - t - 1 - left)[:, None] + torch.arange(t, device=input_ids.device)[None, :]
+    pick = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+    return torch.log_softmax(pick, -1).gather(-1, input_ids[:, length - t:, None])[..., 0]

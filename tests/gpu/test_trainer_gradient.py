@@ -22,15 +22,9 @@ torch = pytest.importorskip("torch")
 
 def _masked_logprobs(model, ids, attn, t):
     """Response log-probs [N, T] through right-packed rows WITH the explicit mask and position ids (e68745c's path)."""
-    length = ids.shape[1]
-    left = (attn[:, :length - t] == 0).sum(1)
-    cols = (torch.arange(length, device=ids.device)[None, :] + left[:, None]) % length
-    pids, mask = ids.gather(1, cols), attn.gather(1, cols)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=pids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-    idx = (length - t - 1 - left)[:, None] + torch.arange(t, device=ids.device)[None, :]
-    pick = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
-    return torch.log_softmax(pick, -1).gather(-1, ids[:, length - t:, None])[..., 0]
+    from rlctl.testing import masked_response_logprobs
+
+    return masked_response_logprobs(model, ids, attn, t)
 
 
 def _trainer_logprobs(model, ids, attn, t):

@@ -146,6 +146,31 @@ def test_right_packed_rows_run_causal_without_a_mask():
         [1, 10, 11, 12, 30, 31, 2], [1, 20, 21, 40], [1, 10, 11, 12, 32, 33, 34, 2], [1, 20, 21, 41, 42]]
 
 
+def test_unmasked_causal_forward_equals_the_masked_one_values_and_gradients(tiny):
+    """The trainer's forward without a mask tensor (causal over right-packed rows) gives the log-probs and the
+    gradient of the forward with the explicit mask and position ids it replaced (fp32, SDPA on the CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlctl.testing import masked_response_logprobs
+    from rlctl.trainer import response_logprobs_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation="sdpa")
+    b = _batch()  # rows 1 and 3 have a left pad; responses of 3, 1, 4, 2 tokens
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    found = []
+    for fn in (lambda: response_logprobs_forward(model, b["input_ids"], b["attention_mask"], 4, 1.0)[0],
+               lambda: masked_response_logprobs(model, b["input_ids"], b["attention_mask"], 4)):
+        model.zero_grad(set_to_none=True)
+        logp = fn()
+        (-(adv[:, None] * logp * b["response_mask"]).sum()).backward()
+        found.append((logp.detach() * b["response_mask"], [p.grad.clone() for p in model.parameters()]))
+    (lp_new, g_new), (lp_old, g_old) = found
+    assert b["response_mask"].sum() == 10
+    torch.testing.assert_close(lp_new, lp_old, atol=1e-5, rtol=1e-5)
+    for a, c in zip(g_new, g_old):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
 def test_forward_refuses_a_model_whose_head_it_cannot_hook():
     b = _batch()
 
