@@ -104,8 +104,10 @@ def main() -> None:
         mod, rem = (128, 64) if b % 2 == 0 else (32, 1)
         length = rng.choice([n for n in range(p_max + 16, p_max + 300) if n % mod == rem])
         lens = [length - p_max] + [rng.randint(8, length - p_max) for _ in picks[1:]]
-        resps = [(tok(r["answer"])["input_ids"] * 8)[:n] for r, n in zip(picks, lens)]
+        resps = [(tok(r["answer"])["input_ids"] * 64)[:n] for r, n in zip(picks, lens)]
         batch, _ = trim_padding(build_batch(prompts, resps, pad_id=tok.pad_token_id or 0))
+        if batch["input_ids"].shape[1] != length:
+            raise RuntimeError(f"batch {b}: trimmed length {batch['input_ids'].shape[1]}, wanted {length}")
         ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         resp_mask = batch["response_mask"].to(dev)
         t = resp_mask.shape[1]

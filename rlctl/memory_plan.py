@@ -404,9 +404,9 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
     ``micro x (trainer.max_prompt_length + generator.sampling_params.max_new_tokens)`` (the longest a
     micro-batch can be; the trainer trims shared padding), logits cover ``micro x max_new_tokens``
     response positions. With ``trainer.max_tokens_per_microbatch`` B set, every micro-batch (train and
-    forward) holds at most ``max(B, max_prompt_length + max_new_tokens)`` real tokens (a longer sequence runs
-    alone) and that bounds its activations instead of the micro-batch sizes (padding up to the micro-batch's
-    longest row is not counted: rows are sorted by length, so it is small). Raises nothing for valid configs; the plan's ``errors`` say when the
+    forward) runs at most ``max(B, max_prompt_length + max_new_tokens)`` tokens (the trainer's planner counts the
+    padded size after trimming, or the real tokens when packed; a longer sequence runs alone), and that bounds its
+    activations instead of the micro-batch sizes. Raises nothing for valid configs; the plan's ``errors`` say when the
     engine's fraction cannot hold its weights.
     """
     C = COEFFICIENTS
@@ -598,7 +598,8 @@ def _candidates(x: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     budget = x.get("trainer.max_tokens_per_microbatch")
     if budget is not None:  # the sizes have no effect: a smaller budget does (not below one whole sequence)
         seq = x["trainer.max_prompt_length"] + x["generator.sampling_params.max_new_tokens"]
-        for v in sorted({budget // 2 ** k for k in range(1, 8) if budget // 2 ** k >= seq}, reverse=True):
+        smaller = {budget // 2 ** k for k in range(1, 8) if budget // 2 ** k >= seq} | ({seq} if budget > seq else set())
+        for v in sorted(smaller, reverse=True):
             out.append(("trainer.max_tokens_per_microbatch", {"trainer.max_tokens_per_microbatch": v}))
     else:
         m = x["trainer.micro_train_batch_size_per_gpu"]

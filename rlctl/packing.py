@@ -43,15 +43,19 @@ import torch
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-def plan_micro_batches(lengths: torch.Tensor, size: int, max_tokens: int | None) -> list[torch.Tensor]:
+def plan_micro_batches(lengths: torch.Tensor, size: int, max_tokens: int | None,
+                       widths: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Split sequences into micro-batches of similar length.
 
     Args:
         lengths: [N] int, real tokens (prompt + response) of each sequence.
         size: sequences per micro-batch (>= 1), used when ``max_tokens`` is None.
         max_tokens: token budget per micro-batch (>= 1) or None. Sequences are taken in length order and
-            a micro-batch is closed when the next sequence would push its real tokens past the budget
+            a micro-batch is closed when the next sequence would push its cost past the budget
             (greedy next-fit); a sequence longer than the budget gets a micro-batch of its own.
+        widths: ``(prompt_lengths [N], response_lengths [N])`` for the padded forward: a micro-batch's cost is then
+            the size it has after :func:`rlctl.trainer.trim_padding`, ``n x (longest prompt + longest response)``
+            tokens, padding included. None (the packed forward): its real tokens.
     Returns:
         Index tensors [n_i] int64 into ``lengths``, in ascending length order (stable sort), covering
         every sequence exactly once; empty list for N = 0.
@@ -65,13 +69,21 @@ def plan_micro_batches(lengths: torch.Tensor, size: int, max_tokens: int | None)
     order = torch.sort(lengths, stable=True).indices
     if max_tokens is None:
         return [order[s:s + size] for s in range(0, len(order), size)]
+    real = lengths.tolist()
+    prompt, resp = (widths[0].tolist(), widths[1].clamp(min=1).tolist()) if widths is not None else (None, None)
     plan: list[torch.Tensor] = []
-    start, used = 0, 0
-    for pos, n_tok in enumerate(lengths[order].tolist()):
-        if pos > start and used + n_tok > max_tokens:
+    start, used, p_max, r_max = 0, 0, 0, 0
+    for pos, i in enumerate(order.tolist()):
+        if prompt is None:
+            cost = used + real[i]
+        else:  # trim_padding keeps the longest prompt and the longest response (>= 1 column) of the micro-batch
+            cost = (pos - start + 1) * (max(p_max, prompt[i]) + max(r_max, resp[i]))
+        if pos > start and cost > max_tokens:
             plan.append(order[start:pos])
-            start, used = pos, 0
-        used += n_tok
+            start, used, p_max, r_max = pos, 0, 0, 0
+        used += real[i]
+        if prompt is not None:
+            p_max, r_max = max(p_max, prompt[i]), max(r_max, resp[i])
     if len(order) > start:
         plan.append(order[start:])
     return plan

@@ -250,8 +250,8 @@ RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs", "tis_weights")
 
 def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Drop the padding columns every sequence of a micro-batch shares, so the forward pass only
-    computes over the micro-batch's own longest prompt and response (exact: padded positions are
-    never attended and never enter the loss; position ids come from the attention mask).
+    computes over the micro-batch's own longest prompt and response (exact: the forward right-packs the rows, so
+    padded positions are never attended, and they never enter the loss).
 
     Args:
         mb: a micro-batch in the module's batch layout: ``input_ids`` / ``attention_mask`` [n, P+T],
@@ -295,7 +295,10 @@ def trainer_attention(device: torch.device):
 
     Since 2026-12-07 the padded forward passes no mask tensor (:func:`response_logits_forward`), so SDPA runs its
     causal flash kernel there; the mask, and with it the choice this context makes among masked kernels, is left
-    to the packed forward (``trainer.remove_microbatch_padding``: a block-diagonal mask).
+    to the packed forward (``trainer.remove_microbatch_padding``: a block-diagonal mask) and to sliding-window
+    layers longer than their window (Mistral; Qwen2 with ``use_sliding_window``, off in Qwen2.5's configs), which
+    transformers gives a mask: those run the memory-efficient kernel, not yet checked on a GPU
+    (``tests/gpu/test_trainer_gradient.py`` checks the padded path).
 
     The backward passes run under it too: with gradient checkpointing each layer's forward (attention included) is
     recomputed inside ``backward()``, outside the forward's ``with`` block. The flags it sets are process-wide, so
@@ -511,7 +514,8 @@ class PolicyTrainer:
                        train: bool = False) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Yield ``(idx, micro_batch)``, each micro-batch trimmed by :func:`trim_padding` and planned by
         :func:`rlctl.packing.plan_micro_batches` (similar lengths together): ``size`` sequences each, or up to
-        ``trainer.max_tokens_per_microbatch`` real tokens each when that is set.
+        ``trainer.max_tokens_per_microbatch`` tokens each when that is set (the tokens the forward runs: padding
+        included after trimming, or real tokens when packed; a longer sequence runs alone).
 
         With a token budget the ranks may plan different numbers of micro-batches; the count is
         all-reduced (MAX) over the data-parallel group and the short ranks then yield
@@ -523,7 +527,12 @@ class PolicyTrainer:
         from rlctl.packing import computed_tokens, empty_micro_batch, plan_micro_batches
 
         max_tokens = self.tcfg.max_tokens_per_microbatch
-        plan = plan_micro_batches(batch["attention_mask"].sum(1), size, max_tokens)
+        attn = batch["attention_mask"]
+        widths = None
+        if max_tokens is not None and not self._packed:  # the budget bounds the padded forward's tokens
+            p_cols = attn.shape[1] - batch["response_mask"].shape[1]
+            widths = (attn[:, :p_cols].sum(1), attn[:, p_cols:].sum(1))
+        plan = plan_micro_batches(attn.sum(1), size, max_tokens, widths)
         target = len(plan)
         if max_tokens is not None and self.world_size > 1:
             count = torch.tensor([target], dtype=torch.int64, device=self.device)

@@ -71,6 +71,7 @@ def test_trainer_gradient_matches_fp32_reference(model_path, tokenizer, prompt_i
     bf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev)
     found = {}
     for name, fn, ctx in (("trainer", _trainer_logprobs, trainer_attention(dev)),
+                          ("trainer_flash_only", _trainer_logprobs, sdpa_kernel([SDPBackend.FLASH_ATTENTION])),
                           ("masked_efficient", _masked_logprobs, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])),
                           ("masked_cudnn", _masked_logprobs, sdpa_kernel([SDPBackend.CUDNN_ATTENTION])),
                           ("masked_math_bf16", _masked_logprobs, sdpa_kernel([SDPBackend.MATH]))):
@@ -85,6 +86,8 @@ def test_trainer_gradient_matches_fp32_reference(model_path, tokenizer, prompt_i
                        "rel_err": float((grad - g_ref).norm() / g_ref.norm()),
                        "logp_max_err": float(((lp - lp_ref) * batch[2]).abs().max()), "finite": finite}
     metrics.setdefault("trainer_gradient", {})[f"{rem}_mod_{mod}"] = {"seq_len": length, **found}
+    # the trainer's unmasked forward is eligible for flash attention (not silently on the math kernel)
+    assert "error" not in found["trainer_flash_only"], found
     ours = found["trainer"]
     assert ours["finite"] and ours["cos"] > 0.98, found
     assert ours["logp_max_err"] < 0.25, found  # bf16 log-probs of random tokens: ~0.1 at worst

@@ -167,7 +167,7 @@ def test_toy_plan_with_a_token_budget_sizes_micro_batches_by_it():
     # the fit check offers smaller budgets (never below one sequence), not micro-batch sizes that have no effect
     cands = [label for label, _ in mp._candidates({**mp.plan_inputs(_cfg([*TOY_OVERRIDES, "trainer.max_tokens_per_microbatch=200"])),
                                                     "trainer.max_tokens_per_microbatch": 200})]
-    assert cands.count("trainer.max_tokens_per_microbatch") == 3  # 100, 50, 25 (>= 24)
+    assert cands.count("trainer.max_tokens_per_microbatch") == 4  # 100, 50, 25 (>= 24) and one sequence, 24
     assert "trainer.micro_train_batch_size_per_gpu" not in cands
 
 

@@ -43,6 +43,21 @@ def test_token_budget_plan_is_greedy_over_sorted_lengths():
         plan_micro_batches(lengths, 0, None)
 
 
+def test_token_budget_plan_counts_the_padded_size_for_the_padded_forward():
+    # (prompt, response): idx 0 (1, 9) = 10, 1 (6, 1) = 7, 2 (4, 4) = 8, 3 (2, 2) = 4; sorted by length: 3, 1, 2, 0
+    prompt, resp = torch.tensor([1, 6, 4, 2]), torch.tensor([9, 1, 4, 2])
+    lengths = prompt + resp
+    # real tokens: 4 + 7 + 8 = 19 <= 20, + 10 > 20: [[3, 1, 2], [0]]
+    assert [p.tolist() for p in plan_micro_batches(lengths, 1, 20)] == [[3, 1, 2], [0]]
+    # padded: [3] 1 x (2 + 2) = 4; [3, 1] 2 x (6 + 2) = 16; [3, 1, 2] 3 x (6 + 4) = 30 > 20: close;
+    # [2] 8; [2, 0] 2 x (4 + 9) = 26 > 20: close; [0] alone
+    assert [p.tolist() for p in plan_micro_batches(lengths, 1, 20, (prompt, resp))] == [[3, 1], [2], [0]]
+    # an empty response still takes one column after trimming: (5, 0) and (5, 0) pad to 2 x 6 = 12 > 11
+    two = (torch.tensor([5, 5]), torch.tensor([0, 0]))
+    assert [p.tolist() for p in plan_micro_batches(torch.tensor([5, 5]), 1, 11, two)] == [[0], [1]]
+    assert [p.tolist() for p in plan_micro_batches(torch.tensor([5, 5]), 1, 12, two)] == [[0, 1]]
+
+
 def _batch():
     prompts = [[1, 10, 11, 12], [1, 20, 21], [1, 10, 11, 12], [1, 20, 21]]
     outputs = [[30, 31, 2], [40], [32, 33, 34, 2], [41, 42]]
@@ -219,6 +234,11 @@ def test_computed_tokens_count_the_padding_the_forward_ran(pg, tiny):
     assert m["train/computed_tokens"] == 2 * 5 + 2 * 8
     _, m = _one_step_grads(tr, b, remove_microbatch_padding=True)
     assert m["train/computed_tokens"] == 7 + 4 + 8 + 5
+    # a 16-token budget on the padded forward: rows (prompt, response) 1 (3, 1), 3 (3, 2), 0 (4, 3), 2 (4, 4);
+    # [1, 3] 2 x 5 = 10, + row 0: 3 x 7 = 21 > 16; [0, 2] 2 x 8 = 16 (on real tokens it was [1, 3, 0] = 21 padded)
+    _, m = _one_step_grads(tr, b, remove_microbatch_padding=False, max_tokens_per_microbatch=16)
+    assert m["train/computed_tokens"] == 10 + 16
+    tr.tcfg = trainer_section(base=tr.tcfg, max_tokens_per_microbatch=None)
     tr.tcfg = trainer_section(base=tr.tcfg, update_epochs_per_batch=2)  # per update epoch, as the loop's train/tokens
     _, m = _one_step_grads(tr, b, remove_microbatch_padding=True)
     assert m["train/computed_tokens"] == 24
