@@ -248,6 +248,26 @@ _STEP_SUMS = ("policy/pg_loss", "policy/kl", "policy/entropy", "policy/loss", "c
 RESPONSE_KEYS = ("response_mask", "old_logprobs", "ref_logprobs", "tis_weights")  # [N, T] tensors aligned with the response
 
 
+def check_batch_layout(attention_mask: torch.Tensor, response_len: int) -> None:
+    """Refuse a batch the trainer's unmasked forward would get wrong: every row must be ``[left pads, prompt]`` in
+    its first P columns and ``[response, right pads]`` in its last T (``build_batch``'s layout), so that rotating
+    out the left pads leaves every pad after every real token (:func:`response_logits_forward`).
+
+    Args:
+        attention_mask: [N, P+T] 0/1 (CPU).
+        response_len: T.
+    Raises:
+        ValueError: a row with a pad between real tokens (the message names the first such row).
+    """
+    p_cols = attention_mask.shape[1] - response_len
+    a = attention_mask.bool()
+    bad = (a[:, :p_cols][:, 1:] < a[:, :p_cols][:, :-1]).any(1) | (a[:, p_cols:][:, 1:] > a[:, p_cols:][:, :-1]).any(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"trainer batch row {row}: attention_mask {a[row].int().tolist()} has a pad between real "
+                         "tokens; the trainer needs left-padded prompts and right-padded responses (rlctl.loop.build_batch)")
+
+
 def trim_padding(mb: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Drop the padding columns every sequence of a micro-batch shares, so the forward pass only
     computes over the micro-batch's own longest prompt and response (exact: the forward right-packs the rows, so
@@ -528,6 +548,7 @@ class PolicyTrainer:
 
         max_tokens = self.tcfg.max_tokens_per_microbatch
         attn = batch["attention_mask"]
+        check_batch_layout(attn, batch["response_mask"].shape[1])
         widths = None
         if max_tokens is not None and not self._packed:  # the budget bounds the padded forward's tokens
             p_cols = attn.shape[1] - batch["response_mask"].shape[1]

@@ -171,6 +171,22 @@ def test_unmasked_causal_forward_equals_the_masked_one_values_and_gradients(tiny
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
 
 
+def test_batch_layout_check_refuses_a_pad_between_real_tokens():
+    from rlctl.trainer import check_batch_layout
+
+    b = _batch()  # P = T = 4: rows [0 1 1 1 | 1 0 0 0] etc. pass
+    check_batch_layout(b["attention_mask"], 4)
+    bad = b["attention_mask"].clone()
+    bad[2, 5] = 0  # row 2's response: real, pad, real, real
+    with pytest.raises(ValueError, match=r"trainer batch row 2: attention_mask \[1, 1, 1, 1, 1, 0, 1, 1\] has a pad "
+                                         "between real tokens"):
+        check_batch_layout(bad, 4)
+    bad = b["attention_mask"].clone()
+    bad[0, 1] = 0  # a pad inside row 0's prompt
+    with pytest.raises(ValueError, match="trainer batch row 0"):
+        check_batch_layout(bad, 4)
+
+
 def test_forward_refuses_a_model_whose_head_it_cannot_hook():
     b = _batch()
 
