@@ -252,6 +252,9 @@ def analyze(metrics_path: Path, skip_steps: int = 1, peak_tflops: float | None =
         "trainer_reserved_bytes_offloaded_max": mx("trainer_reserved_bytes_offloaded"),
         "trainer_bytes_at_kv_wake_max": mx("trainer_bytes_at_kv_wake"),
         "skipped_optimizer_steps_all_steps": sum(r.get("policy/skipped_steps", 0.0) or 0.0 for r in rows),
+        # whether the run learns at all (every step, in order): GSM8K's answer format rises within ~5 steps in a run
+        # that learns (docs/benchmarks.md 5d: the runs of e68745c did not)
+        "format_rate_by_step": [r.get("reward/format_rate") for r in rows if "timing/step" in r],
         "step_s": step_s,
         "phases_s": {p: m(p) for p in PHASES},
         "engine_generate_s": gen_engine, "sleep_s": m("sleep_s"), "wake_s": m("wake_s"),
@@ -322,6 +325,8 @@ def print_report(res: dict, title: str) -> None:
                                         else C.fmt(s["trainer_peak_allocated_bytes_max"] / 2**30)), "GiB (max over steps)"],
         ["trainer reserved offloaded", "", C.fmt((s.get("trainer_reserved_bytes_offloaded_max") or 0) / 2**30), "GiB (max)"],
         ["skipped optimizer steps", "", C.fmt(s.get("skipped_optimizer_steps_all_steps"), 0), "all steps"],
+        ["answer-format rate by step", "", "", " ".join("-" if v is None else f"{v:.3f}"
+                                                     for v in s.get("format_rate_by_step") or [])],
         ["non-generation share", "", (f"{100 * s['non_generation_share']:.0f}%"
                                       if s["non_generation_share"] is not None else "n/a"),
          f"target <= 30%: {'met' if s['meets_target'] else 'NOT met'}"],
