@@ -34,33 +34,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def masked_logprobs(model, ids, attn, t):
-    """The trainer's forward at e68745c: explicit mask + position ids (:func:`rlctl.testing.masked_response_logprobs`)."""
-    from rlctl.testing import masked_response_logprobs
-
-    return masked_response_logprobs(model, ids, attn, t)
-
-
-def causal_logprobs(model, ids, attn, t):
-    """The trainer's forward now (:func:`rlctl.trainer.response_logprobs_forward`: no mask, causal)."""
-    from rlctl.trainer import response_logprobs_forward
-
-    return response_logprobs_forward(model, ids, attn, t, 1.0)[0]
-
-
-def grad_of(model, fn, ids, attn, resp_mask, adv, t, ctx):
-    """(flat gradient fp32, log-probs) of loss = -sum(adv * logp * mask) / mask.sum()."""
-    import torch
-
-    model.zero_grad(set_to_none=True)
-    with ctx:
-        logp = fn(model, ids, attn, t)
-        loss = -(adv[:, None] * logp * resp_mask).sum() / resp_mask.sum()
-        loss.backward()
-    flat = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
-    return flat, logp.detach().float()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -78,6 +51,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlctl.loop import build_batch
+    from rlctl.testing import (
+        gradient_error,
+        logprob_loss_gradient,
+        masked_response_logprobs,
+        trainer_response_logprobs,
+    )
     from rlctl.trainer import trainer_attention, trim_padding
 
     dev = torch.device(args.device)
@@ -86,11 +65,11 @@ def main() -> None:
     ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").to(dev)
     bf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev)
     variants = {
-        "masked_efficient": (masked_logprobs, lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])),
-        "masked_cudnn": (masked_logprobs, lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])),
-        "masked_default": (masked_logprobs, contextlib.nullcontext),
-        "causal": (causal_logprobs, lambda: trainer_attention(dev)),
-        "bf16_math": (masked_logprobs, lambda: sdpa_kernel([SDPBackend.MATH])),
+        "masked_efficient": (masked_response_logprobs, lambda: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])),
+        "masked_cudnn": (masked_response_logprobs, lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])),
+        "masked_default": (masked_response_logprobs, contextlib.nullcontext),
+        "causal": (trainer_response_logprobs, lambda: trainer_attention(dev)),
+        "bf16_math": (masked_response_logprobs, lambda: sdpa_kernel([SDPBackend.MATH])),
     }
     rng = random.Random(0)
     report: dict = {"model": args.model, "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
@@ -110,24 +89,14 @@ def main() -> None:
             raise RuntimeError(f"batch {b}: trimmed length {batch['input_ids'].shape[1]}, wanted {length}")
         ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         resp_mask = batch["response_mask"].to(dev)
-        t = resp_mask.shape[1]
         adv = torch.randn(args.rows, generator=torch.Generator().manual_seed(b)).to(dev)
-        g_ref, lp_ref = grad_of(ref, masked_logprobs, ids, attn, resp_mask, adv, t,
-                                sdpa_kernel([SDPBackend.MATH]))
+        reference = logprob_loss_gradient(ref, masked_response_logprobs, ids, attn, resp_mask, adv,
+                                          sdpa_kernel([SDPBackend.MATH]))
         entry = {"seq_len": int(ids.shape[1]), "mod32": int(ids.shape[1]) % 32, "mod128": int(ids.shape[1]) % 128,
                  "response_tokens": int(resp_mask.sum())}
         for name, (fn, ctx) in variants.items():
-            try:
-                g, lp = grad_of(bf, fn, ids, attn, resp_mask, adv, t, ctx())
-            except RuntimeError as e:  # a kernel that does not take these inputs (or is not on this device)
-                entry[name] = {"error": str(e).splitlines()[0][:200]}
-                continue
-            finite = bool(torch.isfinite(g).all())
-            g = torch.nan_to_num(g)
-            entry[name] = {"cos": round(float(torch.nn.functional.cosine_similarity(g, g_ref, dim=0)), 5),
-                           "rel_err": round(float((g - g_ref).norm() / g_ref.norm()), 5),
-                           "logp_max_err": round(float(((lp - lp_ref) * resp_mask).abs().max()), 5),
-                           "finite": finite}
+            found = gradient_error(bf, fn, ctx(), ids, attn, resp_mask, adv, reference)
+            entry[name] = {k: round(v, 5) if isinstance(v, float) else v for k, v in found.items()}
         report["batches"].append(entry)
         print(json.dumps(entry), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -10,7 +10,8 @@ backends, the trainer, the chat-template prompt builder. It takes well under a s
 
 :func:`masked_response_logprobs` is the trainer's forward as it was until 2026-12-07 (an explicit attention mask),
 the reference path of the GPU gradient checks (``tests/gpu/test_trainer_gradient.py``,
-``benchmarks/attention_grad_check.py``).
+``benchmarks/attention_grad_check.py``); :func:`logprob_loss_gradient` and :func:`gradient_error` are their loss
+and their comparison with a reference.
 
 Tokenizer: byte-level BPE with no merges, so every UTF-8 byte is one token and any text encodes.
 Vocabulary (ids are stable, tests may rely on them)::
@@ -299,3 +300,55 @@ def masked_response_logprobs(model: Any, input_ids: Any, attention_mask: Any, re
     idx = (length - t - 1 - left)[:, None] + torch.arange(t, device=input_ids.device)[None, :]
     pick = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
     return torch.log_softmax(pick, -1).gather(-1, input_ids[:, length - t:, None])[..., 0]
+
+
+def trainer_response_logprobs(model: Any, input_ids: Any, attention_mask: Any, response_len: int) -> Any:
+    """:func:`rlctl.trainer.response_logprobs_forward` at temperature 1, log-probs only ([N, T] float32), with the
+    signature of :func:`masked_response_logprobs`."""
+    from rlctl.trainer import response_logprobs_forward
+
+    return response_logprobs_forward(model, input_ids, attention_mask, response_len, 1.0)[0]
+
+
+def logprob_loss_gradient(model: Any, logprobs_fn: Any, input_ids: Any, attention_mask: Any, response_mask: Any,
+                          advantages: Any, ctx: Any) -> tuple[Any, Any]:
+    """Gradient of a GRPO-like loss, ``-sum(advantages[:, None] * logp * response_mask) / response tokens``, with
+    ``logp = logprobs_fn(model, input_ids, attention_mask, T)`` computed (forward and backward) inside ``ctx``.
+
+    Args:
+        model: a Hugging Face causal LM (its gradients are reset first).
+        logprobs_fn: :func:`masked_response_logprobs` or :func:`trainer_response_logprobs`.
+        input_ids, attention_mask: [N, P+T]; response_mask: [N, T]; advantages: [N] (the model's device).
+        ctx: a context manager, e.g. ``torch.nn.attention.sdpa_kernel([...])``.
+    Returns:
+        ``(gradient, logp)``: every parameter's gradient flattened into one fp32 vector, and the log-probs [N, T]
+        fp32 (detached).
+    """
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    with ctx:
+        logp = logprobs_fn(model, input_ids, attention_mask, response_mask.shape[1])
+        (-(advantages[:, None] * logp * response_mask).sum() / response_mask.sum()).backward()
+    grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    return grad, logp.detach().float()
+
+
+def gradient_error(model: Any, logprobs_fn: Any, ctx: Any, input_ids: Any, attention_mask: Any, response_mask: Any,
+                   advantages: Any, reference: tuple[Any, Any]) -> dict[str, Any]:
+    """:func:`logprob_loss_gradient` of ``model`` against ``reference`` (its ``(gradient, logp)`` from a reference
+    model of the same architecture): ``cos`` (cosine similarity of the gradients, non-finite entries as 0),
+    ``rel_err`` (L2 error / reference norm), ``logp_max_err`` (max |log-prob error| over response tokens, nats) and
+    ``finite``; or ``{"error": first line}`` when the attention kernels ``ctx`` allows refuse the inputs."""
+    import torch
+
+    try:
+        grad, logp = logprob_loss_gradient(model, logprobs_fn, input_ids, attention_mask, response_mask, advantages, ctx)
+    except RuntimeError as e:  # e.g. "No viable backend for scaled_dot_product_attention"
+        return {"error": str(e).splitlines()[0][:200]}
+    ref_grad, ref_logp = reference
+    finite = bool(torch.isfinite(grad).all())
+    grad = torch.nan_to_num(grad)
+    return {"cos": float(torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0)),
+            "rel_err": float((grad - ref_grad).norm() / ref_grad.norm()),
+            "logp_max_err": float(((logp - ref_logp) * response_mask).abs().max()), "finite": finite}

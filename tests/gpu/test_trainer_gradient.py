@@ -20,35 +20,18 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
 
-def _masked_logprobs(model, ids, attn, t):
-    """Response log-probs [N, T] through right-packed rows WITH the explicit mask and position ids (e68745c's path)."""
-    from rlctl.testing import masked_response_logprobs
-
-    return masked_response_logprobs(model, ids, attn, t)
-
-
-def _trainer_logprobs(model, ids, attn, t):
-    from rlctl.trainer import response_logprobs_forward
-
-    return response_logprobs_forward(model, ids, attn, t, 1.0)[0]
-
-
-def _grad(model, fn, batch, adv, ctx):
-    """Flat fp32 gradient and log-probs of loss = -sum(adv * logp * response_mask) / response tokens."""
-    ids, attn, rmask = batch
-    model.zero_grad(set_to_none=True)
-    with ctx:
-        logp = fn(model, ids, attn, rmask.shape[1])
-        (-(adv[:, None] * logp * rmask).sum() / rmask.sum()).backward()
-    return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]), logp.detach()
-
-
 @pytest.mark.parametrize("length_mod", [(128, 64), (32, 1)])
 def test_trainer_gradient_matches_fp32_reference(model_path, tokenizer, prompt_ids, metrics, length_mod):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoModelForCausalLM
 
     from rlctl.loop import build_batch
+    from rlctl.testing import (
+        gradient_error,
+        logprob_loss_gradient,
+        masked_response_logprobs,
+        trainer_response_logprobs,
+    )
     from rlctl.trainer import trainer_attention, trim_padding
 
     dev = torch.device("cuda")
@@ -66,25 +49,15 @@ def test_trainer_gradient_matches_fp32_reference(model_path, tokenizer, prompt_i
     adv = torch.randn(len(prompts), generator=g).to(dev)
 
     ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").to(dev)
-    g_ref, lp_ref = _grad(ref, _masked_logprobs, batch, adv, sdpa_kernel([SDPBackend.MATH]))
+    reference = logprob_loss_gradient(ref, masked_response_logprobs, *batch, adv, sdpa_kernel([SDPBackend.MATH]))
     del ref
     bf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, attn_implementation="sdpa").to(dev)
-    found = {}
-    for name, fn, ctx in (("trainer", _trainer_logprobs, trainer_attention(dev)),
-                          ("trainer_flash_only", _trainer_logprobs, sdpa_kernel([SDPBackend.FLASH_ATTENTION])),
-                          ("masked_efficient", _masked_logprobs, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])),
-                          ("masked_cudnn", _masked_logprobs, sdpa_kernel([SDPBackend.CUDNN_ATTENTION])),
-                          ("masked_math_bf16", _masked_logprobs, sdpa_kernel([SDPBackend.MATH]))):
-        try:
-            grad, lp = _grad(bf, fn, batch, adv, ctx)
-        except RuntimeError as e:  # a kernel that does not take these inputs on this build
-            found[name] = {"error": str(e).splitlines()[0][:200]}
-            continue
-        finite = bool(torch.isfinite(grad).all())
-        grad = torch.nan_to_num(grad)
-        found[name] = {"cos": float(torch.nn.functional.cosine_similarity(grad, g_ref, dim=0)),
-                       "rel_err": float((grad - g_ref).norm() / g_ref.norm()),
-                       "logp_max_err": float(((lp - lp_ref) * batch[2]).abs().max()), "finite": finite}
+    found = {name: gradient_error(bf, fn, ctx, *batch, adv, reference) for name, fn, ctx in (
+        ("trainer", trainer_response_logprobs, trainer_attention(dev)),
+        ("trainer_flash_only", trainer_response_logprobs, sdpa_kernel([SDPBackend.FLASH_ATTENTION])),
+        ("masked_efficient", masked_response_logprobs, sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])),
+        ("masked_cudnn", masked_response_logprobs, sdpa_kernel([SDPBackend.CUDNN_ATTENTION])),
+        ("masked_math_bf16", masked_response_logprobs, sdpa_kernel([SDPBackend.MATH])))}
     metrics.setdefault("trainer_gradient", {})[f"{rem}_mod_{mod}"] = {"seq_len": length, **found}
     # the trainer's unmasked forward is eligible for flash attention (not silently on the math kernel)
     assert "error" not in found["trainer_flash_only"], found
