@@ -428,7 +428,7 @@ def plan_from_inputs(x: dict[str, Any], shape: ModelShape, gpu_bytes: Optional[i
     # ---- trainer, per policy GPU
     layer_act = shape.activation_bytes_per_token_layer(dt)
     budget = x.get("trainer.max_tokens_per_microbatch")
-    if budget is not None:  # token-budget micro-batches: real tokens per micro-batch, whatever the sizes say
+    if budget is not None:  # token-budget micro-batches: the budget bounds each forward, whatever the sizes say
         train_tokens = fwd_tokens = max(int(budget), seq)
         train_desc = fwd_desc = f"max({budget}, {seq}) tokens (trainer.max_tokens_per_microbatch)"
         resp_train = resp_fwd = train_tokens
