@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mean-prompt-tokens", type=float, default=None,
                     help="for runs without train/tokens when the model folder is absent (estimate)")
     ap.add_argument("--no-bare", action="store_true", help="do not measure the bare bf16 forward(+backward) rate")
+    ap.add_argument("--bare", action="store_true", help="with --from-metrics on a GPU machine: measure the bare rates "
+                    "too (the run's model and micro-batches), e.g. right after a real run in the same device call")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     return ap.parse_args(argv)
 
@@ -378,7 +380,7 @@ def main(argv=None) -> int:
     sm, c = res["summary"], res["config"]
     result.update(res)
     C.write_json(args.out, result)  # the run's numbers now: a call cut off during the bare rates keeps them
-    if not args.no_bare and not args.from_metrics and model and Path(model).expanduser().is_dir() and C.visible_gpus() > 0 \
+    if not args.no_bare and (args.bare or not args.from_metrics) and model and Path(model).expanduser().is_dir() and C.visible_gpus() > 0 \
             and sm.get("train_tokens") and sm.get("rollouts_per_step"):
         seq_len = max(8, round(sm["train_tokens"] / sm["rollouts_per_step"]))
         micro_t = c.get("micro_train_batch_size_per_gpu") or 1

@@ -10,6 +10,7 @@
 #   bash scripts/gpu_visit.sh step-pack   # step-new with trainer.remove_microbatch_padding=true (~4 min)
 #   bash scripts/gpu_visit.sh step-budget # step-new with trainer.max_tokens_per_microbatch=8192 (bounded activations: the <= 30 GB peak)
 #   bash scripts/gpu_visit.sh real 330    # scripts/gpu_real_run.sh 330: the real run (~8 min)
+#   bash scripts/gpu_visit.sh real-rates  # after `real` in the same call: step_breakdown.py --from-metrics on it, with the bare rates (~1 min)
 #   bash scripts/gpu_visit.sh probe       # scripts/gpu_trainer_probe.py, Qwen2.5-0.5B shape, with the bare rates (~3 min)
 #   bash scripts/gpu_visit.sh profile     # benchmarks/trainer_profile.py on $QWEN, the real run's 32 x 8 (no Ray, no engine): where the train step's seconds go
 #   bash scripts/gpu_visit.sh attn        # tests/gpu/test_attention_nan.py (the cuDNN attention NaN, no model) and
@@ -55,6 +56,8 @@ while [ $# -gt 0 ]; do
     step-base) step "$PWD/gpu_base" step_base "$W" ;;
     step-pack) EXTRA="--set trainer.remove_microbatch_padding=true" step "$PWD" step_pack "$W" ;;
     step-budget) EXTRA="--set trainer.max_tokens_per_microbatch=8192" step "$PWD" step_budget "$W" ;;
+    real-rates) $LIMIT python3 benchmarks/step_breakdown.py --from-metrics /tmp/visit/real/metrics.jsonl --bare \
+                  --model $QWEN --out "$W/real_rates.json" > "$W/real_rates.log" 2>&1; tail -30 "$W/real_rates.log" ;;
     probe) $LIMIT python3 scripts/gpu_trainer_probe.py --like qwen2.5-0.5b --seqs 64 --len 512 --micro-train 16 \
              --micro-forward 32 --bare > "$W/probe.json" 2> "$W/probe.err"; cut -c1-600 "$W/probe.json" ;;
     profile) $LIMIT python3 benchmarks/trainer_profile.py --model $QWEN --prompts 32 --mini-prompts 16 \
