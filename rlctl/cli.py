@@ -202,7 +202,8 @@ def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_add
     GPU: no check). Over the GPU by more than the estimator's error: exit 2 naming the keys that would make it fit
     (``--ignore-memory-plan`` turns that into a warning); within the error: a warning.
 
-    A plan that cannot be made (no config.json, trainer.device=cpu) is a note, but a ``warning:`` when the user
+    A plan that cannot be made (no config.json, trainer.device=cpu) is a note (none for ``trainer.device=cpu`` under
+    ``rlctl train``, ``fmt`` None), but a ``warning:`` when the user
     asked for it (``--gpu-memory-gb`` given, or ``asked``: ``--memory-plan``), saying the fit check was not done;
     the exit code stays 0 except for ``--memory-plan`` in yaml/json (``fmt``): stdout would be empty, so exit 2."""
     from rlctl import memory_plan as mp
@@ -211,6 +212,8 @@ def _memory_plan(loaded: "LoadedConfig", gpu_memory_gb: Optional[float], ray_add
     remote = ray_address or loaded.cfg.ray.address or os.environ.get("RAY_ADDRESS")
     gpu = mp.gpu_bytes_from_gb(gpu_memory_gb) if gpu_memory_gb else (None if remote else mp.local_gpu_bytes())
     plan, notes = mp.plan_for_config(loaded.cfg, gpu)
+    if plan is None and fmt is None and not (gpu_memory_gb or asked) and loaded.cfg.trainer.device == "cpu":
+        return  # `rlctl train` on the CPU: nothing to plan, and nothing worth a note on every run
     if plan is None and (gpu_memory_gb or asked or fmt in ("yaml", "json")):
         head = (f"memory plan: the fit check against {gpu_memory_gb:g} GiB (--gpu-memory-gb) was NOT done"
                 if gpu_memory_gb else "memory plan: --memory-plan made no plan")

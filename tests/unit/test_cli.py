@@ -164,6 +164,16 @@ def test_train_dry_run_roundtrip(home):
     assert cfg.trainer.seed == 5 and cfg.run_dir == path.parent
 
 
+def test_cpu_train_prints_no_memory_plan_note_but_check_config_does(home):
+    args = ["--preset", "gsm8k", "trainer.device=cpu", "generator.backend=hf"]
+    res = runner.invoke(app, ["train", "--dry-run", *args])
+    assert res.exit_code == 0, res.output
+    assert "memory plan" not in res.stderr
+    res = runner.invoke(app, ["check-config", *args])
+    assert res.exit_code == 0, res.output
+    assert "note: memory plan: trainer.device=cpu, no GPU memory to plan" in res.stderr
+
+
 def test_train_missing_data_is_error(home):
     res = runner.invoke(app, ["train", "--dry-run", "data.train_data=[/nope.parquet]"])
     assert res.exit_code == 2
