@@ -36,8 +36,9 @@ import itertools
 import math
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -676,7 +677,7 @@ class PolicyTrainer:
         """
         algo = self.algo
         num_tokens, num_seqs = self._global_counts(mini)
-        reduce_kw = dict(num_sequences=num_seqs, num_tokens=num_tokens, max_response_len=self.max_response_len)
+        reduce_kw = {"num_sequences": num_seqs, "num_tokens": num_tokens, "max_response_len": self.max_response_len}
         # the loss is a sum over micro-batches normalized by mini-batch totals, so their order and
         # composition do not matter: group sequences of similar length and trim the shared padding (or pack
         # them: trainer.remove_microbatch_padding). All micro-batches go to the device before the first forward,
@@ -763,10 +764,10 @@ class PolicyTrainer:
             def check(_module, _inputs, output):
                 outs = output if isinstance(output, (tuple, list)) else (output,)
                 for o in outs:
-                    if isinstance(o, torch.Tensor) and o.is_floating_point() and not first_fwd:
-                        if not bool(torch.isfinite(o).all()):
-                            first_fwd.append(f"{name or type(_module).__name__} ({type(_module).__name__}, "
-                                             f"shape {tuple(o.shape)}, dtype {o.dtype})")
+                    if isinstance(o, torch.Tensor) and o.is_floating_point() and not first_fwd \
+                            and not bool(torch.isfinite(o).all()):
+                        first_fwd.append(f"{name or type(_module).__name__} ({type(_module).__name__}, "
+                                         f"shape {tuple(o.shape)}, dtype {o.dtype})")
             return check
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules()]
@@ -777,7 +778,8 @@ class PolicyTrainer:
                 first_fwd.clear()
                 self.optimizer.zero_grad(set_to_none=True)
                 mask = mb["response_mask"]
-                logp, ent = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
+                # the entropy too, as the training forward computes it (same kernels); only log-probs are checked
+                logp, _entropy = self._logprobs_entropy(self.model, mb, temperature, with_entropy=True)
                 pg_loss, _ = grpo.policy_loss(
                     logp, mb["old_logprobs"], mb["advantages"], mask, eps_clip_low=algo.eps_clip_low,
                     eps_clip_high=algo.eps_clip_high, loss_type=algo.policy_loss_type, clip_ratio_c=algo.clip_ratio_c,
@@ -788,8 +790,8 @@ class PolicyTrainer:
                 bad_grads = [n for n, prm in self.model.named_parameters()
                              if prm.grad is not None and not bool(torch.isfinite(_local(prm.grad)).all())]
 
-                def rng(t):
-                    v = t[valid] if t.shape == mask.shape else t
+                def rng(t, valid=valid):
+                    v = t[valid] if t.shape == valid.shape else t
                     return [float(v.min()), float(v.max())] if v.numel() else None
                 entry = {"micro_batch": k, "sequences": int(mask.shape[0]), "response_tokens": int(valid.sum()),
                          # the attention's sequence length: the trimmed row, or the packed row's real tokens
