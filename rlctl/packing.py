@@ -81,8 +81,9 @@ def plan_micro_batches(lengths: torch.Tensor, size: int, max_tokens: int | None,
         if pos > start and cost > max_tokens:
             plan.append(order[start:pos])
             start, used, p_max, r_max = pos, 0, 0, 0
-        used += real[i]
-        if prompt is not None:
+        if prompt is None:
+            used += real[i]
+        else:
             p_max, r_max = max(p_max, prompt[i]), max(r_max, resp[i])
     if len(order) > start:
         plan.append(order[start:])
