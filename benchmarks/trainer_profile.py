@@ -15,7 +15,14 @@ for each variant:
 * ``foreach``: AdamW with ``foreach=True`` (the trainer uses the per-parameter loop);
 * ``foreach+no-reshard``: plus ``reshard_after_forward=False`` (no parameter re-gather in backward);
 * ``micro32`` / ``micro64``: the trainer as it is with 32 / 64 sequences per micro-batch (train and
-  log-prob passes) instead of the preset's 16: fewer, larger kernels per optimizer step.
+  log-prob passes) instead of the preset's 16: fewer, larger kernels per optimizer step;
+* ``offload``: the trainer as the colocated run has it: ``offload()`` (host copies, ``empty_cache``) and
+  ``onload()`` before the timed log-probs and train step (and before the profiled one), so every block the
+  step needs is ``cudaMalloc``-ed again, as after each rollout of a real run. Against ``baseline`` it says
+  what re-allocating after each offload costs (the real run's train phase is about half the probe's rate).
+
+Every variant also records ``cuda_mallocs``: the caching allocator's new segments (``cudaMalloc`` calls,
+``torch.cuda.memory_stats()["segment.all.allocated"]``) during the timed log-probs + train step.
 
 ``--no-profile`` skips the profiled ``train_step`` (about a minute per variant on the H200). The JSON
 is rewritten after every variant, so a call cut off by the 10-minute limit keeps the finished ones.
@@ -37,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-VARIANTS = ("baseline", "foreach", "foreach+no-reshard", "micro32", "micro64")
+VARIANTS = ("baseline", "foreach", "foreach+no-reshard", "micro32", "micro64", "offload")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,8 +99,9 @@ def run_variant(name: str, args, cfg, batch) -> dict:
     from rlctl.trainer import PolicyTrainer
 
     tcfg = cfg.trainer  # the no-reshard variant's config comes with reshard_after_forward=false
+    offload = name == "offload" and args.device == "cuda"
     tr = PolicyTrainer(args.model, tcfg, rank=0, world_size=1, device=args.device,
-                       max_response_len=args.max_new_tokens, compute_dtype=cfg.generator.model_dtype, colocated=False)
+                       max_response_len=args.max_new_tokens, compute_dtype=cfg.generator.model_dtype, colocated=offload)
     if "foreach" in name:
         opt = tcfg.policy.optimizer_config
         tr.optimizer = torch.optim.AdamW(tr.model.parameters(), lr=opt.lr, betas=tuple(opt.adam_betas),
@@ -105,6 +113,9 @@ def run_variant(name: str, args, cfg, batch) -> dict:
     b["old_logprobs"] = tr.compute_logprobs(b, temp, "policy")  # warm-up
     tr.train_step(b, temp, mini)
     _sync(args.device)
+    if offload:
+        res.update(offload_cycle(tr))
+    mallocs0 = _segments(args.device)
     t0 = time.perf_counter()
     b["old_logprobs"] = tr.compute_logprobs(b, temp, "policy")
     _sync(args.device)
@@ -113,14 +124,39 @@ def run_variant(name: str, args, cfg, batch) -> dict:
     tr.train_step(b, temp, mini)
     _sync(args.device)
     res["train_s"] = time.perf_counter() - t0
+    res["cuda_mallocs"] = None if mallocs0 is None else _segments(args.device) - mallocs0
+    if args.device == "cuda":
+        res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
     if args.no_profile:
         res.update(profiled_train_s=None, gpu_busy_s=None, gpu_busy_fraction=None, top_device=[], top_cpu=[])
     else:
+        if offload:
+            offload_cycle(tr)
         res.update(profile_train_step(tr, b, temp, mini, args))
     del tr
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def _segments(device: str) -> int | None:
+    """``cudaMalloc`` calls of the caching allocator so far (new segments); None off CUDA."""
+    import torch
+
+    return int(torch.cuda.memory_stats().get("segment.all.allocated", 0)) if device == "cuda" else None
+
+
+def offload_cycle(tr) -> dict:
+    """``tr.offload()`` then ``tr.onload()`` (a colocated trainer), timed (seconds, CUDA synchronized)."""
+    import torch
+
+    t0 = time.perf_counter()
+    tr.offload()
+    t1 = time.perf_counter()
+    tr.onload()
+    torch.cuda.synchronize()
+    return {"offload_s": t1 - t0, "onload_s": time.perf_counter() - t1,
+            "reserved_after_onload_bytes": torch.cuda.memory_reserved()}
 
 
 def profile_train_step(tr, b, temp: float, mini: int, args) -> dict:
@@ -198,17 +234,19 @@ def main(argv=None) -> int:
         results.append(run_variant(name, args, vcfg, batch))
         r = results[-1]
         busy = "" if r["gpu_busy_s"] is None else f", GPU busy {r['gpu_busy_s']:.2f} s of {r['profiled_train_s']:.2f} s profiled"
-        C.log(f"  logprobs {r['logprobs_s']:.2f} s, train {r['train_s']:.2f} s{busy}")
+        C.log(f"  logprobs {r['logprobs_s']:.2f} s, train {r['train_s']:.2f} s{busy}; cudaMalloc calls {r['cuda_mallocs']}"
+              + (f"; offload {r['offload_s']:.2f} s, onload {r['onload_s']:.2f} s" if "offload_s" in r else ""))
         for e in r["top_device" if args.device == "cuda" else "top_cpu"][:8]:
             C.log(f"    {e['self_s']:8.3f} s  {e['calls']:6d} x  {e['op'][:90]}")
         out = {"benchmark": "trainer_profile", "args": vars(args), "versions": C.versions(), "real_tokens": real_tokens,
                "sequences": int(batch["input_ids"].shape[0]), "results": results}
         C.write_json(args.out, out)  # after every variant: a cut-off call keeps the finished ones
     C.print_table(f"trainer profile: {Path(args.model).name}, {args.prompts} x {args.samples}, {real_tokens} real tokens",
-                  ["variant", "log-probs s", "train s", "train tokens/s", "GPU busy in train"],
+                  ["variant", "log-probs s", "train s", "train tokens/s", "GPU busy in train", "cudaMalloc"],
                   [[r["variant"], C.fmt(r["logprobs_s"]), C.fmt(r["train_s"]),
                     C.fmt(real_tokens * cfg.trainer.update_epochs_per_batch / r["train_s"], 0),
-                    "-" if r["gpu_busy_fraction"] is None else f"{r['gpu_busy_fraction']:.0%}"] for r in results])
+                    "-" if r["gpu_busy_fraction"] is None else f"{r['gpu_busy_fraction']:.0%}",
+                    "-" if r["cuda_mallocs"] is None else str(r["cuda_mallocs"])] for r in results])
     return 0
 
 

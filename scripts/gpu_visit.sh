@@ -61,7 +61,7 @@ while [ $# -gt 0 ]; do
     probe) $LIMIT python3 scripts/gpu_trainer_probe.py --like qwen2.5-0.5b --seqs 64 --len 512 --micro-train 16 \
              --micro-forward 32 --bare > "$W/probe.json" 2> "$W/probe.err"; cut -c1-600 "$W/probe.json" ;;
     profile) $LIMIT python3 benchmarks/trainer_profile.py --model $QWEN --prompts 32 --mini-prompts 16 \
-               --variants baseline,micro32 --out "$W/trainer_profile.json" > "$W/profile.log" 2>&1
+               --variants "${PROFILE_VARIANTS:-baseline,offload,micro32}" --out "$W/trainer_profile.json" > "$W/profile.log" 2>&1
              tail -20 "$W/profile.log" ;;
     attn) RLCTL_METRICS_OUT="$W/attn_metrics.json" RLCTL_TEST_MODEL=$QWEN $LIMIT python3 -m pytest -q -p no:cacheprovider \
             tests/gpu/test_attention_nan.py tests/gpu/test_trainer_gradient.py > "$W/attn.log" 2>&1; tail -5 "$W/attn.log" ;;
