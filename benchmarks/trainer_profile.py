@@ -19,7 +19,10 @@ for each variant:
 * ``offload``: the trainer as the colocated run has it: ``offload()`` (host copies, ``empty_cache``) and
   ``onload()`` before the timed log-probs and train step (and before the profiled one), so every block the
   step needs is ``cudaMalloc``-ed again, as after each rollout of a real run. Against ``baseline`` it says
-  what re-allocating after each offload costs (the real run's train phase is about half the probe's rate).
+  what re-allocating after each offload costs (the real run's train phase is about half the probe's rate);
+* ``offload+expandable``: ``offload`` with the caching allocator's expandable segments on for this variant
+  (``torch.cuda.memory._set_allocator_settings``, verl's ``set_expandable_segments`` pattern): pages are mapped
+  into a few growing segments instead of one ``cudaMalloc`` per new block.
 
 Every variant also records ``cuda_mallocs``: the caching allocator's new segments (``cudaMalloc`` calls,
 ``torch.cuda.memory_stats()["segment.all.allocated"]``) during the timed log-probs + train step.
@@ -44,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-VARIANTS = ("baseline", "foreach", "foreach+no-reshard", "micro32", "micro64", "offload")
+VARIANTS = ("baseline", "foreach", "foreach+no-reshard", "micro32", "micro64", "offload", "offload+expandable")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,7 +102,10 @@ def run_variant(name: str, args, cfg, batch) -> dict:
     from rlctl.trainer import PolicyTrainer
 
     tcfg = cfg.trainer  # the no-reshard variant's config comes with reshard_after_forward=false
-    offload = name == "offload" and args.device == "cuda"
+    offload = name.startswith("offload") and args.device == "cuda"
+    expandable = "expandable" in name and args.device == "cuda"
+    if expandable:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     tr = PolicyTrainer(args.model, tcfg, rank=0, world_size=1, device=args.device,
                        max_response_len=args.max_new_tokens, compute_dtype=cfg.generator.model_dtype, colocated=offload)
     if "foreach" in name:
@@ -136,6 +142,8 @@ def run_variant(name: str, args, cfg, batch) -> dict:
     del tr
     if args.device == "cuda":
         torch.cuda.empty_cache()
+    if expandable:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
     return res
 
 
