@@ -214,9 +214,13 @@ def main(argv=None) -> int:
         *([] if args.device == "cuda" else ["trainer.device=cpu", "trainer.micro_train_batch_size_per_gpu=2",
                                             "trainer.micro_forward_batch_size_per_gpu=2"])]
     cfg = make_cfg()
-    vocab = AutoConfig.from_pretrained(args.model).vocab_size
-    tok = AutoTokenizer.from_pretrained(args.model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    mcfg = AutoConfig.from_pretrained(args.model)
+    vocab = mcfg.vocab_size
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    except (OSError, ValueError):  # a benchmarks/random_model.py folder without --tokenizer-from: ids are random anyway
+        pad = getattr(mcfg, "pad_token_id", None) or getattr(mcfg, "eos_token_id", None) or 0
     batch, real_tokens = synthetic_batch(args, vocab, pad)
     port = free_port()
     PolicyTrainer.init_process_group(0, 1, "127.0.0.1", port, args.device)
