@@ -6,7 +6,8 @@ with dynamic sampling ``filter`` 1-2 repeat on the next prompts until ``train_ba
 ``trainer.algorithm.async_rollouts.one_step_off`` (split placement): push the previous step's weights and start the
 next step's rollouts, which the engines generate during phases 3-5 (phase 1 of the next step collects them; rollouts
 one optimizer step stale, corrected by ``off_policy_correction``; the checkpoint keeps them for an exact resume), 3 advantages,
-4 old/ref log-probs (and the truncated importance-sampling weights of ``off_policy_correction``), 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
+4 old/ref log-probs (and the truncated importance-sampling weights of ``off_policy_correction``; with
+``use_rollout_logprobs`` the engine's log-probs are the old ones and only the reference model runs), 5 train, 6 weight sync to the generators, 7 eval (every ``eval_interval``), 8 log,
 9 checkpoint. Who holds the GPU changes only through calls of :class:`rlctl.colocation.Colocation`, each
 one visible in :func:`run` or :func:`step_rollouts`; the loop never touches Ray, torch.distributed or an engine directly, so the ``hf``
 and ``sglang`` backends run the same code.
@@ -115,6 +116,30 @@ def pad_logprobs(logprobs: Sequence[Sequence[float]], T: int) -> torch.Tensor:
         if lp:
             out[i, :len(lp)] = torch.tensor(lp[:T], dtype=torch.float32)
     return out
+
+
+def rollout_old_logprobs(logprobs: Sequence[Sequence[float]], output_ids: Sequence[Sequence[int]], T: int) -> torch.Tensor:
+    """The engine's log-probs as the old policy of the ratio (``trainer.algorithm.use_rollout_logprobs``; slime's
+    ``--use-rollout-logprobs``, verl's rollout-correction "bypass" mode): :func:`pad_logprobs`, after checking that
+    every response token has one.
+
+    Args:
+        logprobs: N rows of per-token log-probs (nats) of the sampled tokens, as the generator returned them
+            (after temperature scaling).
+        output_ids: the N responses (token ids); row i needs ``len(output_ids[i])`` log-probs.
+        T: the batch's response width (tokens).
+    Returns:
+        [N, T] float32, zero-padded on the right (the padding is outside ``response_mask``).
+    Raises:
+        RuntimeError: a row with fewer or more log-probs than response tokens (a zero would stand in for a missing
+            log-prob and make that token's ratio exp(log pi)), naming the row and both counts.
+    """
+    for i, (lp, ids) in enumerate(zip(logprobs, output_ids)):
+        if len(lp or []) != len(ids):
+            raise RuntimeError(f"trainer.algorithm.use_rollout_logprobs=true: rollout {i} has {len(lp or [])} log-probs for "
+                               f"{len(ids)} response tokens; the generator must return one log-prob per sampled token "
+                               "(set trainer.algorithm.use_rollout_logprobs=false to recompute them in the trainer)")
+    return pad_logprobs(logprobs, T)
 
 
 class PromptOrder:
@@ -718,10 +743,13 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             rollout_lp = pad_logprobs(out.logprobs, T)
 
         # 4 old / reference log-probs (the trainer comes back to the GPU; the engine is asleep, or, one-step-off,
-        # generating the next step's rollouts on its own GPUs)
+        # generating the next step's rollouts on its own GPUs); use_rollout_logprobs: the engine's are the old policy
         with timer("logprobs"):
             colo.onload_trainer()
-            batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
+            if algo.use_rollout_logprobs:
+                batch["old_logprobs"] = rollout_old_logprobs(out.logprobs, out.output_ids, T)
+            else:
+                batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
             if algo.use_kl_loss:
                 batch["ref_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "ref")
             tis_metrics = add_tis_weights(algo.off_policy_correction, batch, rollout_lp)
@@ -740,6 +768,8 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
 
         # 7 eval (every eval_interval steps, and after the last step when eval is on)
         metrics = rollout_metrics(out, scored, rewards, advantages, n, batch, rollout_lp, timer)
+        if algo.use_rollout_logprobs:  # old log-probs are the rollout's: no trainer/engine comparison this step
+            metrics.pop("policy/rollout_train_logprobs_abs_diff_mean")
         metrics.update(tis_metrics)
         metrics.update(ds_metrics)
         if algo.overlong_buffer.len is not None:

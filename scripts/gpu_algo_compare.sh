@@ -8,7 +8,7 @@
 # with qwen05, carry ["gpu_data"]); this call's metrics.jsonl / config.yaml / train.log / run_dir.tgz land in
 # $OUT/cmp-SETTING-seedSEED/.
 # Usage (repo root):  bash scripts/gpu_algo_compare.sh [--check] SETTING SEED WALL
-#   SETTING: baseline | filter | gspo | tis | best     SEED: trainer.seed     WALL: seconds for this call
+#   SETTING: baseline | filter | gspo | tis | rollout-lp | best     SEED: trainer.seed     WALL: seconds for this call
 #   --check: only validate the command line with `rlctl check-config` (CPU; tests/unit/test_algo_compare.py)
 # docs/results/README.md ("How to run the algorithm comparison") lists the calls; benchmarks/algo_compare.py plots.
 set -uo pipefail
@@ -22,6 +22,9 @@ declare -A SETTINGS=(
   [gspo]="trainer.algorithm.policy_loss_type=gspo trainer.algorithm.eps_clip_low=3.0e-4 trainer.algorithm.eps_clip_high=4.0e-4 trainer.algorithm.loss_reduction=sequence_mean"
   # token-level truncated importance sampling with the default cap (token_tis_ratio_clip_high=2.0)
   [tis]="trainer.algorithm.off_policy_correction.tis_ratio_type=token"
+  # not in the list: the engine's log-probs as pi_old (slime's --use-rollout-logprobs), no old-log-prob
+  # forward, so more steps in the same minutes; cannot be combined with tis (check-config refuses it)
+  [rollout-lp]="trainer.algorithm.use_rollout_logprobs=true"
 )
 # The winner: the settings to combine, space-separated (e.g. "filter tis"). Fill after the first runs.
 BEST="${ALGO_BEST:-}"
@@ -30,7 +33,7 @@ COMMON="trainer.max_train_time_s=600 trainer.eval_interval=10"
 CHECK=""
 if [ "${1:-}" = "--check" ]; then CHECK=1; shift; fi
 if [ $# -ne 3 ]; then
-  echo "usage: bash scripts/gpu_algo_compare.sh [--check] SETTING SEED WALL (SETTING: baseline filter gspo tis best)" >&2
+  echo "usage: bash scripts/gpu_algo_compare.sh [--check] SETTING SEED WALL (SETTING: baseline filter gspo tis rollout-lp best)" >&2
   exit 2
 fi
 SETTING=$1 SEED=$2 WALL=$3
@@ -42,14 +45,14 @@ if [ "$SETTING" = best ]; then
   KEYS=""
   for s in $BEST; do
     if [ -z "${SETTINGS[$s]+x}" ] || [ "$s" = baseline ]; then
-      echo "gpu_algo_compare: BEST names '$s'; use filter gspo tis" >&2; exit 2
+      echo "gpu_algo_compare: BEST names '$s'; use filter gspo tis rollout-lp" >&2; exit 2
     fi
     KEYS="$KEYS ${SETTINGS[$s]}"
   done
 elif [ -n "${SETTINGS[$SETTING]+x}" ]; then
   KEYS="${SETTINGS[$SETTING]}"
 else
-  echo "gpu_algo_compare: unknown SETTING '$SETTING'; use baseline filter gspo tis best" >&2
+  echo "gpu_algo_compare: unknown SETTING '$SETTING'; use baseline filter gspo tis rollout-lp best" >&2
   exit 2
 fi
 RUN_NAME="cmp-$SETTING-seed$SEED"

@@ -89,7 +89,22 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
         c.warn("generator.gpu_memory_utilization", f"{g.gpu_memory_utilization} leaves little GPU memory for the trainer's activations when colocated; 0.8 or lower is safer")
 
     opc = a.off_policy_correction
-    if opc.tis_ratio_type is not None:
+    if a.use_rollout_logprobs and opc.tis_ratio_type is not None:
+        c.error("trainer.algorithm.use_rollout_logprobs", True,
+                "makes the engine's log-probs the old policy, so the TIS ratio pi_old / pi_rollout of "
+                f"trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} is 1 for every token; set "
+                "trainer.algorithm.off_policy_correction.tis_ratio_type=null or trainer.algorithm.use_rollout_logprobs=false",
+                also=("trainer.algorithm.off_policy_correction.tis_ratio_type",))
+    if a.use_rollout_logprobs:
+        sp = g.sampling_params
+        for leaf, value, on in (("top_p", sp.top_p, sp.top_p < 1), ("top_k", sp.top_k, sp.top_k != -1),
+                                ("min_p", sp.min_p, sp.min_p > 0)):
+            if on:
+                c.warn(f"generator.sampling_params.{leaf}",
+                       f"{value} truncates the distribution the engine samples from, so with "
+                       "trainer.algorithm.use_rollout_logprobs=true the ratio's old policy is not the policy's; use the "
+                       "neutral value")
+    elif opc.tis_ratio_type is not None:
         sp = g.sampling_params
         for leaf, value, on in (("top_p", sp.top_p, sp.top_p < 1), ("top_k", sp.top_k, sp.top_k != -1),
                                 ("min_p", sp.min_p, sp.min_p > 0)):
@@ -110,10 +125,11 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
             c.error(key, True, "cannot be combined with trainer.algorithm.dynamic_sampling.type=filter: its extra "
                     "generations of a step would wait for the engines busy with the next step's rollouts; use "
                     "trainer.algorithm.dynamic_sampling.type=replace or null", also=("trainer.algorithm.dynamic_sampling.type",))
-        if opc.tis_ratio_type is None:
+        if opc.tis_ratio_type is None and not a.use_rollout_logprobs:
             c.warn(key, "trains each step on rollouts of the previous step's weights (one step off-policy) without a "
                    "correction; set trainer.algorithm.off_policy_correction.tis_ratio_type=token to weight each token "
-                   "by min(pi_old / pi_rollout, token_tis_ratio_clip_high)")
+                   "by min(pi_old / pi_rollout, token_tis_ratio_clip_high), or trainer.algorithm.use_rollout_logprobs=true "
+                   "to clip the ratio against the rollout policy itself")
 
     ob = a.overlong_buffer
     if ob.len is not None and ob.len > g.sampling_params.max_new_tokens:

@@ -198,6 +198,9 @@ class AlgorithmConfig(_Model):
     use_entropy_loss: bool = runtime(False)
     entropy_loss_coef: NonNegFloat = runtime(0.01)
     zero_variance_filter: bool = runtime(False)  # drop prompt groups whose rewards are all equal
+    # slime's --use-rollout-logprobs (verl's rollout-correction "bypass" mode): the engine's log-probs of the sampled
+    # tokens are the old policy of the ratio, and the trainer's old-log-prob forward is skipped
+    use_rollout_logprobs: bool = runtime(False)
     off_policy_correction: OffPolicyCorrectionConfig = Field(default_factory=OffPolicyCorrectionConfig)
     overlong_buffer: OverlongBufferConfig = Field(default_factory=OverlongBufferConfig)
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)

@@ -72,6 +72,19 @@ def test_tis_is_token_level_with_the_default_cap():
     assert a["policy_loss_type"] == "regular"
 
 
+def test_rollout_lp_sets_use_rollout_logprobs_only():
+    a, _ = _algo("rollout-lp")
+    assert a["use_rollout_logprobs"] is True
+    assert (a["off_policy_correction"]["tis_ratio_type"], a["policy_loss_type"], a["dynamic_sampling"]["type"]) == \
+        (None, "regular", None)
+
+
+def test_rollout_lp_with_tis_is_refused_by_check_config():
+    p = _check("best", "1", "540", best="tis rollout-lp")
+    assert p.returncode == 2
+    assert "trainer.algorithm.use_rollout_logprobs=true: makes the engine's log-probs the old policy" in p.stderr
+
+
 def test_best_combines_the_named_settings():
     a, _ = _algo("best", best="filter gspo tis")
     assert (a["dynamic_sampling"]["type"], a["policy_loss_type"], a["eps_clip_high"], a["loss_reduction"],
@@ -80,8 +93,8 @@ def test_best_combines_the_named_settings():
 
 @pytest.mark.parametrize("args,best,message", [
     (("best", "1", "540"), None, "gpu_algo_compare: BEST is empty: set BEST in scripts/gpu_algo_compare.sh"),
-    (("best", "1", "540"), "filter baseline", "gpu_algo_compare: BEST names 'baseline'; use filter gspo tis"),
-    (("dapo", "1", "540"), None, "gpu_algo_compare: unknown SETTING 'dapo'; use baseline filter gspo tis best"),
+    (("best", "1", "540"), "filter baseline", "gpu_algo_compare: BEST names 'baseline'; use filter gspo tis rollout-lp"),
+    (("dapo", "1", "540"), None, "gpu_algo_compare: unknown SETTING 'dapo'; use baseline filter gspo tis rollout-lp best"),
     (("tis", "1"), None, "usage: bash scripts/gpu_algo_compare.sh [--check] SETTING SEED WALL"),
 ])
 def test_bad_arguments_exit_2_naming_the_fix(args, best, message):

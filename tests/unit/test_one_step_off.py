@@ -287,10 +287,14 @@ def test_one_step_off_without_tis_warns_and_with_tis_is_quiet():
     assert [w for w in loaded.warnings if w.startswith("trainer.algorithm.async_rollouts.one_step_off")] == [
         "trainer.algorithm.async_rollouts.one_step_off: trains each step on rollouts of the previous step's weights "
         "(one step off-policy) without a correction; set trainer.algorithm.off_policy_correction.tis_ratio_type=token "
-        "to weight each token by min(pi_old / pi_rollout, token_tis_ratio_clip_high)"]
+        "to weight each token by min(pi_old / pi_rollout, token_tis_ratio_clip_high), or "
+        "trainer.algorithm.use_rollout_logprobs=true to clip the ratio against the rollout policy itself"]
     quiet = load_config(overrides=[*SPLIT, "trainer.algorithm.async_rollouts.one_step_off=true",
                                    "trainer.algorithm.off_policy_correction.tis_ratio_type=token"], backend="hf")
     assert not [w for w in quiet.warnings if "one_step_off" in w]
+    bypass = load_config(overrides=[*SPLIT, "trainer.algorithm.async_rollouts.one_step_off=true",
+                                    "trainer.algorithm.use_rollout_logprobs=true"], backend="hf")
+    assert not [w for w in bypass.warnings if "one_step_off" in w]
     assert load_config(backend="hf").cfg.trainer.algorithm.async_rollouts.one_step_off is False  # off by default
 
 
