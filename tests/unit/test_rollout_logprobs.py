@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_colocation import (
+    FakeCheckpointer,
+    FakeGenerators,
+    FakeLogger,
+    FakeTokenizer,
+    FakeTrainers,
+    World,
+    _data,
+)
 
 from rlctl.colocation import Colocation
 from rlctl.config import ConfigError, load_config
 from rlctl.generator import GenerationOutput
 from rlctl.loop import rollout_old_logprobs, run
-from test_colocation import FakeCheckpointer, FakeGenerators, FakeLogger, FakeTokenizer, FakeTrainers, World, _data
 
 
 def test_rollout_old_logprobs_pads_rows_by_hand():
@@ -106,7 +114,7 @@ def test_config_warns_when_sampling_truncates_the_distribution():
     loaded = load_config(backend="hf", overrides=["trainer.algorithm.use_rollout_logprobs=true",
                                                   "generator.sampling_params.top_p=0.9"])
     assert [w for w in loaded.warnings if w.startswith("generator.sampling_params.top_p")] == [
-        "generator.sampling_params.top_p: 0.9 truncates the distribution the engine samples from, so with "
-        "trainer.algorithm.use_rollout_logprobs=true the ratio's old policy is not the policy's; use the neutral value"]
+        ("generator.sampling_params.top_p: 0.9 truncates the distribution the engine samples from, so with "
+         "trainer.algorithm.use_rollout_logprobs=true the ratio's old policy is not the policy's; use the neutral value")]
     quiet = load_config(backend="hf", overrides=["trainer.algorithm.use_rollout_logprobs=true"])
     assert not [w for w in quiet.warnings if w.startswith("generator.sampling_params")]
