@@ -740,14 +740,16 @@ def run(cfg, colo, tokenizer, train: PromptData, val: PromptData | None, logger,
             batch["response_mask"] = batch["response_mask"] * keep[:, None]
             advantages = compute_advantages(algo, rewards, n, batch["response_mask"])
             batch["advantages"] = advantages
-            rollout_lp = pad_logprobs(out.logprobs, T)
+            # the engine's log-probs [N, T]; with use_rollout_logprobs also the old policy (checked: one per token)
+            rollout_lp = (rollout_old_logprobs(out.logprobs, out.output_ids, T) if algo.use_rollout_logprobs
+                          else pad_logprobs(out.logprobs, T))
 
         # 4 old / reference log-probs (the trainer comes back to the GPU; the engine is asleep, or, one-step-off,
         # generating the next step's rollouts on its own GPUs); use_rollout_logprobs: the engine's are the old policy
         with timer("logprobs"):
             colo.onload_trainer()
             if algo.use_rollout_logprobs:
-                batch["old_logprobs"] = rollout_old_logprobs(out.logprobs, out.output_ids, T)
+                batch["old_logprobs"] = rollout_lp
             else:
                 batch["old_logprobs"] = trainers.compute_logprobs(batch, sampling.temperature, "policy")
             if algo.use_kl_loss:

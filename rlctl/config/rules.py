@@ -95,24 +95,21 @@ def _rules(cfg: RunConfig, c: _Collector, for_training: bool) -> None:
                 f"trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} is 1 for every token; set "
                 "trainer.algorithm.off_policy_correction.tis_ratio_type=null or trainer.algorithm.use_rollout_logprobs=false",
                 also=("trainer.algorithm.off_policy_correction.tis_ratio_type",))
-    if a.use_rollout_logprobs:
+    # the engine's log-probs stand for the policy's (use_rollout_logprobs, or TIS's pi_rollout): sampling that truncates
+    # the distribution makes them differ from it
+    truncation_why = (
+        "so with trainer.algorithm.use_rollout_logprobs=true the ratio's old policy is not the policy's; use the "
+        "neutral value" if a.use_rollout_logprobs else
+        f"so it is not the policy's: trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} "
+        "corrects only the engine/trainer log-prob mismatch, not the truncation; use the neutral value for unbiased TIS"
+        if opc.tis_ratio_type is not None else None)
+    if truncation_why is not None:
         sp = g.sampling_params
         for leaf, value, on in (("top_p", sp.top_p, sp.top_p < 1), ("top_k", sp.top_k, sp.top_k != -1),
                                 ("min_p", sp.min_p, sp.min_p > 0)):
             if on:
                 c.warn(f"generator.sampling_params.{leaf}",
-                       f"{value} truncates the distribution the engine samples from, so with "
-                       "trainer.algorithm.use_rollout_logprobs=true the ratio's old policy is not the policy's; use the "
-                       "neutral value")
-    elif opc.tis_ratio_type is not None:
-        sp = g.sampling_params
-        for leaf, value, on in (("top_p", sp.top_p, sp.top_p < 1), ("top_k", sp.top_k, sp.top_k != -1),
-                                ("min_p", sp.min_p, sp.min_p > 0)):
-            if on:
-                c.warn(f"generator.sampling_params.{leaf}",
-                       f"{value} truncates the distribution the engine samples from, so it is not the policy's: "
-                       f"trainer.algorithm.off_policy_correction.tis_ratio_type={opc.tis_ratio_type} corrects only the "
-                       "engine/trainer log-prob mismatch, not the truncation; use the neutral value for unbiased TIS")
+                       f"{value} truncates the distribution the engine samples from, {truncation_why}")
 
     if a.async_rollouts.one_step_off:
         key = "trainer.algorithm.async_rollouts.one_step_off"
